@@ -1,0 +1,137 @@
+//! `nix-hatch check`: every problem one line, exit 1 if any; else the routes.
+
+use std::path::Path;
+
+use crate::config::{Config, ExecutorKind};
+
+/// Problems only visible on this machine (accounts, programs).
+pub fn environment_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for e in config.executors.values() {
+        if let Err(err) = crate::util::lookup_user(&e.user) {
+            problems.push(format!("executors.{}.user: {err:#}", e.name));
+        }
+        match &e.kind {
+            ExecutorKind::Host(h) => {
+                if let Some(prog) = h.command.first() {
+                    match std::fs::metadata(prog) {
+                        Ok(m) if m.is_file() => {
+                            use std::os::unix::fs::PermissionsExt;
+                            if m.permissions().mode() & 0o111 == 0 {
+                                problems.push(format!(
+                                    "executors.{}.command: {prog} is not executable",
+                                    e.name
+                                ));
+                            }
+                        }
+                        Ok(_) => problems.push(format!(
+                            "executors.{}.command: {prog} is not a file",
+                            e.name
+                        )),
+                        Err(err) => {
+                            problems.push(format!("executors.{}.command: {prog}: {err}", e.name))
+                        }
+                    }
+                }
+            }
+            ExecutorKind::Jail(j) => problems.extend(jail_problems(&e.name, &e.user, j)),
+        }
+    }
+    problems
+}
+
+/// bwrap present and able to build a user namespace as the jail's account;
+/// configured devices and ro-binds present.
+fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec<String> {
+    let mut problems = Vec::new();
+    for d in &j.devices {
+        if !d.exists() {
+            problems.push(format!("executors.{name}.devices: {} does not exist on this machine (builds will fail naming it)", d.display()));
+        }
+    }
+    for b in &j.ro_binds {
+        if !b.src.exists() {
+            problems.push(format!(
+                "executors.{name}.ro-binds: {} does not exist",
+                b.src.display()
+            ));
+        }
+    }
+    if j.nix_daemon && !j.daemon_socket.exists() {
+        problems.push(format!(
+            "executors.{name}.nix-daemon: no daemon socket at {}",
+            j.daemon_socket.display()
+        ));
+    }
+    if !j.bwrap.is_file() {
+        problems.push(format!(
+            "executors.{name}: bubblewrap not found at {} (install Debian's `bubblewrap`, or set `bwrap`)",
+            j.bwrap.display()
+        ));
+        return problems;
+    }
+    let Ok(account) = crate::util::lookup_user(user) else {
+        return problems;
+    };
+    let mut cmd = std::process::Command::new(&j.bwrap);
+    cmd.args([
+        "--unshare-user",
+        "--unshare-pid",
+        "--ro-bind",
+        "/",
+        "/",
+        "--",
+        "/bin/true",
+    ])
+    .stdin(std::process::Stdio::null());
+    crate::util::run_as(&mut cmd, &account);
+    match cmd.output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => problems.push(format!(
+            "executors.{name}: bubblewrap cannot create a user namespace as {user:?}: {} (are unprivileged user namespaces disabled? see /proc/sys/user/max_user_namespaces)",
+            crate::util::first_line(&String::from_utf8_lossy(&o.stderr))
+        )),
+        Err(e) => problems.push(format!("executors.{name}: running {}: {e}", j.bwrap.display())),
+    }
+    problems
+}
+
+pub fn run(path: &Path) -> i32 {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                println!("error: {p}");
+            }
+            return 1;
+        }
+    };
+    let problems = environment_problems(&config);
+    if !problems.is_empty() {
+        for p in problems {
+            println!("error: {p}");
+        }
+        return 1;
+    }
+    println!("config {}: ok", path.display());
+    println!("state-dir: {}", config.state_dir.display());
+    if config.routes.is_empty() {
+        println!("no routes: every derivation goes where Nix would build it without nix-hatch");
+    }
+    for (feature, exec) in &config.routes {
+        if let Some(e) = config.executors.get(exec) {
+            println!(
+                "route: {feature} -> {exec} (kind {}, user {}, max-jobs {})",
+                e.kind.name(),
+                e.user,
+                e.max_jobs
+            );
+        }
+    }
+    for e in config.executors.values() {
+        if !config.routes.values().any(|r| r == &e.name) {
+            println!("warning: executor {} has no route", e.name);
+        }
+    }
+    0
+}

@@ -1,0 +1,81 @@
+//! `nix-hatch explain <drv>`: which route and executor would take a
+//! derivation, or why none would.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::derivation::{Drv, Store};
+use crate::hook::route::{route, Route};
+use crate::protocol::hook::TryRequest;
+
+pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
+    let store = Store::from_setting(store);
+    let drv = match Drv::load(&store, drv_path) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("error: {e:#}");
+            return 1;
+        }
+    };
+    let features = drv.required_features();
+    println!("derivation: {drv_path}");
+    println!("system: {}", drv.drv.system());
+    println!(
+        "requiredSystemFeatures: {}",
+        if features.is_empty() {
+            "(none)".to_owned()
+        } else {
+            features.join(" ")
+        }
+    );
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(problems) => {
+            println!(
+                "config {} is invalid, so the hook declines everything: {}",
+                config_path.display(),
+                problems.first().map(String::as_str).unwrap_or("")
+            );
+            return 1;
+        }
+    };
+    let req = TryRequest {
+        am_willing: true,
+        system: drv.drv.system().to_owned(),
+        drv_path: drv_path.to_owned(),
+        required_features: features.clone(),
+    };
+    match route(&config, &req) {
+        Route::Executor(e) => {
+            if let Some(reason) = &drv.unsupported {
+                println!("not built by nix-hatch: {reason}");
+                return 1;
+            }
+            let feature = features
+                .iter()
+                .find(|f| config.routes.get(*f) == Some(&e.name))
+                .cloned()
+                .unwrap_or_default();
+            println!(
+                "route: feature {feature} -> executor {} (kind {}, user {}, max-jobs {})",
+                e.name,
+                e.kind.name(),
+                e.user,
+                e.max_jobs
+            );
+            0
+        }
+        Route::Refuse(reason) => {
+            println!("declined: {reason}");
+            1
+        }
+        Route::NotOurs => {
+            let routed: Vec<&str> = config.routes.keys().map(String::as_str).collect();
+            println!(
+                "not an escape build: none of its features is routed (routes: {}); Nix builds it as it would without nix-hatch",
+                if routed.is_empty() { "none".to_owned() } else { routed.join(", ") }
+            );
+            0
+        }
+    }
+}

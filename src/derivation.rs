@@ -1,0 +1,310 @@
+//! Reading a `.drv` and preparing what its builder sees: the output paths
+//! and the environment Nix itself would give it (DESIGN.md "Builder
+//! environment").
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix_derivation::{CAHash, Derivation, Output, StoreDir};
+use sha2::{Digest, Sha256};
+
+/// Where the store is, logically and on disk.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Logical store dir, as paths are spelled (`/nix/store`).
+    pub dir: String,
+    /// On-disk location of `dir` (differs for `local?root=/x`).
+    pub real_dir: PathBuf,
+    /// Nix's `store` setting when it names a specific store.
+    pub uri: Option<String>,
+}
+
+impl Store {
+    /// From Nix's `store` setting (`auto`, `local`, `daemon`, `/root`,
+    /// `local?root=/root`, …) and `NIX_STORE_DIR`.
+    pub fn from_setting(setting: Option<&str>) -> Store {
+        let dir = std::env::var("NIX_STORE_DIR")
+            .ok()
+            .filter(|d| d.starts_with('/'))
+            .unwrap_or_else(|| "/nix/store".to_owned());
+        let setting = setting.unwrap_or("auto").trim();
+        let mut root: Option<String> = None;
+        let mut uri = None;
+        if setting.starts_with('/') {
+            root = Some(setting.to_owned());
+            uri = Some(setting.to_owned());
+        } else if let Some(rest) = setting.strip_prefix("local") {
+            if let Some(query) = rest.strip_prefix('?') {
+                for kv in query.split('&') {
+                    if let Some(r) = kv.strip_prefix("root=") {
+                        root = Some(r.to_owned());
+                    }
+                }
+                uri = Some(setting.to_owned());
+            }
+        }
+        let real_dir = match &root {
+            Some(r) => PathBuf::from(format!("{}{}", r.trim_end_matches('/'), dir)),
+            None => PathBuf::from(&dir),
+        };
+        Store { dir, real_dir, uri }
+    }
+
+    /// The on-disk location of a logical store path.
+    pub fn real_path(&self, path: &str) -> PathBuf {
+        match path.strip_prefix(&self.dir) {
+            Some(rest) => {
+                let mut p = self.real_dir.clone();
+                p.push(rest.trim_start_matches('/'));
+                p
+            }
+            None => PathBuf::from(path),
+        }
+    }
+
+    pub fn store_dir(&self) -> Result<StoreDir> {
+        StoreDir::new(self.dir.clone()).map_err(|e| anyhow!("store dir {}: {e}", self.dir))
+    }
+
+    /// The `<hash>-<name>` part of a path in this store.
+    pub fn base_name<'a>(&self, path: &'a str) -> Option<&'a str> {
+        path.strip_prefix(&self.dir)?.strip_prefix('/')
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputInfo {
+    pub path: String,
+    pub fixed: Option<CAHash>,
+}
+
+/// A parsed derivation with its output paths resolved.
+pub struct Drv {
+    pub path: String,
+    pub drv: Derivation,
+    pub outputs: BTreeMap<String, OutputInfo>,
+    /// Why nix-hatch can't build this derivation, if it can't.
+    pub unsupported: Option<String>,
+}
+
+impl Drv {
+    pub fn load(store: &Store, drv_path: &str) -> Result<Drv> {
+        let base = store
+            .base_name(drv_path)
+            .ok_or_else(|| anyhow!("{drv_path} is not in the store {}", store.dir))?;
+        let name = base
+            .split_once('-')
+            .map(|(_, n)| n)
+            .and_then(|n| n.strip_suffix(".drv"))
+            .ok_or_else(|| anyhow!("{drv_path} is not a derivation path"))?;
+        let real = store.real_path(drv_path);
+        let bytes = std::fs::read(&real).with_context(|| format!("reading {}", real.display()))?;
+        Drv::parse(store, drv_path, name, &bytes)
+    }
+
+    pub fn parse(store: &Store, drv_path: &str, name: &str, bytes: &[u8]) -> Result<Drv> {
+        let drv = Derivation::from_aterm_bytes_in(bytes, name, store.store_dir()?)
+            .map_err(|e| anyhow!("cannot parse {drv_path}: {e}"))?;
+        let store_dir = store.store_dir()?;
+        let mut outputs = BTreeMap::new();
+        let mut unsupported = None;
+        for (out_name, output) in drv.outputs() {
+            let (path, fixed) = match output {
+                Output::InputAddressed { path } => (path.to_absolute_path_in(&store_dir), None),
+                Output::Fixed { ca } => {
+                    let p = output
+                        .path_in(&store_dir, drv.name(), out_name)
+                        .map_err(|e| anyhow!("{drv_path}: output {out_name}: {e}"))?
+                        .ok_or_else(|| anyhow!("{drv_path}: output {out_name} has no path"))?;
+                    (p.to_absolute_path_in(&store_dir), Some(ca.clone()))
+                }
+                Output::Floating { .. } | Output::Deferred => {
+                    unsupported = Some(format!(
+                        "{drv_path} is a floating content-addressed derivation; nix-hatch builds only input-addressed and fixed-output derivations"
+                    ));
+                    continue;
+                }
+                Output::Impure { .. } => {
+                    unsupported = Some(format!(
+                        "{drv_path} is an impure derivation; nix-hatch builds only input-addressed and fixed-output derivations"
+                    ));
+                    continue;
+                }
+            };
+            outputs.insert(out_name.clone(), OutputInfo { path, fixed });
+        }
+        if outputs.is_empty() && unsupported.is_none() {
+            bail!("{drv_path} has no outputs");
+        }
+        Ok(Drv {
+            path: drv_path.to_owned(),
+            drv,
+            outputs,
+            unsupported,
+        })
+    }
+
+    pub fn is_fixed_output(&self) -> bool {
+        self.outputs.values().any(|o| o.fixed.is_some())
+    }
+
+    /// `requiredSystemFeatures`, from the environment or structured attrs.
+    pub fn required_features(&self) -> Vec<String> {
+        if let Some(attrs) = self.drv.structured_attrs() {
+            return match attrs.get("requiredSystemFeatures") {
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
+        self.env_str("requiredSystemFeatures")
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// A derivation attribute as text (environment, or structured attrs).
+    pub fn env_str(&self, key: &str) -> Option<String> {
+        if let Some(attrs) = self.drv.structured_attrs() {
+            return match attrs.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                v => Some(v.to_string()),
+            };
+        }
+        self.drv
+            .environment()
+            .get(key)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// A list-valued attribute (`impureEnvVars`, …).
+    fn env_list(&self, key: &str) -> Vec<String> {
+        if let Some(attrs) = self.drv.structured_attrs() {
+            return match attrs.get(key) {
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
+        self.env_str(key)
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Files the builder finds in its build directory before it starts.
+pub type BuildFiles = Vec<(String, Vec<u8>)>;
+
+/// Inputs to [`builder_env`] that come from the build, not the derivation.
+pub struct EnvContext<'a> {
+    pub store_dir: &'a str,
+    /// The build directory as the builder sees it.
+    pub build_dir: &'a str,
+    pub cores: &'a str,
+}
+
+/// The environment Nix gives a builder (`DerivationGoal::initEnv`), and the
+/// files it writes into the build dir (passAsFile, structured attrs).
+pub fn builder_env(
+    drv: &Drv,
+    ctx: &EnvContext,
+) -> Result<(BTreeMap<String, OsString>, BuildFiles)> {
+    let mut env: BTreeMap<String, OsString> = BTreeMap::new();
+    let mut files = Vec::new();
+    let set = |env: &mut BTreeMap<String, OsString>, k: &str, v: &str| {
+        env.insert(k.to_owned(), OsString::from(v));
+    };
+    set(&mut env, "PATH", "/path-not-set");
+    set(&mut env, "HOME", "/homeless-shelter");
+    set(&mut env, "NIX_STORE", ctx.store_dir);
+    set(&mut env, "NIX_BUILD_CORES", ctx.cores);
+
+    if drv.drv.structured_attrs().is_some() {
+        let attrs = drv
+            .drv
+            .structured_attrs_files()
+            .map_err(|e| anyhow!("{}: structured attributes: {e}", drv.path))?
+            .ok_or_else(|| anyhow!("{}: structured attributes missing", drv.path))?;
+        files.push((".attrs.json".to_owned(), attrs.json));
+        files.push((".attrs.sh".to_owned(), attrs.shell));
+        set(
+            &mut env,
+            "NIX_ATTRS_JSON_FILE",
+            &format!("{}/.attrs.json", ctx.build_dir),
+        );
+        set(
+            &mut env,
+            "NIX_ATTRS_SH_FILE",
+            &format!("{}/.attrs.sh", ctx.build_dir),
+        );
+    } else {
+        let pass_as_file: Vec<String> = drv
+            .env_str("passAsFile")
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        for (k, v) in drv.drv.environment() {
+            if pass_as_file.iter().any(|p| p == k) {
+                let digest = Sha256::digest(k.as_bytes());
+                let file = format!(".attr-{}", nix_derivation::nixbase32::encode(&digest));
+                env.insert(
+                    format!("{k}Path"),
+                    OsString::from(format!("{}/{file}", ctx.build_dir)),
+                );
+                files.push((file, v.clone()));
+            } else {
+                env.insert(k.clone(), OsString::from_vec(v.clone()));
+            }
+        }
+    }
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        set(&mut env, k, ctx.build_dir);
+    }
+    if drv.is_fixed_output() {
+        set(&mut env, "NIX_OUTPUT_CHECKED", "1");
+        for var in drv.env_list("impureEnvVars") {
+            let value = std::env::var_os(&var).unwrap_or_default();
+            env.insert(var, value);
+        }
+    }
+    set(&mut env, "NIX_LOG_FD", "2");
+    set(&mut env, "TERM", "xterm-256color");
+    Ok((env, files))
+}
+
+/// Writes the build files into `dir` (owned by the caller's choice of user).
+pub fn write_build_files(dir: &Path, files: &BuildFiles) -> Result<()> {
+    for (name, contents) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, contents).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_from_settings() {
+        let s = Store::from_setting(Some("auto"));
+        assert_eq!(s.real_dir, Path::new("/nix/store"));
+        assert!(s.uri.is_none());
+        let s = Store::from_setting(Some("local?root=/tmp/r"));
+        assert_eq!(s.real_dir, Path::new("/tmp/r/nix/store"));
+        assert_eq!(s.uri.as_deref(), Some("local?root=/tmp/r"));
+        assert_eq!(
+            s.real_path("/nix/store/abc-x/bin"),
+            Path::new("/tmp/r/nix/store/abc-x/bin")
+        );
+        let s = Store::from_setting(Some("/tmp/q"));
+        assert_eq!(s.real_dir, Path::new("/tmp/q/nix/store"));
+        assert_eq!(s.base_name("/nix/store/abc-x"), Some("abc-x"));
+        assert_eq!(s.base_name("/nix/storeabc"), None);
+    }
+}

@@ -1,0 +1,182 @@
+//! The `host` executor: the admin's command (or, with `allow-any-builder`,
+//! the derivation's own builder) on the host, outside any sandbox, as the
+//! configured account. The store is seen through an overlay whose upper
+//! layer is the staging dir, so `$out` is the real store path while every
+//! write lands in staging until the import.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+
+use super::runner::{self, Overlay, RunSpec};
+use super::supervise::{self, Cancel, Outcome};
+use super::{BuildRequest, Failure};
+use crate::config::HostExecutor;
+use crate::derivation::{builder_env, write_build_files, EnvContext};
+use crate::hook::buildlog::BuildLog;
+use crate::util::{lookup_user, Account};
+
+/// PATH for admin commands: they are host programs, not store builders.
+const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn run(
+    req: &BuildRequest,
+    host: &HostExecutor,
+    log: &mut BuildLog,
+    cancel: &Cancel,
+) -> Result<(), Failure> {
+    let account = lookup_user(&req.executor.user)
+        .map_err(|e| Failure::Internal(format!("executor {:?}: {e:#}", req.executor.name)))?;
+    let staging = req.staging;
+    let build_dir = staging.build.to_string_lossy().into_owned();
+    let (argv, env) = if host.allow_any_builder {
+        let (env, files) = builder_env(
+            req.drv,
+            &EnvContext {
+                store_dir: &req.store.dir,
+                build_dir: &build_dir,
+                cores: &req.cores,
+            },
+        )
+        .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+        write_build_files(&staging.build, &files)
+            .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+        let mut argv = vec![req.drv.drv.builder().as_bytes().to_vec()];
+        argv.extend(
+            req.drv
+                .drv
+                .arguments()
+                .iter()
+                .map(|a| a.as_bytes().to_vec()),
+        );
+        (argv, env)
+    } else {
+        let mut argv: Vec<Vec<u8>> = host.command.iter().map(|a| a.as_bytes().to_vec()).collect();
+        argv.extend(
+            req.drv
+                .drv
+                .arguments()
+                .iter()
+                .map(|a| a.as_bytes().to_vec()),
+        );
+        (argv, admin_env(req, host, &account, &build_dir))
+    };
+    prepare_dirs(staging, &account).map_err(Failure::Internal)?;
+    let spec = RunSpec {
+        overlay: Some(Overlay {
+            lower: req.store.real_dir.clone(),
+            upper: staging.store.clone(),
+            work: staging.work.clone(),
+        }),
+        account: account.clone(),
+        cwd: staging.build.clone(),
+        argv,
+        env: env
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_vec()))
+            .collect(),
+    };
+    let spec_path = staging.root.join("run.json");
+    let json = serde_json::to_vec(&spec)
+        .map_err(|e| Failure::Internal(format!("encoding run spec: {e}")))?;
+    std::fs::write(&spec_path, json)
+        .map_err(|e| Failure::Internal(format!("writing {}: {e}", spec_path.display())))?;
+    let cmd = runner::command(&spec_path).map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
+        .map_err(|e| Failure::Internal(format!("running executor {:?}: {e}", req.executor.name)))?;
+    interpret(outcome, &req.executor.name, host.allow_any_builder)
+}
+
+/// Turns how the process ended into the build's result.
+pub fn interpret(outcome: Outcome, executor: &str, own_builder: bool) -> Result<(), Failure> {
+    let what = if own_builder { "builder" } else { "command" };
+    match outcome {
+        Outcome::Exited(s) if s.success() => Ok(()),
+        Outcome::Exited(s) => match s.code() {
+            Some(runner::SETUP_FAILED) => Err(Failure::Builder(format!(
+                "executor {executor:?}: {what} could not be started or exited with status {}",
+                runner::SETUP_FAILED
+            ))),
+            Some(c) if c > 128 => Err(Failure::Builder(format!(
+                "executor {executor:?}: {what} killed by signal {}",
+                c - 128
+            ))),
+            Some(c) => Err(Failure::Builder(format!(
+                "executor {executor:?}: {what} failed with exit code {c}"
+            ))),
+            None => Err(Failure::Builder(format!(
+                "executor {executor:?}: {what} was killed"
+            ))),
+        },
+        Outcome::TimedOut(d) => Err(Failure::TimedOut(format!(
+            "executor {executor:?}: build timed out after {} seconds; killed",
+            d.as_secs()
+        ))),
+        Outcome::Silent(d) => Err(Failure::TimedOut(format!(
+            "executor {executor:?}: no output for {} seconds (max-silent-time); killed",
+            d.as_secs()
+        ))),
+        Outcome::Cancelled => Err(Failure::Cancelled),
+    }
+}
+
+/// What an admin command sees: the paths it must fill, the build dir, and
+/// only the derivation variables the admin passes through (`pass-env`).
+fn admin_env(
+    req: &BuildRequest,
+    host: &HostExecutor,
+    account: &Account,
+    build_dir: &str,
+) -> BTreeMap<String, OsString> {
+    let mut env = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        env.insert(k.to_owned(), OsString::from(v));
+    };
+    set("PATH", HOST_PATH);
+    set("HOME", &account.home);
+    set("USER", &account.name);
+    set("NIX_STORE", &req.store.dir);
+    set("NIX_BUILD_CORES", &req.cores);
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        set(k, build_dir);
+    }
+    set("NIX_LOG_FD", "2");
+    set("TERM", "xterm-256color");
+    set("NIX_HATCH_DRV", &req.drv.path);
+    set("NIX_HATCH_EXECUTOR", &req.executor.name);
+    let names: Vec<&str> = req.drv.outputs.keys().map(String::as_str).collect();
+    set("outputs", &names.join(" "));
+    for (name, info) in &req.drv.outputs {
+        set(name, &info.path);
+    }
+    for var in &host.pass_env {
+        if let Some(v) = req.drv.drv.environment().get(var) {
+            env.insert(var.clone(), OsString::from_vec(v.clone()));
+        } else if let Some(v) = req.drv.env_str(var) {
+            env.insert(var.clone(), OsString::from(v));
+        }
+    }
+    env
+}
+
+/// The build dir and the store's upper layer belong to the build account.
+fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> Result<(), String> {
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(account.uid)),
+        Some(nix::unistd::Gid::from_raw(account.gid)),
+    );
+    for (dir, mode) in [(&staging.build, 0o700), (&staging.store, 0o755)] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        nix::unistd::chown(dir.as_path(), owner.0, owner.1)
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    // Files nix-hatch wrote into the build dir (passAsFile, attrs).
+    if let Ok(entries) = std::fs::read_dir(&staging.build) {
+        for e in entries.flatten() {
+            let _ = nix::unistd::chown(e.path().as_path(), owner.0, owner.1);
+        }
+    }
+    Ok(())
+}

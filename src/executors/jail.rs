@@ -1,0 +1,211 @@
+//! The `jail` executor: the derivation's own builder in bubblewrap, with
+//! exactly the powers the admin granted (DESIGN.md "Jail contract").
+//!
+//! bwrap is started as the executor's account (never root) and builds its
+//! sandbox in an unprivileged user namespace, so the builder is uid 1000
+//! inside and that account on the host. `/nix/store` inside is the staging
+//! dir with only the input closure bound in read-only; outputs are created
+//! there at their real paths.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use super::supervise::{self, Cancel};
+use super::{host, BuildRequest, Failure};
+use crate::config::{JailExecutor, Network};
+use crate::derivation::{builder_env, write_build_files, EnvContext};
+use crate::hook::buildlog::BuildLog;
+use crate::util::{lookup_user, Account};
+
+/// Where the build dir appears inside, as in Nix's sandbox.
+pub const BUILD_DIR: &str = "/build";
+/// The build user inside, as in Nix's sandbox.
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 100;
+
+const PASSWD: &str = "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:1000:100:Nix build user:/build:/noshell\nnobody:x:65534:65534:Nobody:/:/noshell\n";
+const GROUP: &str = "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n";
+const HOSTS: &str = "127.0.0.1 localhost\n::1 localhost\n";
+
+pub fn run(
+    req: &BuildRequest,
+    jail: &JailExecutor,
+    log: &mut BuildLog,
+    cancel: &Cancel,
+) -> Result<(), Failure> {
+    let account = lookup_user(&req.executor.user)
+        .map_err(|e| Failure::Internal(format!("executor {:?}: {e:#}", req.executor.name)))?;
+    if account.uid == 0 {
+        return Err(Failure::Internal(format!(
+            "executor {:?}: a jail never runs as root (user {:?})",
+            req.executor.name, account.name
+        )));
+    }
+    for dev in &jail.devices {
+        if !dev.exists() {
+            return Err(Failure::Internal(format!(
+                "executor {:?}: device {} does not exist on this machine",
+                req.executor.name,
+                dev.display()
+            )));
+        }
+    }
+    if jail.nix_daemon && !jail.daemon_socket.exists() {
+        return Err(Failure::Internal(format!(
+            "executor {:?}: nix-daemon = true, but there is no daemon socket at {}",
+            req.executor.name,
+            jail.daemon_socket.display()
+        )));
+    }
+    let staging = req.staging;
+    let (mut env, files) = builder_env(
+        req.drv,
+        &EnvContext {
+            store_dir: &req.store.dir,
+            build_dir: BUILD_DIR,
+            cores: &req.cores,
+        },
+    )
+    .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    write_build_files(&staging.build, &files).map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let etc = staging.root.join("etc");
+    let tmp = staging.root.join("tmp");
+    write_etc(&etc).map_err(Failure::Internal)?;
+    prepare_dirs(staging, &tmp, &account).map_err(Failure::Internal)?;
+    if jail.nix_daemon {
+        env.insert("NIX_REMOTE".into(), OsString::from("daemon"));
+    }
+    if jail.network == Network::Host {
+        log.line(&format!(
+            "WARNING: executor {:?} gives this build the HOST NETWORK (network = \"host\")",
+            req.executor.name
+        ));
+    }
+
+    let args = bwrap_args(req, jail, &etc, &tmp);
+    let mut cmd = Command::new(&jail.bwrap);
+    cmd.args(args).env_clear().envs(&env);
+    crate::util::run_as(&mut cmd, &account);
+    let outcome = supervise::run_logged(cmd, log, req.limits, cancel).map_err(|e| {
+        Failure::Internal(format!(
+            "executor {:?}: starting {}: {e}",
+            req.executor.name,
+            jail.bwrap.display()
+        ))
+    })?;
+    host::interpret(outcome, &req.executor.name, true)
+}
+
+/// The bubblewrap command line (after the program name).
+fn bwrap_args(req: &BuildRequest, jail: &JailExecutor, etc: &Path, tmp: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |xs: &[&dyn AsRef<std::ffi::OsStr>]| {
+        for x in xs {
+            a.push(x.as_ref().to_owned());
+        }
+    };
+    let uid = SANDBOX_UID.to_string();
+    let gid = SANDBOX_GID.to_string();
+    push(&[&"--unshare-user", &"--uid", &uid, &"--gid", &gid]);
+    push(&[
+        &"--unshare-pid",
+        &"--unshare-ipc",
+        &"--unshare-uts",
+        &"--unshare-cgroup-try",
+    ]);
+    if jail.network != Network::Host {
+        push(&[&"--unshare-net"]);
+    }
+    push(&[
+        &"--hostname",
+        &"localhost",
+        &"--die-with-parent",
+        &"--new-session",
+    ]);
+    push(&[&"--cap-drop", &"ALL"]);
+    // Directories Nix's sandbox shows as world-readable.
+    push(&[
+        &"--perms", &"0755", &"--dir", &"/nix", &"--perms", &"0755", &"--dir", &"/etc",
+    ]);
+    // The store: staging (outputs are created here), inputs bound read-only.
+    push(&[&"--bind", &req.staging.store, &req.store.dir]);
+    for input in req.inputs {
+        push(&[&"--ro-bind", &req.store.real_path(input), input]);
+    }
+    push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
+    push(&[&"--bind", &tmp, &"/tmp"]);
+    push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
+    for f in ["passwd", "group", "hosts"] {
+        let src = etc.join(f);
+        let dst = format!("/etc/{f}");
+        push(&[&"--ro-bind", &src, &dst]);
+    }
+    if jail.network == Network::Host {
+        for f in ["/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/services"] {
+            if Path::new(f).exists() {
+                push(&[&"--ro-bind", &f, &f]);
+            }
+        }
+    }
+    for b in &jail.ro_binds {
+        push(&[&"--ro-bind", &b.src, &b.dst]);
+    }
+    for d in &jail.devices {
+        push(&[&"--dev-bind", d, d]);
+    }
+    if jail.nix_daemon {
+        push(&[
+            &"--bind",
+            &jail.daemon_socket,
+            &crate::config::DEFAULT_DAEMON_SOCKET,
+        ]);
+    }
+    // Everything not mounted above stays read-only.
+    push(&[&"--remount-ro", &"/"]);
+    push(&[&"--chdir", &BUILD_DIR, &"--"]);
+    a.push(OsString::from(req.drv.drv.builder()));
+    for arg in req.drv.drv.arguments() {
+        a.push(OsString::from_vec(arg.as_bytes().to_vec()));
+    }
+    a
+}
+
+fn write_etc(etc: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(etc).map_err(|e| format!("creating {}: {e}", etc.display()))?;
+    for (name, text) in [("passwd", PASSWD), ("group", GROUP), ("hosts", HOSTS)] {
+        let p = etc.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("writing {}: {e}", p.display()))?;
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+    }
+    Ok(())
+}
+
+/// Build dir, store staging and /tmp belong to the jail's account.
+fn prepare_dirs(
+    staging: &super::staging::Staging,
+    tmp: &Path,
+    account: &Account,
+) -> Result<(), String> {
+    std::fs::create_dir_all(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let uid = Some(nix::unistd::Uid::from_raw(account.uid));
+    let gid = Some(nix::unistd::Gid::from_raw(account.gid));
+    for (dir, mode) in [
+        (&staging.build, 0o700),
+        (&staging.store, 0o755),
+        (&tmp.to_path_buf(), 0o1777),
+    ] {
+        nix::unistd::chown(dir.as_path(), uid, gid)
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    }
+    if let Ok(entries) = std::fs::read_dir(&staging.build) {
+        for e in entries.flatten() {
+            let _ = nix::unistd::chown(e.path().as_path(), uid, gid);
+        }
+    }
+    Ok(())
+}

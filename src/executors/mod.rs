@@ -1,0 +1,119 @@
+//! Executors run an accepted build: each kind behind the one [`run`] entry.
+//! They all build into a private [`staging::Staging`] dir while the builder
+//! sees the real output paths; `store` turns the result into valid paths.
+
+pub mod host;
+pub mod jail;
+pub mod runner;
+pub mod staging;
+pub mod supervise;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::{Executor, ExecutorKind};
+use crate::derivation::{Drv, Store};
+use crate::hook::buildlog::BuildLog;
+use staging::Staging;
+use supervise::Cancel;
+
+/// One accepted build, as an executor sees it.
+pub struct BuildRequest<'a> {
+    pub drv: &'a Drv,
+    pub executor: &'a Executor,
+    pub store: &'a Store,
+    /// The input closure Nix sent.
+    pub inputs: &'a [String],
+    /// Wanted outputs: (name, store path).
+    pub outputs: &'a [(String, String)],
+    /// `NIX_BUILD_CORES`.
+    pub cores: String,
+    pub limits: Limits,
+    pub staging: &'a Staging,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub timeout: Option<Duration>,
+    pub max_silent: Option<Duration>,
+}
+
+impl Limits {
+    /// The smaller non-zero of Nix's setting and the executor's (seconds).
+    pub fn combine(
+        nix_timeout: u64,
+        exec_timeout: u64,
+        nix_silent: u64,
+        exec_silent: u64,
+    ) -> Limits {
+        fn min_nonzero(a: u64, b: u64) -> Option<Duration> {
+            match (a, b) {
+                (0, 0) => None,
+                (0, x) | (x, 0) => Some(Duration::from_secs(x)),
+                (a, b) => Some(Duration::from_secs(a.min(b))),
+            }
+        }
+        Limits {
+            timeout: min_nonzero(nix_timeout, exec_timeout),
+            max_silent: min_nonzero(nix_silent, exec_silent),
+        }
+    }
+}
+
+/// Why a build did not produce its outputs.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command or builder failed (Nix: permanent failure).
+    Builder(String),
+    /// `timeout` or `max-silent-time` hit.
+    TimedOut(String),
+    /// Nix (or an admin) told the hook to stop.
+    Cancelled,
+    /// nix-hatch itself could not run the build.
+    Internal(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Builder(m) | Failure::TimedOut(m) | Failure::Internal(m) => f.write_str(m),
+            Failure::Cancelled => f.write_str("build cancelled by signal"),
+        }
+    }
+}
+
+impl Failure {
+    /// The hook's exit status: Nix reads 100 as a permanent build failure
+    /// and 101 as a timeout, like its own builders.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Builder(_) => 100,
+            Failure::TimedOut(_) => 101,
+            Failure::Cancelled | Failure::Internal(_) => 1,
+        }
+    }
+}
+
+pub fn run(req: &BuildRequest, log: &mut BuildLog, cancel: &Cancel) -> Result<(), Failure> {
+    match &req.executor.kind {
+        ExecutorKind::Host(host) => host::run(req, host, log, cancel),
+        ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_take_the_smaller_nonzero() {
+        let l = Limits::combine(0, 0, 0, 0);
+        assert!(l.timeout.is_none() && l.max_silent.is_none());
+        let l = Limits::combine(10, 0, 0, 7);
+        assert_eq!(l.timeout, Some(Duration::from_secs(10)));
+        assert_eq!(l.max_silent, Some(Duration::from_secs(7)));
+        let l = Limits::combine(10, 4, 3, 7);
+        assert_eq!(l.timeout, Some(Duration::from_secs(4)));
+        assert_eq!(l.max_silent, Some(Duration::from_secs(3)));
+    }
+}

@@ -1,0 +1,144 @@
+//! The namespace runner: a short-lived re-exec of our own binary that puts
+//! a command in a private mount namespace (the output overlay) and a fresh
+//! pid namespace, drops to the build account, and relays the exit status.
+//!
+//! Why a separate process: a pid namespace only applies to the children of
+//! the process that unshares it, and the hook itself must stay outside.
+//! The command is pid 1 of its namespace, so when it exits — or when the
+//! runner is killed (parent-death signal) — the kernel kills every process
+//! it left behind.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// argv[1] that selects the runner in both binaries.
+pub const RUNNER_ARG: &str = "__nix-hatch-runner";
+/// Exit status when the runner itself failed before the command ran.
+pub const SETUP_FAILED: i32 = 125;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Overlay {
+    /// The real store dir; the overlay is mounted over it.
+    pub lower: PathBuf,
+    /// Receives every write to the store (outputs land here).
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub overlay: Option<Overlay>,
+    /// Who the command runs as.
+    pub account: crate::util::Account,
+    pub cwd: PathBuf,
+    /// Program and arguments (bytes: derivation args need not be UTF-8).
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// If this process was started as the runner, runs it and returns the exit
+/// status to exit with. Both binaries call this first.
+pub fn maybe_run() -> Option<i32> {
+    let mut args = std::env::args_os();
+    let _argv0 = args.next();
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(RUNNER_ARG)) {
+        return None;
+    }
+    let Some(spec) = args.next() else {
+        eprintln!("nix-hatch: runner: missing spec path");
+        return Some(SETUP_FAILED);
+    };
+    Some(match run(PathBuf::from(spec)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nix-hatch: runner: {e:#}");
+            SETUP_FAILED
+        }
+    })
+}
+
+/// The command line the executor spawns to run `spec_path`.
+pub fn command(spec_path: &std::path::Path) -> Result<Command> {
+    let exe = std::env::current_exe().context("locating the nix-hatch binary")?;
+    let mut c = Command::new(exe);
+    c.arg(RUNNER_ARG).arg(spec_path);
+    c.env_clear();
+    Ok(c)
+}
+
+fn run(spec_path: PathBuf) -> Result<i32> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+
+    let spec: RunSpec = serde_json::from_slice(
+        &std::fs::read(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", spec_path.display()))?;
+    // Die with the hook.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        bail!("the hook is gone");
+    }
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .context("creating mount and pid namespaces (needs root)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private in the new mount namespace")?;
+    if let Some(o) = &spec.overlay {
+        for p in [&o.lower, &o.upper, &o.work] {
+            let s = p.to_string_lossy();
+            if s.contains(',') || s.contains(':') {
+                bail!("overlay path {s:?} contains ',' or ':', which overlayfs cannot take");
+            }
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            o.lower.display(),
+            o.upper.display(),
+            o.work.display()
+        );
+        mount(
+            Some("overlay"),
+            &o.lower,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .with_context(|| format!("mounting the output overlay on {}", o.lower.display()))?;
+    }
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| anyhow!("empty command"))?;
+    let mut cmd = Command::new(OsString::from_vec(program.clone()));
+    cmd.args(args.iter().map(|a| OsString::from_vec(a.clone())))
+        .env_clear()
+        .envs(
+            spec.env
+                .iter()
+                .map(|(k, v)| (OsString::from_vec(k.clone()), OsString::from_vec(v.clone()))),
+        )
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null());
+    crate::util::run_as(&mut cmd, &spec.account);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", String::from_utf8_lossy(program)))?;
+    let status = child.wait().context("waiting for the command")?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => SETUP_FAILED,
+    })
+}

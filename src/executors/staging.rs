@@ -1,0 +1,160 @@
+//! Private per-build directories under `state-dir/staging`. Each is locked
+//! by the hook that owns it; a directory whose lock is free belongs to a
+//! hook that died, and is removed by the next build.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+pub struct Staging {
+    pub root: PathBuf,
+    /// Where outputs appear, by store base name (the builder's `/nix/store`
+    /// writes land here).
+    pub store: PathBuf,
+    /// Overlay work dir (host executor).
+    pub work: PathBuf,
+    /// The build directory (`NIX_BUILD_TOP`).
+    pub build: PathBuf,
+    _lock: Flock<File>,
+    keep: bool,
+}
+
+const LOCK: &str = "lock";
+
+impl Staging {
+    /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
+    pub fn create(state_dir: &Path, drv_base: &str) -> io::Result<Staging> {
+        let parent = state_dir.join("staging");
+        std::fs::create_dir_all(&parent).map_err(|e| with_path(e, "creating", &parent))?;
+        let stem = drv_base.strip_suffix(".drv").unwrap_or(drv_base);
+        let root = parent.join(format!("{stem}.{}", std::process::id()));
+        if root.exists() {
+            // A previous hook with our pid died: its lock is free.
+            crate::store::remove_tree(&root).map_err(|e| with_path(e, "removing", &root))?;
+        }
+        std::fs::create_dir(&root).map_err(|e| with_path(e, "creating", &root))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+        let lock_path = root.join(LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(|e| with_path(e, "creating", &lock_path))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| with_path(io::Error::from(e), "locking", &lock_path))?;
+        let staging = Staging {
+            store: root.join("store"),
+            work: root.join("work"),
+            build: root.join("build"),
+            root,
+            _lock: lock,
+            keep: false,
+        };
+        for d in [&staging.store, &staging.work, &staging.build] {
+            std::fs::create_dir(d).map_err(|e| with_path(e, "creating", d))?;
+        }
+        Ok(staging)
+    }
+
+    /// Where the builder left output `base` (a store base name).
+    pub fn output(&self, base: &str) -> PathBuf {
+        self.store.join(base)
+    }
+
+    /// Keeps the directory after the build (Nix's `keep-failed`): it moves
+    /// out of the way of stale-dir cleanup and is reported to the user.
+    pub fn keep(&mut self) -> io::Result<PathBuf> {
+        let state_dir = self
+            .root
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| io::Error::other("staging dir has no state dir"))?;
+        let kept = state_dir.join("kept");
+        std::fs::create_dir_all(&kept)?;
+        let target = kept.join(self.root.file_name().unwrap_or_default());
+        std::fs::rename(&self.root, &target)?;
+        self.keep = true;
+        Ok(target)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = crate::store::remove_tree(&self.root);
+        }
+    }
+}
+
+/// Removes staging dirs left by hooks that died (their lock is free).
+/// Returns how many were removed; errors are skipped (best effort).
+pub fn remove_stale(state_dir: &Path) -> usize {
+    let parent = state_dir.join("staging");
+    let Ok(entries) = std::fs::read_dir(&parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let lock_path = path.join(LOCK);
+        let Ok(file) = OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(&lock_path)
+        else {
+            // No lock file: a dir half-created by a dying hook, or junk.
+            // Only remove it if it is old enough not to be mid-creation.
+            if is_older_than(&path, 60) && crate::store::remove_tree(&path).is_ok() {
+                removed += 1;
+            }
+            continue;
+        };
+        if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            if crate::store::remove_tree(&path).is_ok() {
+                removed += 1;
+            }
+            drop(lock);
+        }
+    }
+    removed
+}
+
+fn is_older_than(path: &Path, secs: u64) -> bool {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() >= secs)
+}
+
+fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_dirs_of_dead_hooks_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Staging::create(dir.path(), "abc-live.drv").unwrap();
+        std::fs::write(live.build.join("f"), "x").unwrap();
+        // A dir whose owner died: lock file present, nobody holds it.
+        let dead = dir.path().join("staging/abc-dead.1");
+        std::fs::create_dir_all(dead.join("store/x")).unwrap();
+        std::fs::write(dead.join(LOCK), "").unwrap();
+        assert_eq!(remove_stale(dir.path()), 1);
+        assert!(!dead.exists());
+        assert!(live.build.join("f").exists());
+        let root = live.root.clone();
+        drop(live);
+        assert!(!root.exists());
+    }
+}

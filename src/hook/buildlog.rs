@@ -1,0 +1,78 @@
+//! The build log: fd 4, which Nix stores for `nix log` and whose tail it
+//! prints when a build fails. nix-hatch's own lines are prefixed
+//! `nix-hatch: ` so they stand out from the builder's output.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::FromRawFd;
+
+use crate::protocol::log::{msg_line, Level};
+
+pub const LOG_FD: i32 = 4;
+
+pub struct BuildLog {
+    sink: Sink,
+}
+
+enum Sink {
+    Fd(File),
+    /// No fd 4 (run by hand): structured messages on stderr.
+    Stderr,
+    /// Tests.
+    Memory(Vec<u8>),
+}
+
+impl BuildLog {
+    /// The log Nix gave us on fd 4, or stderr when there is none.
+    pub fn from_nix() -> BuildLog {
+        if crate::util::fd_is_open(LOG_FD) {
+            // SAFETY: fd 4 is open and nothing else in this process owns it;
+            // Nix opened it for exactly this purpose.
+            let f = unsafe { File::from_raw_fd(LOG_FD) };
+            BuildLog { sink: Sink::Fd(f) }
+        } else {
+            BuildLog { sink: Sink::Stderr }
+        }
+    }
+
+    pub fn memory() -> BuildLog {
+        BuildLog {
+            sink: Sink::Memory(Vec::new()),
+        }
+    }
+
+    pub fn contents(&self) -> &[u8] {
+        match &self.sink {
+            Sink::Memory(v) => v,
+            _ => &[],
+        }
+    }
+
+    /// Builder output, passed through as it comes.
+    pub fn raw(&mut self, data: &[u8]) {
+        // A log that can't be written (Nix went away) must not fail the
+        // build by itself; Nix notices on its own.
+        let _ = match &mut self.sink {
+            Sink::Fd(f) => f.write_all(data),
+            Sink::Stderr => {
+                let text = String::from_utf8_lossy(data);
+                let mut err = io::stderr().lock();
+                text.lines()
+                    .try_for_each(|l| err.write_all(msg_line(Level::Info, l).as_bytes()))
+            }
+            Sink::Memory(v) => {
+                v.extend_from_slice(data);
+                Ok(())
+            }
+        };
+    }
+
+    /// One line of nix-hatch's own.
+    pub fn line(&mut self, msg: &str) {
+        let mut s = String::with_capacity(msg.len() + 12);
+        s.push_str("nix-hatch: ");
+        s.push_str(msg);
+        s.push('\n');
+        self.raw(s.as_bytes());
+    }
+}

@@ -1,0 +1,261 @@
+//! The state machine driven by byte streams, with a fake build phase.
+
+use super::*;
+use crate::protocol::hook::{encode, TryRequest};
+use std::cell::RefCell;
+use std::path::Path;
+
+/// (executor, input closure, wanted outputs) of each accepted build.
+type Call = (String, Vec<String>, Vec<String>);
+
+struct FakeBuilder {
+    calls: RefCell<Vec<Call>>,
+    status: i32,
+}
+
+impl Builder for FakeBuilder {
+    fn build(&self, a: Accepted<'_>) -> i32 {
+        self.calls.borrow_mut().push((
+            a.executor.name.clone(),
+            a.job.inputs.clone(),
+            a.job.wanted_outputs.clone(),
+        ));
+        self.status
+    }
+}
+
+fn fake() -> FakeBuilder {
+    FakeBuilder {
+        calls: RefCell::new(Vec::new()),
+        status: 0,
+    }
+}
+
+/// A store dir with one real .drv in it, so routing can parse it.
+struct Env {
+    dir: tempfile::TempDir,
+    drv_path: String,
+    settings: Vec<(String, String)>,
+}
+
+const DRV: &str = r#"Derive([("out","/nix/store/0a7bxkf6f0gzjpdk6vnh9xdsg0gkbq84-esc","","")],[],["/nix/store/93hswik0brc6ppfajxk7zb4h1hkh5cb6-busybox"],"x86_64-linux","/nix/store/93hswik0brc6ppfajxk7zb4h1hkh5cb6-busybox/bin/busybox",["sh","-c","echo hi > $out"],[("builder","/nix/store/93hswik0brc6ppfajxk7zb4h1hkh5cb6-busybox/bin/busybox"),("name","esc"),("out","/nix/store/0a7bxkf6f0gzjpdk6vnh9xdsg0gkbq84-esc"),("requiredSystemFeatures","escape-x"),("system","x86_64-linux")])"#;
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("nix/store");
+        std::fs::create_dir_all(&store).unwrap();
+        let drv_path = "/nix/store/rb9irggdbdc3n1k6d0y3rg9z6j8j3fji-esc.drv".to_owned();
+        std::fs::write(store.join("rb9irggdbdc3n1k6d0y3rg9z6j8j3fji-esc.drv"), DRV).unwrap();
+        let settings = vec![
+            (
+                "store".to_owned(),
+                dir.path().to_string_lossy().into_owned(),
+            ),
+            ("builders".to_owned(), String::new()),
+        ];
+        Env {
+            dir,
+            drv_path,
+            settings,
+        }
+    }
+
+    fn config(&self, max_jobs: u32) -> Config {
+        Config::parse(
+            &format!(
+                r#"
+state-dir = "{}/state"
+fallback = "decline"
+[routes]
+escape-x = "hx"
+[executors.hx]
+kind = "host"
+command = ["/bin/true"]
+max-jobs = {max_jobs}
+"#,
+                self.dir.path().display()
+            ),
+            Path::new("/t"),
+        )
+        .unwrap()
+    }
+
+    fn stream(&self, tries: &[TryRequest], job: Option<&AcceptedJob>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let s: Vec<(&str, &str)> = self
+            .settings
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        encode::settings(&mut buf, &s).unwrap();
+        for t in tries {
+            encode::try_request(&mut buf, t).unwrap();
+        }
+        if let Some(j) = job {
+            encode::accepted_job(&mut buf, j).unwrap();
+        }
+        buf
+    }
+
+    fn try_(&self, features: &[&str]) -> TryRequest {
+        TryRequest {
+            am_willing: true,
+            system: "x86_64-linux".into(),
+            drv_path: self.drv_path.clone(),
+            required_features: features.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+fn drive(config: Result<Config, String>, input: &[u8], b: &FakeBuilder) -> (i32, String) {
+    let mut out = Vec::new();
+    let code = run(config, &mut &input[..], &mut out, b);
+    (code, String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn plain_derivations_are_declined_and_escapes_accepted() {
+    let env = Env::new();
+    let job = AcceptedJob {
+        inputs: vec!["/nix/store/93hswik0brc6ppfajxk7zb4h1hkh5cb6-busybox".into()],
+        wanted_outputs: vec!["out".into()],
+    };
+    let input = env.stream(
+        &[env.try_(&[]), env.try_(&["kvm"]), env.try_(&["escape-x"])],
+        Some(&job),
+    );
+    let b = fake();
+    let (code, out) = drive(Ok(env.config(1)), &input, &b);
+    assert_eq!(code, 0);
+    assert_eq!(out, "# decline\n# decline\n# accept\nnix-hatch:hx\n");
+    let calls = b.calls.borrow();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "hx");
+    assert_eq!(calls[0].1, job.inputs);
+    assert_eq!(calls[0].2, vec!["out"]);
+}
+
+#[test]
+fn build_status_is_the_exit_status() {
+    let env = Env::new();
+    let job = AcceptedJob {
+        inputs: vec![],
+        wanted_outputs: vec!["out".into()],
+    };
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&job));
+    let mut b = fake();
+    b.status = 100;
+    assert_eq!(drive(Ok(env.config(1)), &input, &b).0, 100);
+}
+
+#[test]
+fn busy_executor_postpones() {
+    let env = Env::new();
+    let cfg = env.config(1);
+    let held = slots::try_acquire(&cfg.state_dir, "hx", 1)
+        .unwrap()
+        .unwrap();
+    let input = env.stream(&[env.try_(&["escape-x"]), env.try_(&[])], None);
+    let b = fake();
+    let (code, out) = drive(Ok(cfg), &input, &b);
+    assert_eq!((code, out.as_str()), (0, "# postpone\n# decline\n"));
+    assert!(b.calls.borrow().is_empty());
+    drop(held);
+}
+
+#[test]
+fn no_routes_and_no_builders_declines_permanently() {
+    let env = Env::new();
+    let cfg = Config::parse("fallback = \"decline\"\n", Path::new("/t")).unwrap();
+    let input = env.stream(&[env.try_(&[])], None);
+    let (code, out) = drive(Ok(cfg), &input, &fake());
+    assert_eq!((code, out.as_str()), (0, "# decline-permanently\n"));
+}
+
+#[test]
+fn broken_config_declines_and_says_why_once() {
+    let env = Env::new();
+    let input = env.stream(
+        &[
+            env.try_(&[]),
+            env.try_(&["escape-x"]),
+            env.try_(&["escape-x"]),
+        ],
+        None,
+    );
+    let (code, out) = drive(Err("nix-hatch: config is broken".into()), &input, &fake());
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("config is broken").count(), 1, "{out}");
+    assert_eq!(out.matches("# decline\n").count(), 3, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("@nix {")), "{out}");
+}
+
+#[test]
+fn unreadable_drv_ends_the_hook_with_one_error() {
+    let env = Env::new();
+    let mut t = env.try_(&["escape-x"]);
+    t.drv_path = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-missing.drv".into();
+    let input = env.stream(&[t], None);
+    let (code, out) = drive(Ok(env.config(1)), &input, &fake());
+    assert_eq!(code, 1);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("missing.drv"), "{out}");
+}
+
+#[test]
+fn truncated_and_garbage_streams_end_with_an_error_not_a_panic() {
+    let env = Env::new();
+    let job = AcceptedJob {
+        inputs: vec!["/nix/store/93hswik0brc6ppfajxk7zb4h1hkh5cb6-busybox".into()],
+        wanted_outputs: vec!["out".into()],
+    };
+    let full = env.stream(&[env.try_(&[]), env.try_(&["escape-x"])], Some(&job));
+    let settings_len = env.stream(&[], None).len();
+    let first_try_end = env.stream(&[env.try_(&[])], None).len();
+    for cut in 0..full.len() {
+        let b = fake();
+        let (code, out) = drive(Ok(env.config(4)), &full[..cut], &b);
+        // A cut exactly between commands is a clean end of stream.
+        let clean = cut == settings_len || cut == first_try_end;
+        if clean {
+            assert_eq!(code, 0, "cut {cut}");
+        } else {
+            assert_eq!(code, 1, "cut {cut}: {out}");
+            assert!(out.contains("nix-hatch:"), "cut {cut}: {out}");
+        }
+        assert!(
+            b.calls.borrow().is_empty(),
+            "cut {cut}: built from a truncated job"
+        );
+    }
+    let mut garbage = env.stream(&[], None);
+    garbage.extend_from_slice(&[0xff; 40]);
+    let (code, out) = drive(Ok(env.config(1)), &garbage, &fake());
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with("nix-hatch: malformed message from Nix"),
+        "{out}"
+    );
+}
+
+#[test]
+fn two_executors_required_is_refused_with_reason() {
+    let env = Env::new();
+    let cfg = Config::parse(
+        &format!(
+            "state-dir = \"{}/s\"\n[routes]\na = \"x\"\nb = \"y\"\n[executors.x]\nkind = \"host\"\ncommand = [\"/bin/true\"]\n[executors.y]\nkind = \"host\"\ncommand = [\"/bin/true\"]\n",
+            env.dir.path().display()
+        ),
+        Path::new("/t"),
+    )
+    .unwrap();
+    let input = env.stream(&[env.try_(&["a", "b"])], None);
+    let (code, out) = drive(Ok(cfg), &input, &fake());
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("one build can only go to one executor"),
+        "{out}"
+    );
+    assert!(out.ends_with("# decline\n"));
+}

@@ -1,0 +1,16 @@
+//! nix-hatch: a Nix build hook that routes derivations requiring a configured
+//! escape feature to admin-defined executors, and leaves every other
+//! derivation where Nix would have built it.
+//!
+//! Layout (see DESIGN.md): `protocol` speaks Nix's hook wire format, `hook`
+//! is the state machine Nix talks to, `executors` run accepted builds,
+//! `store` turns a finished build into valid store paths.
+
+pub mod cli;
+pub mod config;
+pub mod derivation;
+pub mod executors;
+pub mod hook;
+pub mod protocol;
+pub mod store;
+pub mod util;

@@ -1,0 +1,10 @@
+//! Nix's wire format and the messages nix-hatch exchanges with Nix.
+//!
+//! `wire` is the primitive encoding (u64 little-endian, length-prefixed
+//! byte strings padded to 8 bytes, string lists); `hook` the build-hook
+//! conversation built from it; `log` the `@nix {json}` lines Nix parses from
+//! the hook's stderr after `# accept`.
+
+pub mod hook;
+pub mod log;
+pub mod wire;

@@ -1,0 +1,707 @@
+//! Turning a finished build into valid store paths (DESIGN.md, "Turning a
+//! build into store paths").
+//!
+//! [`import`] takes the outputs an executor left in its staging area and:
+//!
+//! 1. checks that every wanted output exists;
+//! 2. reads each output exactly once: the NAR serialisation ([`nar`]) feeds
+//!    SHA-256 (narHash, narSize), the fixed-output hash if any, and the
+//!    reference scanner ([`refscan`]) looking for the hash parts of the input
+//!    closure and of all outputs ([`digest`]). While reading, the tree is
+//!    *sealed* (owner = effective user, modes 0444/0555 as Nix canonicalises
+//!    them) so nobody else can modify it once it is visible in the store;
+//! 3. verifies fixed-output hashes (flat or recursive) and that fixed outputs
+//!    reference nothing;
+//! 4. removes stale *invalid* leftovers at the output paths (never a valid
+//!    path) and moves each output into place (`rename(2)`, copy across file
+//!    systems);
+//! 5. registers all outputs in one `nix-store --register-validity
+//!    --hash-given` call through a [`Registrar`] started ahead of time.
+//!
+//! Nix holds the output locks while the hook runs, so registration through
+//! the daemon would deadlock; `--register-validity` takes no lock.
+
+pub mod digest;
+mod fsops;
+pub mod nar;
+mod nixstore;
+pub mod refscan;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix_derivation::{CAHash, HashAlgorithm, NixHash};
+
+pub use fsops::remove_tree;
+pub use nixstore::Registrar;
+
+use digest::ExtraHash;
+use nar::{DumpOptions, NarError, NarErrorKind, NodeKind};
+use refscan::{HashParts, HASH_PART_LEN};
+
+/// Where the store lives and how to reach `nix-store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLocation {
+    /// Logical store directory, e.g. `/nix/store`.
+    pub store_dir: String,
+    /// On-disk store directory (differs for `local?root=/x`: `/x/nix/store`).
+    pub real_store_dir: PathBuf,
+    /// Passed to `nix-store` as `--store URI` when set.
+    pub store_uri: Option<String>,
+    /// The `nix-store` binary (`nix-store`, found through `PATH`, by default).
+    pub nix_store: PathBuf,
+}
+
+impl StoreLocation {
+    /// The system store `/nix/store`, as `nix-store` opens it by default.
+    #[must_use]
+    pub fn system() -> Self {
+        StoreLocation {
+            store_dir: "/nix/store".into(),
+            real_store_dir: PathBuf::from("/nix/store"),
+            store_uri: None,
+            nix_store: PathBuf::from("nix-store"),
+        }
+    }
+
+    /// A local store whose root is `root` (`local?root=ROOT`): logical paths
+    /// under `/nix/store`, files under `ROOT/nix/store`.
+    #[must_use]
+    pub fn with_root(root: &Path) -> Self {
+        StoreLocation {
+            store_dir: "/nix/store".into(),
+            real_store_dir: root.join("nix/store"),
+            store_uri: Some(format!("local?root={}", root.display())),
+            nix_store: PathBuf::from("nix-store"),
+        }
+    }
+
+    fn dir(&self) -> &str {
+        match self.store_dir.trim_end_matches('/') {
+            "" => "/",
+            d => d,
+        }
+    }
+
+    /// Where the store path `path` lives on disk.
+    pub fn real_path(&self, path: &str) -> Result<PathBuf, ImportError> {
+        let parsed = parse_store_path(self.dir(), path)?;
+        Ok(self.real_store_dir.join(parsed.base_name))
+    }
+}
+
+/// One output as the executor left it.
+#[derive(Debug, Clone)]
+pub struct StagedOutput {
+    /// Output name, e.g. `out`.
+    pub name: String,
+    /// Logical absolute store path, `/nix/store/<hash>-<name>`.
+    pub path: String,
+    /// Where the builder left it: a regular file, directory or symlink.
+    pub staged: PathBuf,
+    /// Fixed-output expectation (flat or recursive).
+    pub fixed: Option<CAHash>,
+}
+
+/// What [`import`] needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportRequest<'a> {
+    /// The store.
+    pub location: &'a StoreLocation,
+    /// The `.drv` store path (registered as the deriver).
+    pub deriver: &'a str,
+    /// The input closure as Nix sent it (absolute store paths). Include
+    /// already-valid sibling outputs here so references to them are found.
+    pub inputs: &'a [String],
+    /// The outputs Nix wants; all must be produced.
+    pub outputs: &'a [StagedOutput],
+}
+
+/// A registered output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The store path.
+    pub path: String,
+    /// SHA-256 of its NAR.
+    pub nar_hash: [u8; 32],
+    /// Size of its NAR.
+    pub nar_size: u64,
+    /// Store paths it references (inputs, other outputs, itself).
+    pub references: BTreeSet<String>,
+}
+
+/// Why an import (or stale-path removal) failed. `Display` gives one line
+/// (the fixed-output hash mismatch uses Nix's three-line form).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// A path in the request is not a store path of this store.
+    BadPath {
+        /// The offending path.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two different candidate paths share a hash part.
+    HashPartCollision {
+        /// One path.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The builder did not produce an output.
+    MissingOutput {
+        /// Output name.
+        output: String,
+        /// Its store path.
+        path: String,
+    },
+    /// Reading an output failed (unsupported file type, I/O error, ...).
+    Archive {
+        /// Output name.
+        output: String,
+        /// Its store path; the error names the entry below it.
+        path: String,
+        /// What happened.
+        error: NarError,
+    },
+    /// A flat fixed output is not a non-executable regular file.
+    FlatNotRegular {
+        /// The output's store path.
+        path: String,
+    },
+    /// A fixed output uses text or Git content addressing.
+    UnsupportedContentAddress {
+        /// Output name.
+        output: String,
+        /// Its store path.
+        path: String,
+        /// `text` or `git`.
+        method: &'static str,
+    },
+    /// A fixed output's hash differs from the declared one.
+    HashMismatch {
+        /// The derivation.
+        drv: String,
+        /// Declared hash, SRI form.
+        specified: String,
+        /// Actual hash, SRI form.
+        got: String,
+    },
+    /// A fixed output contains references.
+    IllegalReferences {
+        /// The derivation.
+        drv: String,
+        /// Output name.
+        output: String,
+        /// The paths referenced.
+        references: BTreeSet<String>,
+    },
+    /// Two outputs reference each other (directly or indirectly).
+    ReferenceCycle {
+        /// The derivation.
+        drv: String,
+        /// Output on the cycle.
+        output: String,
+        /// The output it was reached from.
+        from: String,
+    },
+    /// Something valid already exists at an output path.
+    AlreadyValid {
+        /// The store path.
+        path: String,
+    },
+    /// A file system operation failed.
+    Io {
+        /// The verb, e.g. `remove the stale path`.
+        action: &'static str,
+        /// The path acted upon.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// `nix-store` could not be started.
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// `nix-store` failed.
+    NixStore {
+        /// What it was asked to do.
+        action: &'static str,
+        /// Its last error line.
+        message: String,
+    },
+}
+
+impl fmt::Display for ImportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ImportError as E;
+        match self {
+            E::BadPath { path, reason } => write!(f, "invalid store path '{path}': {reason}"),
+            E::HashPartCollision { first, second } => write!(
+                f,
+                "store paths '{first}' and '{second}' have the same hash part"
+            ),
+            E::MissingOutput { output, path } => {
+                write!(f, "builder did not produce output `{output}` ({path})")
+            }
+            E::Archive {
+                output,
+                path,
+                error,
+            } => write!(f, "output `{output}`: {}", error.display_with_root(path)),
+            E::FlatNotRegular { path } => write!(
+                f,
+                "output path '{path}' should be a non-executable regular file since recursive \
+                 hashing is not enabled (outputHashMode=flat)"
+            ),
+            E::UnsupportedContentAddress {
+                output,
+                path,
+                method,
+            } => write!(
+                f,
+                "output `{output}` ({path}) uses {method} content addressing \
+                 (outputHashMode={method}), which nix-hatch does not support"
+            ),
+            E::HashMismatch {
+                drv,
+                specified,
+                got,
+            } => write!(
+                f,
+                "hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}"
+            ),
+            E::IllegalReferences {
+                drv,
+                output,
+                references,
+            } => write!(
+                f,
+                "illegal path references in fixed-output derivation '{drv}': output `{output}` \
+                 references {} store path(s), e.g. '{}'",
+                references.len(),
+                references.iter().next().map_or("", String::as_str)
+            ),
+            E::ReferenceCycle { drv, output, from } => write!(
+                f,
+                "cycle detected in build of '{drv}' in the references of output '{output}' \
+                 from output '{from}'"
+            ),
+            E::AlreadyValid { path } => write!(
+                f,
+                "output path '{path}' is already a valid store path; refusing to replace it"
+            ),
+            E::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "cannot {action} '{path}': {source}"),
+            E::Spawn { program, source } => {
+                write!(f, "cannot run '{}': {source}", program.display())
+            }
+            E::NixStore { action, message } => {
+                write!(f, "nix-store failed to {action}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ImportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ImportError::Archive { error, .. } => Some(error),
+            ImportError::Io { source, .. } | ImportError::Spawn { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+struct ParsedPath<'a> {
+    hash: [u8; HASH_PART_LEN],
+    base_name: &'a str,
+}
+
+/// Split `<store_dir>/<hash>-<name>`, checking it the way Nix parses store
+/// paths.
+fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>, ImportError> {
+    let bad = |reason| ImportError::BadPath {
+        path: path.to_owned(),
+        reason,
+    };
+    let base_name = path
+        .strip_prefix(store_dir)
+        .and_then(|rest| {
+            if store_dir.ends_with('/') {
+                Some(rest)
+            } else {
+                rest.strip_prefix('/')
+            }
+        })
+        .ok_or_else(|| bad("not in the store directory"))?;
+    if base_name.contains('/') {
+        return Err(bad("not a top-level store path"));
+    }
+    let bytes = base_name.as_bytes();
+    if bytes.len() < HASH_PART_LEN + 2 || bytes[HASH_PART_LEN] != b'-' {
+        return Err(bad("expected <hash>-<name>"));
+    }
+    let hash = refscan::parse_hash_part(&bytes[..HASH_PART_LEN])
+        .ok_or_else(|| bad("the hash part is not nix-base32"))?;
+    let name = &bytes[HASH_PART_LEN + 1..];
+    if name.len() > 211 {
+        return Err(bad("the name is too long"));
+    }
+    if name[0] == b'.' {
+        return Err(bad("the name starts with a period"));
+    }
+    if !name
+        .iter()
+        .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+    {
+        return Err(bad("the name contains a forbidden character"));
+    }
+    Ok(ParsedPath { hash, base_name })
+}
+
+/// Remove leftovers at `paths` (logical store paths): those that exist on
+/// disk are checked with one `nix-store --check-validity --print-invalid`
+/// call; if any of them is valid, nothing is removed and
+/// [`ImportError::AlreadyValid`] is returned; otherwise they are removed
+/// (read-only trees included). Returns the paths removed.
+pub fn remove_stale_outputs(
+    location: &StoreLocation,
+    paths: &[String],
+) -> Result<Vec<String>, ImportError> {
+    let mut existing = Vec::new();
+    for path in paths {
+        let real = location.real_path(path)?;
+        match std::fs::symlink_metadata(&real) {
+            Ok(_) => existing.push((path.as_str(), real)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ImportError::Io {
+                    action: "inspect",
+                    path: real.display().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    if existing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = existing.iter().map(|(p, _)| *p).collect();
+    let invalid = nixstore::invalid_paths(location, &names)?;
+    if let Some((valid, _)) = existing.iter().find(|(p, _)| !invalid.contains(*p)) {
+        return Err(ImportError::AlreadyValid {
+            path: (*valid).to_owned(),
+        });
+    }
+    let mut removed = Vec::new();
+    for (path, real) in existing {
+        remove_tree(&real).map_err(|source| ImportError::Io {
+            action: "remove the stale path",
+            path: real.display().to_string(),
+            source,
+        })?;
+        removed.push(path.to_owned());
+    }
+    Ok(removed)
+}
+
+/// Whether two paths name the same existing file (same device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Import the staged outputs of one build into the store and register them
+/// valid through `registrar` (see the module documentation). Returns one
+/// [`Registered`] per output, in request order. On error nothing is
+/// registered; outputs already moved into the store stay there as invalid
+/// paths (removed by the next [`remove_stale_outputs`] or by Nix).
+pub fn import<'a>(
+    req: &ImportRequest<'a>,
+    registrar: Registrar,
+) -> Result<Vec<Registered>, ImportError> {
+    let location = req.location;
+    let store_dir = location.dir();
+    if !req.deriver.is_empty() {
+        parse_store_path(store_dir, req.deriver)?;
+    }
+
+    // Candidates for the reference scan: inputs, then outputs.
+    let mut parts = HashParts::new([]);
+    let mut candidates: Vec<&str> = Vec::new();
+    let mut add = |path: &'a str| -> Result<usize, ImportError> {
+        let parsed = parse_store_path(store_dir, path)?;
+        let i = parts.insert(parsed.hash);
+        if i == candidates.len() {
+            candidates.push(path);
+        } else if candidates[i] != path {
+            return Err(ImportError::HashPartCollision {
+                first: candidates[i].to_owned(),
+                second: path.to_owned(),
+            });
+        }
+        Ok(i)
+    };
+    for input in req.inputs {
+        add(input)?;
+    }
+    let mut output_index = Vec::with_capacity(req.outputs.len());
+    let mut seen = HashSet::new();
+    for o in req.outputs {
+        if !seen.insert(o.path.as_str()) {
+            return Err(ImportError::BadPath {
+                path: o.path.clone(),
+                reason: "listed as more than one output",
+            });
+        }
+        output_index.push(add(&o.path)?);
+    }
+    let candidates = candidates;
+
+    // 1. Every output exists; fixed-output preconditions.
+    let mut extras: Vec<Option<ExtraHash>> = Vec::with_capacity(req.outputs.len());
+    for o in req.outputs {
+        let md = match std::fs::symlink_metadata(&o.staged) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImportError::MissingOutput {
+                    output: o.name.clone(),
+                    path: o.path.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(ImportError::Io {
+                    action: "inspect the staged output",
+                    path: o.staged.display().to_string(),
+                    source,
+                })
+            }
+        };
+        extras.push(match &o.fixed {
+            None => None,
+            Some(CAHash::Flat(h)) => {
+                if !md.file_type().is_file() || md.mode() & 0o100 != 0 {
+                    return Err(ImportError::FlatNotRegular {
+                        path: o.path.clone(),
+                    });
+                }
+                Some(ExtraHash::flat(h.algorithm(), md.len()))
+            }
+            Some(CAHash::Nar(h)) => match h.algorithm() {
+                HashAlgorithm::Sha256 => None,
+                algorithm => Some(ExtraHash::nar(algorithm)),
+            },
+            Some(ca @ (CAHash::Text(_) | CAHash::Git(_))) => {
+                return Err(ImportError::UnsupportedContentAddress {
+                    output: o.name.clone(),
+                    path: o.path.clone(),
+                    method: if matches!(ca, CAHash::Text(_)) {
+                        "text"
+                    } else {
+                        "git"
+                    },
+                })
+            }
+        });
+    }
+
+    // 2. One pass per output; 3. fixed-output checks.
+    let drv = if req.deriver.is_empty() {
+        req.outputs.first().map_or("", |o| o.path.as_str())
+    } else {
+        req.deriver
+    };
+    let options = DumpOptions { seal: true };
+    let mut digests = Vec::with_capacity(req.outputs.len());
+    for (o, extra) in req.outputs.iter().zip(&extras) {
+        let d =
+            digest::digest_path(&o.staged, &parts, extra.as_ref(), &options).map_err(|error| {
+                ImportError::Archive {
+                    output: o.name.clone(),
+                    path: o.path.clone(),
+                    error,
+                }
+            })?;
+        if let Some(wanted) = &o.fixed {
+            let got = match wanted {
+                CAHash::Flat(_) => match (d.root, extra) {
+                    (
+                        NodeKind::Regular {
+                            executable: false,
+                            size,
+                        },
+                        Some(e),
+                    ) if e.range.end - e.range.start == size => d.extra.clone(),
+                    _ => {
+                        return Err(ImportError::Archive {
+                            output: o.name.clone(),
+                            path: o.path.clone(),
+                            error: NarError {
+                                path: Vec::new(),
+                                kind: NarErrorKind::Changed,
+                            },
+                        })
+                    }
+                },
+                _ => match extra {
+                    None => Some(NixHash::Sha256(d.nar_hash)),
+                    Some(_) => d.extra.clone(),
+                },
+            };
+            let wanted = wanted.hash();
+            let Some(got) = got else {
+                return Err(ImportError::Archive {
+                    output: o.name.clone(),
+                    path: o.path.clone(),
+                    error: NarError {
+                        path: Vec::new(),
+                        kind: NarErrorKind::Changed,
+                    },
+                });
+            };
+            if got != wanted {
+                return Err(ImportError::HashMismatch {
+                    drv: drv.to_owned(),
+                    specified: wanted.to_sri_string(),
+                    got: got.to_sri_string(),
+                });
+            }
+            if !d.references.is_empty() {
+                return Err(ImportError::IllegalReferences {
+                    drv: drv.to_owned(),
+                    output: o.name.clone(),
+                    references: d
+                        .references
+                        .iter()
+                        .map(|&i| candidates[i].to_owned())
+                        .collect(),
+                });
+            }
+        }
+        digests.push(d);
+    }
+
+    // Outputs referencing each other in a cycle can't be registered.
+    check_output_cycles(req, drv, &output_index, &digests)?;
+
+    // 4. Stale leftovers, then move into place (unless the executor already
+    // built in place).
+    let reals: Vec<PathBuf> = req
+        .outputs
+        .iter()
+        .map(|o| location.real_path(&o.path))
+        .collect::<Result<_, _>>()?;
+    let to_move: Vec<usize> = (0..req.outputs.len())
+        .filter(|&i| !same_file(&req.outputs[i].staged, &reals[i]))
+        .collect();
+    let stale: Vec<String> = to_move
+        .iter()
+        .map(|&i| req.outputs[i].path.clone())
+        .collect();
+    remove_stale_outputs(location, &stale)?;
+    for &i in &to_move {
+        fsops::move_into_place(&req.outputs[i].staged, &reals[i]).map_err(|source| {
+            ImportError::Io {
+                action: "move the output into place at",
+                path: reals[i].display().to_string(),
+                source,
+            }
+        })?;
+    }
+
+    // 5. Register everything in one call.
+    let mut records = String::new();
+    let mut registered = Vec::with_capacity(req.outputs.len());
+    for (o, d) in req.outputs.iter().zip(&digests) {
+        let references: BTreeSet<String> = d
+            .references
+            .iter()
+            .map(|&i| candidates[i].to_owned())
+            .collect();
+        nixstore::append_record(
+            &mut records,
+            &o.path,
+            &d.nar_hash,
+            d.nar_size,
+            req.deriver,
+            &references,
+        );
+        registered.push(Registered {
+            path: o.path.clone(),
+            nar_hash: d.nar_hash,
+            nar_size: d.nar_size,
+            references,
+        });
+    }
+    registrar.register(records.as_bytes())?;
+    Ok(registered)
+}
+
+/// Fail like Nix if outputs reference each other in a cycle (self-references
+/// are fine).
+fn check_output_cycles(
+    req: &ImportRequest<'_>,
+    drv: &str,
+    output_index: &[usize],
+    digests: &[digest::TreeDigest],
+) -> Result<(), ImportError> {
+    let n = req.outputs.len();
+    // edges[i] = outputs j != i that output i references.
+    let edges: Vec<Vec<usize>> = digests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (0..n)
+                .filter(|&j| j != i && d.references.binary_search(&output_index[j]).is_ok())
+                .collect()
+        })
+        .collect();
+    // Iterative DFS with colours: 0 = new, 1 = on stack, 2 = done.
+    let mut colour = vec![0u8; n];
+    for start in 0..n {
+        if colour[start] != 0 {
+            continue;
+        }
+        let mut stack = vec![(start, 0usize)];
+        colour[start] = 1;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(&child) = edges[node].get(*next) {
+                *next += 1;
+                match colour[child] {
+                    0 => {
+                        colour[child] = 1;
+                        stack.push((child, 0));
+                    }
+                    1 => {
+                        return Err(ImportError::ReferenceCycle {
+                            drv: drv.to_owned(),
+                            output: req.outputs[child].name.clone(),
+                            from: req.outputs[node].name.clone(),
+                        })
+                    }
+                    _ => {}
+                }
+            } else {
+                colour[node] = 2;
+                stack.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! NAR (Nix ARchive) serialisation, byte-for-byte what `nix-store --dump`
+//! produces.
+//!
+//! Format: the string `nix-archive-1` followed by one node. Every string
+//! (token, name, link target, file contents) is written as its length
+//! (u64, little endian), its bytes, and zero padding up to a multiple of 8.
+//!
+//! ```text
+//! node      = "(" "type" ( regular | directory | symlink ) ")"
+//! regular   = "regular" [ "executable" "" ] "contents" <bytes>
+//! directory = "directory" { "entry" "(" "name" <name> "node" node ")" }
+//! symlink   = "symlink" "target" <target>
+//! ```
+//!
+//! Directory entries are sorted by name, bytewise. A regular file is
+//! executable when its owner-execute bit (`S_IXUSR`) is set; no other
+//! metadata is recorded. Other file types (devices, fifos, sockets) cannot be
+//! archived.
+//!
+//! [`dump_path`] walks a tree with `openat`-style calls relative to open
+//! directory descriptors (never following symlinks), streams file contents
+//! through [`NarSink::contents`] without holding a whole file in memory, and
+//! can *seal* the tree while it reads it (see [`DumpOptions::seal`]).
+
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::dir::{Dir, Type};
+use nix::errno::Errno;
+use nix::fcntl::{open, openat, readlinkat, AtFlags, OFlag};
+use nix::sys::stat::{fchmod, fstat, fstatat, FileStat, Mode, SFlag};
+use nix::unistd::{fchown, getegid, geteuid, Gid, Uid};
+
+/// The magic string every NAR starts with.
+pub const NAR_VERSION_MAGIC: &[u8] = b"nix-archive-1";
+
+/// Offset of the first content byte in the NAR of a non-executable regular
+/// file: `nix-archive-1`, `(`, `type`, `regular`, `contents`, then the
+/// 8-byte length. The flat hash of such a file is the hash of the NAR bytes
+/// `FLAT_CONTENTS_OFFSET .. FLAT_CONTENTS_OFFSET + size`.
+pub const FLAT_CONTENTS_OFFSET: u64 = 96;
+
+/// Number of zero bytes that pad a string of `len` bytes to a multiple of 8.
+#[must_use]
+pub const fn padding_len(len: u64) -> usize {
+    ((8 - len % 8) % 8) as usize
+}
+
+/// Length of a NAR string of `len` bytes, including length field and padding.
+#[must_use]
+pub const fn string_len(len: u64) -> u64 {
+    8 + len + padding_len(len) as u64
+}
+
+/// Failure while copying file contents into a sink.
+#[derive(Debug)]
+pub enum ContentsError {
+    /// Reading the file failed.
+    Read(io::Error),
+    /// The file ended after `got` bytes, before its recorded size.
+    Truncated {
+        /// Bytes read before end of file.
+        got: u64,
+    },
+    /// The sink failed.
+    Sink(io::Error),
+}
+
+/// `read(2)` that retries on `EINTR`.
+pub fn read_retry(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match file.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// Where NAR bytes go.
+pub trait NarSink {
+    /// Append `data` to the archive.
+    fn write(&mut self, data: &[u8]) -> io::Result<()>;
+
+    /// Append exactly `size` bytes of contents read from `file` (the length
+    /// field and the padding are written by the caller). Bytes beyond `size`
+    /// are ignored, like Nix does. Sinks with their own buffers override this
+    /// to read straight into them.
+    fn contents(&mut self, file: &mut File, size: u64) -> Result<(), ContentsError> {
+        let mut buf = vec![0u8; size.min(256 * 1024) as usize];
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = read_retry(file, &mut buf[..want]).map_err(ContentsError::Read)?;
+            if n == 0 {
+                return Err(ContentsError::Truncated { got: size - left });
+            }
+            self.write(&buf[..n]).map_err(ContentsError::Sink)?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl NarSink for Vec<u8> {
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Adapter writing a NAR to any [`io::Write`].
+#[derive(Debug)]
+pub struct WriteSink<W>(pub W);
+
+impl<W: io::Write> NarSink for WriteSink<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0.write_all(data)
+    }
+}
+
+/// Write one NAR string (length, bytes, padding).
+pub fn write_str<S: NarSink + ?Sized>(sink: &mut S, s: &[u8]) -> io::Result<()> {
+    sink.write(&(s.len() as u64).to_le_bytes())?;
+    sink.write(s)?;
+    write_padding(sink, s.len() as u64)
+}
+
+/// Write the zero padding that follows `len` bytes of string data.
+pub fn write_padding<S: NarSink + ?Sized>(sink: &mut S, len: u64) -> io::Result<()> {
+    let pad = padding_len(len);
+    if pad > 0 {
+        sink.write(&[0u8; 8][..pad])?;
+    }
+    Ok(())
+}
+
+/// What the top-level node of a dumped tree was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A regular file.
+    Regular {
+        /// Whether `S_IXUSR` was set.
+        executable: bool,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// A directory.
+    Directory,
+    /// A symbolic link.
+    Symlink,
+}
+
+/// Options for [`dump_path`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DumpOptions {
+    /// Seal the tree while reading it: every regular file and directory not
+    /// owned by the effective user is `chown`ed to it (effective uid and gid),
+    /// and every regular file gets mode 0444 or 0555 (by its `S_IXUSR` bit),
+    /// every directory 0555, except the top-level directory, which gets 0755
+    /// so that it can still be renamed into the store by a non-root user.
+    /// These are the modes Nix canonicalises store paths to, so the NAR is
+    /// unchanged; afterwards nobody but the effective user can modify the
+    /// tree. Changes go through the descriptors being read, never by path.
+    /// Symlinks are left alone (their owner and mode grant nothing).
+    pub seal: bool,
+}
+
+/// Error while archiving a tree; `path` is relative to the tree's root
+/// (empty for the root itself).
+#[derive(Debug)]
+pub struct NarError {
+    /// Path of the offending entry relative to the root, `/`-separated.
+    pub path: Vec<u8>,
+    /// What went wrong.
+    pub kind: NarErrorKind,
+}
+
+/// The kinds of [`NarError`].
+#[derive(Debug)]
+pub enum NarErrorKind {
+    /// A device, fifo, socket or other file type NARs cannot hold.
+    Unsupported(&'static str),
+    /// A system call failed; `op` is the verb (`open`, `read`, ...).
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// A regular file had fewer bytes than its size said.
+    Truncated {
+        /// Size recorded by `fstat`.
+        expected: u64,
+        /// Bytes actually read.
+        got: u64,
+    },
+    /// An entry changed type between listing and opening it.
+    Changed,
+    /// The sink refused the data.
+    Sink(io::Error),
+}
+
+impl NarError {
+    /// Render the error with the tree's root spelled as `root` (for example
+    /// the store path the tree will have), e.g. `/nix/store/…-x/sub/fifo`.
+    #[must_use]
+    pub fn display_with_root(&self, root: &str) -> String {
+        let path = if self.path.is_empty() {
+            root.to_owned()
+        } else {
+            format!(
+                "{}/{}",
+                root.trim_end_matches('/'),
+                String::from_utf8_lossy(&self.path)
+            )
+        };
+        match &self.kind {
+            NarErrorKind::Unsupported(what) => format!(
+                "'{path}' is a {what}; store paths may only contain regular files, directories and symlinks"
+            ),
+            NarErrorKind::Io { op, source } => format!("cannot {op} '{path}': {source}"),
+            NarErrorKind::Truncated { expected, got } => format!(
+                "'{path}' shrank while being read ({got} of {expected} bytes)"
+            ),
+            NarErrorKind::Changed => format!("'{path}' changed while being read"),
+            NarErrorKind::Sink(e) => format!("writing the archive of '{path}' failed: {e}"),
+        }
+    }
+}
+
+impl fmt::Display for NarError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display_with_root("."))
+    }
+}
+
+impl std::error::Error for NarError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            NarErrorKind::Io { source, .. } | NarErrorKind::Sink(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn errno_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn type_name(mode: u32) -> Result<Type, &'static str> {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFREG => Ok(Type::File),
+        SFlag::S_IFDIR => Ok(Type::Directory),
+        SFlag::S_IFLNK => Ok(Type::Symlink),
+        SFlag::S_IFIFO => Err("fifo"),
+        SFlag::S_IFSOCK => Err("socket"),
+        SFlag::S_IFCHR => Err("character device"),
+        SFlag::S_IFBLK => Err("block device"),
+        _ => Err("file of unknown type"),
+    }
+}
+
+fn hint_unsupported(t: Type) -> Option<&'static str> {
+    match t {
+        Type::File | Type::Directory | Type::Symlink => None,
+        Type::Fifo => Some("fifo"),
+        Type::Socket => Some("socket"),
+        Type::CharacterDevice => Some("character device"),
+        Type::BlockDevice => Some("block device"),
+    }
+}
+
+const S_IXUSR: u32 = 0o100;
+
+struct Dumper<'s, S: ?Sized> {
+    sink: &'s mut S,
+    seal: Option<(Uid, Gid)>,
+    rel: Vec<u8>,
+}
+
+impl<S: NarSink + ?Sized> Dumper<'_, S> {
+    fn err(&self, kind: NarErrorKind) -> NarError {
+        NarError {
+            path: self.rel.clone(),
+            kind,
+        }
+    }
+
+    fn io(&self, op: &'static str, e: Errno) -> NarError {
+        self.err(NarErrorKind::Io {
+            op,
+            source: errno_io(e),
+        })
+    }
+
+    fn tokens(&mut self, toks: &[&[u8]]) -> Result<(), NarError> {
+        for t in toks {
+            if let Err(e) = write_str(self.sink, t) {
+                return Err(self.err(NarErrorKind::Sink(e)));
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_fd(&self, fd: BorrowedFd<'_>, st: &FileStat, mode: u32) -> Result<(), NarError> {
+        let Some((uid, gid)) = self.seal else {
+            return Ok(());
+        };
+        let mut chowned = false;
+        if st.st_uid != uid.as_raw() {
+            fchown(fd, Some(uid), Some(gid)).map_err(|e| self.io("change the owner of", e))?;
+            chowned = true;
+        }
+        if chowned || st.st_mode & 0o7777 != mode {
+            fchmod(fd, Mode::from_bits_truncate(mode))
+                .map_err(|e| self.io("change the mode of", e))?;
+        }
+        Ok(())
+    }
+
+    /// Archive the entry `name` of the directory `dir`.
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        hint: Option<Type>,
+        root: bool,
+    ) -> Result<NodeKind, NarError> {
+        let kind = match hint {
+            Some(t) => match hint_unsupported(t) {
+                Some(what) => return Err(self.err(NarErrorKind::Unsupported(what))),
+                None => t,
+            },
+            None => {
+                let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.io("stat", e))?;
+                type_name(st.st_mode).map_err(|what| self.err(NarErrorKind::Unsupported(what)))?
+            }
+        };
+        match kind {
+            Type::File => self.regular(dir, name),
+            Type::Directory => self.directory(dir, name, root),
+            _ => self.symlink(dir, name),
+        }
+    }
+
+    fn regular(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> Result<NodeKind, NarError> {
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_CLOEXEC
+            | OFlag::O_NOCTTY
+            | OFlag::O_NONBLOCK;
+        let fd = match openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ELOOP) => return Err(self.err(NarErrorKind::Changed)),
+            Err(e) => return Err(self.io("open", e)),
+        };
+        let st = fstat(&fd).map_err(|e| self.io("stat", e))?;
+        if type_name(st.st_mode) != Ok(Type::File) {
+            return Err(self.err(NarErrorKind::Changed));
+        }
+        let executable = st.st_mode & S_IXUSR != 0;
+        self.seal_fd(fd.as_fd(), &st, if executable { 0o555 } else { 0o444 })?;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        if executable {
+            self.tokens(&[b"(", b"type", b"regular", b"executable", b"", b"contents"])?;
+        } else {
+            self.tokens(&[b"(", b"type", b"regular", b"contents"])?;
+        }
+        if let Err(e) = self.sink.write(&size.to_le_bytes()) {
+            return Err(self.err(NarErrorKind::Sink(e)));
+        }
+        let mut file = File::from(fd);
+        if size > 0 {
+            self.sink.contents(&mut file, size).map_err(|e| match e {
+                ContentsError::Read(source) => self.err(NarErrorKind::Io { op: "read", source }),
+                ContentsError::Truncated { got } => self.err(NarErrorKind::Truncated {
+                    expected: size,
+                    got,
+                }),
+                ContentsError::Sink(e) => self.err(NarErrorKind::Sink(e)),
+            })?;
+        }
+        if let Err(e) = write_padding(self.sink, size) {
+            return Err(self.err(NarErrorKind::Sink(e)));
+        }
+        self.tokens(&[b")"])?;
+        Ok(NodeKind::Regular { executable, size })
+    }
+
+    fn symlink(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> Result<NodeKind, NarError> {
+        let target = match readlinkat(dir, name) {
+            Ok(t) => t,
+            Err(Errno::EINVAL) => return Err(self.err(NarErrorKind::Changed)),
+            Err(e) => return Err(self.io("read the link", e)),
+        };
+        self.tokens(&[
+            b"(",
+            b"type",
+            b"symlink",
+            b"target",
+            target.as_bytes(),
+            b")",
+        ])?;
+        Ok(NodeKind::Symlink)
+    }
+
+    fn directory(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        root: bool,
+    ) -> Result<NodeKind, NarError> {
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = match openat(parent, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => return Err(self.err(NarErrorKind::Changed)),
+            Err(e) => return Err(self.io("open", e)),
+        };
+        let st = fstat(&fd).map_err(|e| self.io("stat", e))?;
+        self.seal_fd(fd.as_fd(), &st, if root { 0o755 } else { 0o555 })?;
+        let mut dir = Dir::from_fd(fd).map_err(|e| self.io("open", e))?;
+        let mut entries: Vec<(CString, Option<Type>)> = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.map_err(|e| self.io("list", e))?;
+            let n = entry.file_name();
+            if n.to_bytes() == b"." || n.to_bytes() == b".." {
+                continue;
+            }
+            entries.push((n.to_owned(), entry.file_type()));
+        }
+        entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+
+        self.tokens(&[b"(", b"type", b"directory"])?;
+        for (child, hint) in &entries {
+            let saved = self.rel.len();
+            if !self.rel.is_empty() {
+                self.rel.push(b'/');
+            }
+            self.rel.extend_from_slice(child.as_bytes());
+            self.tokens(&[b"entry", b"(", b"name", child.as_bytes(), b"node"])?;
+            self.entry(dir.as_fd(), child, *hint, false)?;
+            self.tokens(&[b")"])?;
+            self.rel.truncate(saved);
+        }
+        self.tokens(&[b")"])?;
+        Ok(NodeKind::Directory)
+    }
+}
+
+/// Serialise the tree at `path` (a regular file, directory or symlink; a
+/// symlink is archived as a link, never followed) into `sink`, and return
+/// what the top-level node was.
+pub fn dump_path<S: NarSink + ?Sized>(
+    path: &Path,
+    sink: &mut S,
+    options: &DumpOptions,
+) -> Result<NodeKind, NarError> {
+    let mut dumper = Dumper {
+        sink,
+        seal: options.seal.then(|| (geteuid(), getegid())),
+        rel: Vec::new(),
+    };
+    let (parent, name) = match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => (
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            },
+            n,
+        ),
+        // `/`, `..` and the like: open the directory itself.
+        _ => (path, std::ffi::OsStr::new(".")),
+    };
+    let name = CString::new(name.as_bytes()).map_err(|_| NarError {
+        path: Vec::new(),
+        kind: NarErrorKind::Io {
+            op: "open",
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        },
+    })?;
+    let parent_fd = open(
+        parent,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| dumper.io("open the parent directory of", e))?;
+    dumper.tokens(&[NAR_VERSION_MAGIC])?;
+    dumper.entry(parent_fd.as_fd(), &name, None, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_offset_matches_header() {
+        let mut v = Vec::new();
+        for t in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+        ] {
+            write_str(&mut v, t).unwrap();
+        }
+        v.extend_from_slice(&5u64.to_le_bytes());
+        assert_eq!(v.len() as u64, FLAT_CONTENTS_OFFSET);
+    }
+
+    #[test]
+    fn string_encoding() {
+        let mut v = Vec::new();
+        write_str(&mut v, b"abc").unwrap();
+        assert_eq!(v, b"\x03\0\0\0\0\0\0\0abc\0\0\0\0\0");
+        assert_eq!(string_len(3), 16);
+        assert_eq!(string_len(0), 8);
+        assert_eq!(string_len(8), 16);
+        let mut v = Vec::new();
+        write_str(&mut v, b"").unwrap();
+        assert_eq!(v, [0u8; 8]);
+    }
+}

@@ -1,0 +1,105 @@
+//! Small system helpers shared by the hook, executors and CLI.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+use anyhow::{anyhow, Context, Result};
+
+/// Marks every inherited descriptor from `first` up close-on-exec, so
+/// builders never inherit Nix's pipes (Nix leaks several into the hook,
+/// among them fd 5, the read side of the build log).
+pub fn cloexec_from(first: RawFd) {
+    // SAFETY: close_range only flips flags on descriptors of this process.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first as nix::libc::c_uint,
+            nix::libc::c_uint::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC as nix::libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    // Older kernels: walk /proc/self/fd.
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<RawFd> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd >= first)
+            .collect();
+        for fd in fds {
+            // SAFETY: setting FD_CLOEXEC on a descriptor number is harmless
+            // even if it was closed meanwhile (EBADF).
+            unsafe {
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Whether `fd` is an open descriptor.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries.
+    unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) != -1 }
+}
+
+/// A resolved account: what a command runs as.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+pub fn lookup_user(name: &str) -> Result<Account> {
+    let user = nix::unistd::User::from_name(name)
+        .with_context(|| format!("looking up user {name:?}"))?
+        .ok_or_else(|| anyhow!("unknown user {name:?}"))?;
+    let cname = CString::new(name).map_err(|_| anyhow!("user name {name:?} contains NUL"))?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|_| vec![user.gid.as_raw()]);
+    Ok(Account {
+        name: name.to_owned(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+        home: user.dir.to_string_lossy().into_owned(),
+    })
+}
+
+/// First line of a possibly multi-line message, for one-line reports.
+pub fn first_line(s: &str) -> &str {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+}
+
+/// Makes `cmd` run as `account` (supplementary groups included: device
+/// access such as `kvm` goes through them) and die with its parent.
+pub fn run_as(cmd: &mut std::process::Command, account: &Account) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<nix::unistd::Gid> = account
+        .groups
+        .iter()
+        .copied()
+        .map(nix::unistd::Gid::from_raw)
+        .collect();
+    let (uid, gid) = (account.uid, account.gid);
+    // SAFETY: only async-signal-safe syscalls between fork and exec, on
+    // memory prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+            // After setuid: a credential change clears the death signal.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,164 @@
+//! `nix-hatch check` and `nix-hatch explain` as an admin runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+const CLI: &str = env!("CARGO_BIN_EXE_nix-hatch");
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(CLI)
+        .args(args)
+        .output()
+        .expect("running nix-hatch");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn check_lists_routes_of_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        "[routes]\nescape-sign = \"signer\"\n[executors.signer]\nkind = \"host\"\ncommand = [\"/bin/true\"]\nuser = \"root\"\nmax-jobs = 3\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("route: escape-sign -> signer (kind host, user root, max-jobs 3)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_reports_each_problem_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        r#"
+colour = "blue"
+[routes]
+escape-a = "ghost"
+[executors.a]
+kind = "teleport"
+[executors.b]
+kind = "host"
+[executors.c]
+kind = "host"
+command = ["/bin/true"]
+user = "no-such-user-here"
+"#,
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    for want in [
+        "error: colour: unknown key",
+        "error: routes.escape-a: routes to executor \"ghost\", which is not defined",
+        "error: executors.a: unknown kind \"teleport\"",
+        "error: executors.b: missing `command`",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(want)),
+            "{want:?} missing in:\n{out}"
+        );
+    }
+    // Structural problems come first; the unknown user is reported once the
+    // structure is right.
+    let cfg = write(
+        dir.path(),
+        "d.toml",
+        "[executors.c]\nkind = \"host\"\ncommand = [\"/bin/true\"]\nuser = \"no-such-user-here\"\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: executors.c.user: unknown user \"no-such-user-here\""),
+        "{out}"
+    );
+    let cfg = write(
+        dir.path(),
+        "e.toml",
+        "[executors.c]\nkind = \"host\"\ncommand = [\"/nonexistent/sign\"]\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: executors.c.command: /nonexistent/sign:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_of_a_missing_file_says_so() {
+    let (code, out) = run(&["check", "--config", "/nonexistent/nix-hatch.toml"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("cannot read config /nonexistent/nix-hatch.toml"),
+        "{out}"
+    );
+}
+
+/// A .drv made with nix/lib.nix, as a flake user would.
+fn instantiate(expr: &str) -> String {
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/nix/lib.nix");
+    let out = Command::new("nix-instantiate")
+        .args(["--option", "substituters", "", "-E"])
+        .arg(format!("let hatch = import {lib} {{ }}; in {expr}"))
+        .output()
+        .expect("nix-instantiate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    s.lines().last().unwrap().trim().to_owned()
+}
+
+#[test]
+fn explain_names_the_route_or_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        "[routes]\nescape-sign = \"signer\"\n[executors.signer]\nkind = \"host\"\ncommand = [\"/bin/true\"]\n",
+    );
+    let esc = instantiate(
+        r#"hatch.escape { feature = "escape-sign"; name = "explain-me"; args = [ "x" ]; }"#,
+    );
+    let (code, out) = run(&["explain", &esc, "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("route: feature escape-sign -> executor signer (kind host"),
+        "{out}"
+    );
+
+    let other =
+        instantiate(r#"hatch.escape { feature = "escape-other"; name = "explain-other"; }"#);
+    let (code, out) = run(&["explain", &other, "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("not an escape build: none of its features is routed (routes: escape-sign)"),
+        "{out}"
+    );
+
+    let (code, out) = run(&[
+        "explain",
+        "/nix/store/00000000000000000000000000000000-nope.drv",
+        "--config",
+        &cfg,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("error: reading /nix/store/00000000000000000000000000000000-nope.drv"),
+        "{out}"
+    );
+}

@@ -1,0 +1,819 @@
+//! Harness for end-to-end tests against the real Nix installed on the machine
+//! (Debian 12: Nix 2.8 from `nix-bin`).
+//!
+//! Every test gets a [`TestEnv`]: a private temp dir holding the hook's
+//! config, its state dir, the admin command scripts and the Nix expressions,
+//! plus a nonce that goes into every derivation so that outputs are never
+//! already valid from an earlier run (all tests share the real /nix/store and
+//! run in parallel).
+//!
+//! Facts about Nix 2.8 this harness relies on (checked on Debian 12):
+//! - `--option build-hook ""` does not disable the hook in 2.8 (it tries to
+//!   exec ""), so "no hook" means "leave the option at its default".
+//! - `nix-daemon` and clients both honour `NIX_DAEMON_SOCKET_PATH`; a client
+//!   goes through the daemon with `NIX_REMOTE=daemon`. The daemon takes its
+//!   settings from `$NIX_CONF_DIR/nix.conf` and passes its own environment to
+//!   the hook it spawns.
+//! - `nix log` is `nix --extra-experimental-features nix-command log`; give it
+//!   `--option substituters ""` or it first retries cache.nixos.org.
+//! - Nix prints ANSI colour codes even when stderr is a pipe (errors), so
+//!   [`Output::stderr`] has them stripped.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The hook binary Nix execs (`build-hook = ...` on Nix 2.8).
+pub const HOOK: &str = env!("CARGO_BIN_EXE_nix-hatch-hook");
+/// The CLI binary.
+pub const CLI: &str = env!("CARGO_BIN_EXE_nix-hatch");
+
+/// Wall-clock limit for any single Nix command a test runs. A hung build
+/// fails the test instead of hanging `cargo test`.
+pub const NIX_LIMIT: Duration = Duration::from_secs(300);
+
+/// The feature routed to the host executor in the standard test config.
+pub const FEATURE: &str = "escape-x";
+/// The executor name in the standard test config.
+pub const EXECUTOR: &str = "hostx";
+
+pub fn hook_bin() -> PathBuf {
+    PathBuf::from(HOOK)
+}
+
+pub fn cli_bin() -> PathBuf {
+    PathBuf::from(CLI)
+}
+
+/// A string unique to this process and call: goes into derivation names and
+/// attributes so every run produces fresh output paths.
+pub fn nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock before 1970")
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{:x}{:x}{n}", nanos, std::process::id())
+}
+
+// ---------------------------------------------------------------------------
+// Running commands
+// ---------------------------------------------------------------------------
+
+/// The result of a command: status plus captured output (ANSI stripped).
+#[derive(Debug)]
+pub struct Output {
+    pub cmdline: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics (showing everything) unless the command succeeded.
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.success(), "command failed:\n{}", self.describe());
+        self
+    }
+
+    /// Panics (showing everything) unless the command failed.
+    #[track_caller]
+    pub fn assert_failed(&self) -> &Self {
+        assert!(
+            !self.success(),
+            "command unexpectedly succeeded:\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Panics unless stderr contains `needle`.
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr does not contain {needle:?}:\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Store paths printed on stdout (what nix-build prints for its results).
+    pub fn store_paths(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("/nix/store/"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "$ {}\nstatus: {} (after {:.1}s)\n--- stdout ---\n{}\n--- stderr ---\n{}\n--------------",
+            self.cmdline,
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn render_cmdline(cmd: &Command) -> String {
+    let mut s = String::new();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            let _ = write!(s, "{}={} ", k.to_string_lossy(), v.to_string_lossy());
+        }
+    }
+    s.push_str(&cmd.get_program().to_string_lossy());
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        if a.is_empty() || a.contains(char::is_whitespace) {
+            let _ = write!(s, " '{a}'");
+        } else {
+            let _ = write!(s, " {a}");
+        }
+    }
+    s
+}
+
+/// Runs `cmd` to completion with a wall-clock `limit`; stdin is /dev/null.
+/// Panics (with the output so far) when the limit is exceeded.
+#[track_caller]
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let cmdline = render_cmdline(cmd);
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{cmdline}`: {e}"));
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t_out = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let t_err = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let st = child.wait().expect("wait");
+            let out = Output {
+                cmdline,
+                status: st,
+                stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into(),
+                stderr: strip_ansi(&String::from_utf8_lossy(&t_err.join().unwrap_or_default())),
+                elapsed: start.elapsed(),
+            };
+            panic!(
+                "command exceeded its {}s limit and was killed:\n{}",
+                limit.as_secs(),
+                out.describe()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+    let stderr = strip_ansi(&String::from_utf8_lossy(&t_err.join().unwrap_or_default()));
+    Output {
+        cmdline,
+        status,
+        stdout,
+        stderr,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// A `Command` for a Nix tool talking to the local store directly (never a
+/// daemon picked up from the environment).
+pub fn nix_cmd(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env_remove("NIX_REMOTE")
+        .env_remove("NIX_DAEMON_SOCKET_PATH")
+        .env_remove("NIX_HATCH_CONFIG")
+        .env_remove("NIX_CONF_DIR");
+    c
+}
+
+// ---------------------------------------------------------------------------
+// Store queries
+// ---------------------------------------------------------------------------
+
+/// The store path of a directory holding `bin/busybox` (a copy of the static
+/// /bin/busybox), added once per test process. `nix-store --add` is
+/// idempotent: the same content always yields the same path.
+pub fn busybox() -> &'static str {
+    static BB: OnceLock<String> = OnceLock::new();
+    BB.get_or_init(|| {
+        let src = Path::new("/bin/busybox");
+        assert!(
+            src.exists(),
+            "/bin/busybox missing: apt-get install busybox-static"
+        );
+        let tmp = tempfile::Builder::new()
+            .prefix("nhtest-bb-")
+            .tempdir()
+            .expect("tempdir");
+        let dir = tmp.path().join("hatch-busybox");
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        fs::copy(src, dir.join("bin/busybox")).unwrap();
+        fs::set_permissions(dir.join("bin/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
+        let out = run(
+            nix_cmd("nix-store").arg("--add").arg(&dir),
+            Duration::from_secs(60),
+        );
+        out.assert_ok();
+        let p = out.stdout.trim().to_owned();
+        assert!(p.starts_with("/nix/store/"), "{}", out.describe());
+        p
+    })
+}
+
+/// `nix-store --check-validity`.
+pub fn is_valid(path: &str) -> bool {
+    run(
+        nix_cmd("nix-store").args(["--check-validity", path]),
+        Duration::from_secs(60),
+    )
+    .success()
+}
+
+/// Whether anything (file, dir, dangling symlink) exists at `path`.
+pub fn exists_on_disk(path: &str) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// `nix-store -q --references`, as a set.
+#[track_caller]
+pub fn references(path: &str) -> BTreeSet<String> {
+    let out = run(
+        nix_cmd("nix-store").args(["-q", "--references", path]),
+        Duration::from_secs(60),
+    );
+    out.assert_ok();
+    out.stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `nix-store -q --deriver`.
+#[track_caller]
+pub fn deriver(path: &str) -> String {
+    let out = run(
+        nix_cmd("nix-store").args(["-q", "--deriver", path]),
+        Duration::from_secs(60),
+    );
+    out.assert_ok();
+    out.stdout.trim().to_owned()
+}
+
+/// `nix log <drv or output>` (Nix 2.8 spelling).
+pub fn nix_log(path: &str) -> Output {
+    run(
+        nix_cmd("nix").args([
+            "--extra-experimental-features",
+            "nix-command",
+            "log",
+            "--option",
+            "substituters",
+            "",
+            path,
+        ]),
+        Duration::from_secs(60),
+    )
+}
+
+/// `nix-store --verify --check-contents` over the whole store.
+pub fn verify_store() -> Output {
+    run(
+        nix_cmd("nix-store").args(["--verify", "--check-contents"]),
+        NIX_LIMIT,
+    )
+}
+
+/// `nix-hash --type sha256 [--flat] path` in base16: the oracle for
+/// fixed-output hashes (recursive = NAR hash).
+#[track_caller]
+pub fn nix_hash(path: &Path, flat: bool) -> String {
+    let mut c = nix_cmd("nix-hash");
+    c.args(["--type", "sha256"]);
+    if flat {
+        c.arg("--flat");
+    }
+    let out = run(c.arg(path), Duration::from_secs(60));
+    out.assert_ok();
+    out.stdout.trim().to_owned()
+}
+
+/// Whether process `pid` is alive (a zombie counts as dead: PID 1 in this
+/// container does not reap orphans promptly).
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            // state is the field after the ")" closing the command name
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?");
+            state != "Z" && state != "X"
+        }
+    }
+}
+
+/// Polls `cond` every 50ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// TOML basic string literal.
+pub fn toml_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Nix double-quoted string literal.
+pub fn nix_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '$' => o.push_str("\\$"),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+// ---------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------
+
+/// One `host` executor routed from one feature; renders the TOML config.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub feature: String,
+    pub executor: String,
+    /// `None` leaves `command` out (for `allow-any-builder`).
+    pub command: Option<Vec<String>>,
+    pub user: String,
+    pub max_jobs: u32,
+    pub timeout: u64,
+    pub allow_any_builder: bool,
+    pub pass_env: Vec<String>,
+    /// Appended verbatim at the end of the executor table.
+    pub extra: String,
+}
+
+impl HostConfig {
+    pub fn new(command: &[&str]) -> Self {
+        HostConfig {
+            feature: FEATURE.into(),
+            executor: EXECUTOR.into(),
+            command: Some(command.iter().map(|s| s.to_string()).collect()),
+            user: "root".into(),
+            max_jobs: 2,
+            timeout: 60,
+            allow_any_builder: false,
+            pass_env: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn render(&self, state_dir: &Path) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "state-dir = {}", toml_str(&state_dir.to_string_lossy()));
+        let _ = writeln!(s, "fallback = \"decline\"");
+        let _ = writeln!(s, "\n[routes]");
+        let _ = writeln!(s, "{} = {}", self.feature, toml_str(&self.executor));
+        let _ = writeln!(s, "\n[executors.{}]", self.executor);
+        let _ = writeln!(s, "kind = \"host\"");
+        if let Some(cmd) = &self.command {
+            let items: Vec<String> = cmd.iter().map(|c| toml_str(c)).collect();
+            let _ = writeln!(s, "command = [{}]", items.join(", "));
+        }
+        let _ = writeln!(s, "user = {}", toml_str(&self.user));
+        let _ = writeln!(s, "max-jobs = {}", self.max_jobs);
+        let _ = writeln!(s, "timeout = {}", self.timeout);
+        if self.allow_any_builder {
+            let _ = writeln!(s, "allow-any-builder = true");
+        }
+        if !self.pass_env.is_empty() {
+            let items: Vec<String> = self.pass_env.iter().map(|c| toml_str(c)).collect();
+            let _ = writeln!(s, "pass-env = [{}]", items.join(", "));
+        }
+        s.push_str(&self.extra);
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Per-test environment
+// ---------------------------------------------------------------------------
+
+/// The Nix prelude every test expression starts with. `@BB@`/`@NONCE@` are
+/// substituted. `escape` derivations are routed to the host executor, whose
+/// standard admin command ([`TestEnv::run_script`]) evaluates the first
+/// derivation arg as a shell snippet; `plain` derivations are built by Nix
+/// with busybox.
+const PRELUDE: &str = r#"
+let
+  bb = builtins.storePath "@BB@";
+  nonce = "@NONCE@";
+  system = builtins.currentSystem;
+  escape = { name, script, feature ? "escape-x", attrs ? { } }:
+    builtins.derivation ({
+      inherit name system nonce;
+      builder = "${bb}/bin/busybox";
+      args = [ script ];
+      requiredSystemFeatures = [ feature ];
+    } // attrs);
+  plain = { name, script, attrs ? { } }:
+    builtins.derivation ({
+      inherit name system nonce;
+      builder = "${bb}/bin/busybox";
+      args = [ "sh" "-c" script ];
+    } // attrs);
+in
+"#;
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub nonce: String,
+    pub name: String,
+}
+
+impl TestEnv {
+    /// A fresh temp dir (`/tmp/nhtest-<name>-XXXX`) with a `state` dir.
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nhtest-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        fs::create_dir_all(dir.path().join("state")).unwrap();
+        let env = TestEnv {
+            dir,
+            nonce: nonce(),
+            name: name.to_owned(),
+        };
+        // The standard admin command.
+        env.write_script(
+            "run.sh",
+            "#!/bin/sh\n# test admin command: the derivation's first arg is a shell snippet\nset -eu\nscript=\"$1\"\nshift\neval \"$script\"\n",
+        );
+        env
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    /// The standard admin command: `run.sh <snippet>` evals the snippet.
+    pub fn run_script(&self) -> PathBuf {
+        self.path("run.sh")
+    }
+
+    /// Writes the config file verbatim.
+    pub fn write_config(&self, toml: &str) {
+        fs::write(self.config_path(), toml).unwrap();
+    }
+
+    /// Writes a `host` executor config.
+    pub fn write_host_config(&self, cfg: &HostConfig) {
+        self.write_config(&cfg.render(&self.state_dir()));
+    }
+
+    /// The standard config: `escape-x` → `hostx`, command `run.sh`,
+    /// max-jobs 2, timeout 60.
+    pub fn standard_config(&self) -> HostConfig {
+        let cmd = self.run_script();
+        HostConfig::new(&[cmd.to_str().unwrap()])
+    }
+
+    /// Writes an executable script and returns its path.
+    pub fn write_script(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, body).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// Writes `<PRELUDE> body` to `name` (`@BB@`, `@NONCE@`, `@DIR@` are
+    /// substituted everywhere) and returns its path.
+    pub fn write_expr(&self, name: &str, body: &str) -> PathBuf {
+        let text = format!("{PRELUDE}{body}\n")
+            .replace("@BB@", busybox())
+            .replace("@NONCE@", &self.nonce)
+            .replace("@DIR@", &self.root().to_string_lossy());
+        let p = self.path(name);
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `nix-build` against the local store with the hook under test:
+    /// `--no-out-link --option substituters "" --option build-hook <hook>
+    /// --option builders "" <extra...> <expr> -A <attr>...`, with
+    /// `NIX_HATCH_CONFIG` pointing at this env's config.
+    pub fn nix_build(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Output {
+        let mut c = self.nix_build_cmd(expr, attrs, extra);
+        c.args(["--option", "build-hook", HOOK]);
+        c.env("NIX_HATCH_CONFIG", self.config_path());
+        run(&mut c, NIX_LIMIT)
+    }
+
+    /// Like [`TestEnv::nix_build`] but with `NIX_HATCH_CONFIG` set to
+    /// `config` (e.g. a missing file).
+    pub fn nix_build_config(
+        &self,
+        config: &Path,
+        expr: &Path,
+        attrs: &[&str],
+        extra: &[&str],
+    ) -> Output {
+        let mut c = self.nix_build_cmd(expr, attrs, extra);
+        c.args(["--option", "build-hook", HOOK]);
+        c.env("NIX_HATCH_CONFIG", config);
+        run(&mut c, NIX_LIMIT)
+    }
+
+    /// `nix-build` with Nix's default hook (no nix-hatch at all).
+    pub fn nix_build_without_hook(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Output {
+        run(&mut self.nix_build_cmd(expr, attrs, extra), NIX_LIMIT)
+    }
+
+    /// `nix-build` as a client of `daemon`. No hook option on the client:
+    /// the daemon's own nix.conf decides.
+    pub fn nix_build_via(
+        &self,
+        daemon: &Daemon,
+        expr: &Path,
+        attrs: &[&str],
+        extra: &[&str],
+    ) -> Output {
+        let mut c = self.nix_build_cmd(expr, attrs, extra);
+        daemon.client_env(&mut c);
+        run(&mut c, NIX_LIMIT)
+    }
+
+    fn nix_build_cmd(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
+        let mut c = nix_cmd("nix-build");
+        c.args([
+            "--no-out-link",
+            "--option",
+            "substituters",
+            "",
+            "--option",
+            "builders",
+            "",
+        ]);
+        c.args(extra);
+        c.arg(expr);
+        for a in attrs {
+            c.args(["-A", a]);
+        }
+        c
+    }
+
+    /// `nix-instantiate expr -A attr`: writes the .drv and returns its path.
+    #[track_caller]
+    pub fn drv_path(&self, expr: &Path, attr: &str) -> String {
+        let out = run(
+            nix_cmd("nix-instantiate").arg(expr).args(["-A", attr]),
+            Duration::from_secs(120),
+        );
+        out.assert_ok();
+        let p = out.store_paths();
+        assert_eq!(p.len(), 1, "{}", out.describe());
+        p[0].clone()
+    }
+
+    /// The output path of `attr` (e.g. `multi.dev`) without building it.
+    #[track_caller]
+    pub fn out_path(&self, expr: &Path, attr: &str) -> String {
+        let out = run(
+            nix_cmd("nix-instantiate")
+                .arg("--eval")
+                .arg(expr)
+                .args(["-A", &format!("{attr}.outPath")]),
+            Duration::from_secs(120),
+        );
+        out.assert_ok();
+        let s = out.stdout.trim().trim_matches('"').to_owned();
+        assert!(s.starts_with("/nix/store/"), "{}", out.describe());
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Private nix-daemon
+// ---------------------------------------------------------------------------
+
+/// A `nix-daemon` private to one test: its socket and nix.conf live in the
+/// test's temp dir; it serves the real /nix/store. Stopped (SIGTERM, then
+/// SIGKILL) by PID on drop.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub conf_dir: PathBuf,
+    pub log: PathBuf,
+    /// A system feature only this daemon has (see [`Daemon::assert_used_by_clients`]).
+    pub marker_feature: String,
+}
+
+impl Daemon {
+    /// Starts a daemon whose nix.conf sets `build-hook = hook` (if given),
+    /// and whose environment has `NIX_HATCH_CONFIG` = the env's config.
+    pub fn start(env: &TestEnv, hook: Option<&Path>) -> Daemon {
+        let conf_dir = env.path("daemon-conf");
+        fs::create_dir_all(&conf_dir).unwrap();
+        let socket = env.path("daemon.sock");
+        let log = env.path("daemon.log");
+        let marker_feature = format!("hatch-marker-{}", env.nonce);
+        let mut conf = String::new();
+        conf.push_str("build-users-group = nixbld\n");
+        conf.push_str("sandbox = false\n");
+        conf.push_str("substituters =\n");
+        conf.push_str("builders =\n");
+        let _ = writeln!(conf, "extra-system-features = {marker_feature}");
+        if let Some(h) = hook {
+            let _ = writeln!(conf, "build-hook = {}", h.display());
+        }
+        fs::write(conf_dir.join("nix.conf"), conf).unwrap();
+        let logf = fs::File::create(&log).unwrap();
+        let child = nix_cmd("nix-daemon")
+            .env("NIX_CONF_DIR", &conf_dir)
+            .env("NIX_USER_CONF_FILES", conf_dir.join("no-user.conf"))
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .env("NIX_HATCH_CONFIG", env.config_path())
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("start nix-daemon");
+        let mut d = Daemon {
+            child,
+            socket,
+            conf_dir,
+            log,
+            marker_feature,
+        };
+        let sock = d.socket.clone();
+        let up = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        if !up {
+            let exited = d.child.try_wait().ok().flatten();
+            panic!(
+                "nix-daemon did not come up on {} (exit: {exited:?}); log:\n{}",
+                d.socket.display(),
+                d.log_text()
+            );
+        }
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Makes `cmd` a client of this daemon.
+    pub fn client_env(&self, cmd: &mut Command) {
+        cmd.env("NIX_REMOTE", "daemon")
+            .env("NIX_DAEMON_SOCKET_PATH", &self.socket);
+    }
+
+    /// Proves that clients set up with [`Daemon::client_env`] really go
+    /// through this daemon: a derivation requiring the daemon's private
+    /// marker feature fails locally ("... is required to build ...") but
+    /// builds through the daemon, and the daemon logs the connection.
+    #[track_caller]
+    pub fn assert_used_by_clients(&self, env: &TestEnv) {
+        let expr = env.write_expr(
+            "daemon-marker.nix",
+            &format!(
+                r#"plain {{ name = "daemon-marker"; script = "echo marker > $out"; attrs = {{ requiredSystemFeatures = [ "{}" ]; }}; }}"#,
+                self.marker_feature
+            ),
+        );
+        let local = env.nix_build_without_hook(&expr, &[], &[]);
+        local.assert_failed();
+        local.assert_stderr_contains("is required to build");
+        let before = self.log_text().matches("accepted connection").count();
+        let via = env.nix_build_via(self, &expr, &[], &[]);
+        via.assert_ok();
+        let out = via.store_paths();
+        assert_eq!(out.len(), 1, "{}", via.describe());
+        assert_eq!(fs::read_to_string(&out[0]).unwrap(), "marker\n");
+        let after = self.log_text().matches("accepted connection").count();
+        assert!(
+            after > before,
+            "daemon log shows no new connection:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let stopped = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
