@@ -103,3 +103,15 @@ pub fn run_as(cmd: &mut std::process::Command, account: &Account) {
         });
     }
 }
+
+/// This machine's Nix system type (`x86_64-linux`, …), as Nix derives it.
+pub fn nix_system() -> Option<&'static str> {
+    match (std::env::consts::ARCH, std::env::consts::OS) {
+        ("x86_64", "linux") => Some("x86_64-linux"),
+        ("aarch64", "linux") => Some("aarch64-linux"),
+        ("x86", "linux") => Some("i686-linux"),
+        ("riscv64", "linux") => Some("riscv64-linux"),
+        ("powerpc64", "linux") => Some("powerpc64le-linux"),
+        _ => None,
+    }
+}

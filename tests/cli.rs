@@ -162,3 +162,37 @@ fn explain_names_the_route_or_the_reason() {
         "{out}"
     );
 }
+
+#[test]
+fn check_reports_a_missing_bwrap_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        "[routes]\nescape-j = \"j\"\n[executors.j]\nkind = \"jail\"\nbwrap = \"/nonexistent/bwrap\"\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 1, "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("bubblewrap")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].starts_with("error: executors.j: bubblewrap not found at /nonexistent/bwrap"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_accepts_a_working_jail() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        "[routes]\nescape-j = \"j\"\n[executors.j]\nkind = \"jail\"\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("route: escape-j -> j (kind jail, user nobody, max-jobs 1)"),
+        "{out}"
+    );
+}

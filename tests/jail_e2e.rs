@@ -135,7 +135,7 @@ fn serve_once() -> (u16, std::thread::JoinHandle<bool>) {
 
 fn network_probe(env: &TestEnv, port: u16) -> std::path::PathBuf {
     expr(
-        &env,
+        env,
         "net.nix",
         &format!(
             r#"{{ probe = jailed {{ name = "jail-net"; script = ''
@@ -435,4 +435,100 @@ fn same_bytes_as_nix_sandbox() {
     for attr in ["plain", "pass", "structured", "multi"] {
         parity(&env, &e, attr);
     }
+}
+
+/// Processes whose command line contains `marker`.
+fn with_marker(marker: &str) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .collect()
+}
+
+/// The nearest ancestor of `pid` running `exe`.
+fn ancestor_running(mut pid: u32, exe: &str) -> Option<u32> {
+    for _ in 0..32 {
+        if fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|p| p.to_string_lossy().starts_with(exe))
+        {
+            return Some(pid);
+        }
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name: state ppid ...
+        let after = &stat[stat.rfind(')')? + 2..];
+        pid = after.split_whitespace().nth(1)?.parse().ok()?;
+    }
+    None
+}
+
+#[test]
+fn sigkill_of_the_hook_leaves_no_process_and_staging_is_cleaned_next_time() {
+    let env = TestEnv::new("jail-sigkill");
+    jail_config(&env, "");
+    let marker = format!("jail-kill-{}", env.nonce);
+    let e = expr(
+        &env,
+        "kill.nix",
+        &format!(
+            r#"{{
+  victim = jailed {{ name = "jail-victim"; script = "sh -c 'sleep 1000; :' {marker} & sh -c 'sleep 1000; :' {marker}"; }};
+  next = jailed {{ name = "jail-next"; script = "echo next > $out"; }};
+}}"#
+        ),
+    );
+    let mut cmd = nix_cmd("nix-build");
+    cmd.args([
+        "--no-out-link",
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "builders",
+        "",
+    ])
+    .args(["--option", "build-hook", HOOK])
+    .env("NIX_HATCH_CONFIG", env.config_path())
+    .arg(&e)
+    .args(["-A", "victim"])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut build = cmd.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || with_marker(&marker).len() >= 2),
+        "the jailed build never started"
+    );
+    let victim = with_marker(&marker)[0];
+    let hook = ancestor_running(victim, HOOK).expect("hook process above the jailed builder");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hook as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = build.wait().unwrap();
+    assert!(
+        !status.success(),
+        "nix-build succeeded although its hook was killed"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || with_marker(&marker).is_empty()),
+        "jailed processes survived SIGKILL of the hook: {:?}",
+        with_marker(&marker)
+    );
+    let staging = env.state_dir().join("staging");
+    let before: Vec<_> = fs::read_dir(&staging).unwrap().flatten().collect();
+    assert_eq!(
+        before.len(),
+        1,
+        "the killed build's staging dir should be left: {before:?}"
+    );
+    let out = env.nix_build(&e, &["next"], &[]);
+    out.assert_ok();
+    let after: Vec<_> = fs::read_dir(&staging).unwrap().flatten().collect();
+    assert!(after.is_empty(), "stale staging not removed: {after:?}");
+    assert!(!is_valid(&env.out_path(&e, "victim")));
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::derivation::{Drv, Store};
-use crate::hook::route::{route, Route};
+use crate::hook::route::{local_systems, route, Route};
 use crate::protocol::hook::TryRequest;
 
 pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
@@ -45,7 +45,8 @@ pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
         drv_path: drv_path.to_owned(),
         required_features: features.clone(),
     };
-    match route(&config, &req) {
+    let local = local_systems(crate::util::nix_system(), None);
+    match route(&config, &req, &local) {
         Route::Executor(e) => {
             if let Some(reason) = &drv.unsupported {
                 println!("not built by nix-hatch: {reason}");

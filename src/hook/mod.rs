@@ -78,6 +78,8 @@ pub fn run(
         }
     };
     let store = Store::from_setting(settings.get("store"));
+    let local_systems =
+        route::local_systems(settings.get("system"), settings.get("extra-platforms"));
     let mut reader = CommandReader::default();
     let mut reported: HashSet<String> = HashSet::new();
     let mut config_reported = false;
@@ -98,7 +100,7 @@ pub fn run(
                 }
                 Reply::Decline
             }
-            Ok(cfg) => match route::route(cfg, &req) {
+            Ok(cfg) => match route::route(cfg, &req, &local_systems) {
                 Route::NotOurs => not_ours(cfg, &settings),
                 Route::Refuse(reason) => {
                     if reported.insert(req.drv_path.clone()) {

@@ -15,7 +15,10 @@ pub enum Route<'a> {
     NotOurs,
 }
 
-pub fn route<'a>(config: &'a Config, req: &TryRequest) -> Route<'a> {
+/// `local_systems`: what this machine runs (Nix's `system` and
+/// `extra-platforms`); a jail without `systems` builds only for those, since
+/// it runs the derivation's builder here.
+pub fn route<'a>(config: &'a Config, req: &TryRequest, local_systems: &[String]) -> Route<'a> {
     let mut chosen: Option<(&str, &Executor)> = None;
     for feature in &req.required_features {
         let Some(exec) = config.executor_for_feature(feature) else {
@@ -35,7 +38,13 @@ pub fn route<'a>(config: &'a Config, req: &TryRequest) -> Route<'a> {
     let Some((feature, exec)) = chosen else {
         return Route::NotOurs;
     };
-    if let Some(systems) = &exec.systems {
+    let own_builder = matches!(exec.kind, crate::config::ExecutorKind::Jail(_));
+    let systems = match &exec.systems {
+        Some(s) => Some(s.as_slice()),
+        None if own_builder && !local_systems.is_empty() => Some(local_systems),
+        None => None,
+    };
+    if let Some(systems) = systems {
         if !systems.iter().any(|s| s == &req.system) {
             return Route::Refuse(format!(
                 "{} needs system {:?}, but executor {:?} (feature {feature:?}) builds only for {}",
@@ -49,6 +58,16 @@ pub fn route<'a>(config: &'a Config, req: &TryRequest) -> Route<'a> {
     Route::Executor(exec)
 }
 
+/// Nix's `system` plus `extra-platforms`, from its settings.
+pub fn local_systems(system: Option<&str>, extra_platforms: Option<&str>) -> Vec<String> {
+    system
+        .into_iter()
+        .chain(extra_platforms.unwrap_or("").split_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +77,7 @@ mod tests {
         Config::parse(
             r#"
 [routes]
+escape-j = "j"
 escape-a = "a"
 escape-a2 = "a"
 escape-b = "b"
@@ -68,6 +88,8 @@ command = ["/bin/true"]
 kind = "host"
 command = ["/bin/true"]
 systems = ["aarch64-linux"]
+[executors.j]
+kind = "jail"
 "#,
             Path::new("/t"),
         )
@@ -86,20 +108,34 @@ systems = ["aarch64-linux"]
     #[test]
     fn routing() {
         let c = config();
-        assert!(matches!(route(&c, &req(&[])), Route::NotOurs));
-        assert!(matches!(route(&c, &req(&["kvm"])), Route::NotOurs));
+        let local = local_systems(Some("x86_64-linux"), Some("i686-linux"));
+        assert!(matches!(route(&c, &req(&[]), &local), Route::NotOurs));
+        assert!(matches!(route(&c, &req(&["kvm"]), &local), Route::NotOurs));
         assert!(
-            matches!(route(&c, &req(&["kvm", "escape-a"])), Route::Executor(e) if e.name == "a")
+            matches!(route(&c, &req(&["kvm", "escape-a"]), &local), Route::Executor(e) if e.name == "a")
         );
         assert!(
-            matches!(route(&c, &req(&["escape-a", "escape-a2"])), Route::Executor(e) if e.name == "a")
+            matches!(route(&c, &req(&["escape-a", "escape-a2"]), &local), Route::Executor(e) if e.name == "a")
         );
-        match route(&c, &req(&["escape-a", "escape-b"])) {
+        match route(&c, &req(&["escape-a", "escape-b"]), &local) {
             Route::Refuse(r) => assert!(r.contains("one build can only go to one executor")),
             other => panic!("{other:?}"),
         }
-        match route(&c, &req(&["escape-b"])) {
+        match route(&c, &req(&["escape-b"]), &local) {
             Route::Refuse(r) => assert!(r.contains("builds only for aarch64-linux"), "{r}"),
+            other => panic!("{other:?}"),
+        }
+        // A jail runs the builder here: only local systems.
+        assert!(
+            matches!(route(&c, &req(&["escape-j"]), &local), Route::Executor(e) if e.name == "j")
+        );
+        let mut arm = req(&["escape-j"]);
+        arm.system = "aarch64-linux".into();
+        match route(&c, &arm, &local) {
+            Route::Refuse(r) => assert!(
+                r.contains("builds only for x86_64-linux, i686-linux"),
+                "{r}"
+            ),
             other => panic!("{other:?}"),
         }
     }
