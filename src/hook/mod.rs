@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod buildlog;
+pub mod fallback;
 pub mod route;
 pub mod slots;
 
@@ -17,7 +18,7 @@ use std::io::{self, BufRead, Write};
 
 use crate::config::{Config, Fallback};
 use crate::derivation::{Drv, Store};
-use crate::protocol::hook::{self, AcceptedJob, CommandReader, Reply, Settings};
+use crate::protocol::hook::{self, AcceptedJob, CommandReader, Reply, Settings, TryRequest};
 use crate::protocol::log::{msg_line, Level};
 use route::Route;
 
@@ -59,7 +60,15 @@ pub fn main() -> i32 {
     let stdin = io::stdin();
     let mut input = stdin.lock();
     let mut replies = io::stderr();
-    run(config, &mut input, &mut replies, &build::RealBuilder)
+    let args: Vec<String> = std::env::args().collect();
+    let verbosity = fallback::verbosity(&args);
+    run(
+        config,
+        &mut input,
+        &mut replies,
+        &build::RealBuilder,
+        &verbosity,
+    )
 }
 
 /// The conversation with Nix over `input` (its commands) and `replies`
@@ -69,6 +78,7 @@ pub fn run(
     input: &mut impl BufRead,
     replies: &mut impl Write,
     builder: &dyn Builder,
+    verbosity: &str,
 ) -> i32 {
     let settings = match hook::read_settings(input) {
         Ok(s) => s,
@@ -83,6 +93,8 @@ pub fn run(
     let mut reader = CommandReader::default();
     let mut reported: HashSet<String> = HashSet::new();
     let mut config_reported = false;
+    // The hook non-escape derivations go to, started on first use.
+    let mut delegate = Delegation::NotStarted;
     loop {
         let req = match reader.next(input) {
             Ok(Some(r)) => r,
@@ -92,21 +104,47 @@ pub fn run(
                 return 1;
             }
         };
+        // A broken config must not break unrelated builds: they still go
+        // where they would have gone without nix-hatch.
+        let (fallback, routes_empty) = match &config {
+            Ok(cfg) => (&cfg.fallback, cfg.routes.is_empty()),
+            Err(_) => (&Fallback::Auto, false),
+        };
+        let mut pass_on = |req: &TryRequest, input: &mut _, replies: &mut _| {
+            delegate.reply(
+                fallback,
+                routes_empty,
+                &settings,
+                verbosity,
+                req,
+                input,
+                replies,
+            )
+        };
         let reply = match &config {
             Err(reason) => {
                 if !req.required_features.is_empty() && !config_reported {
                     config_reported = true;
                     tell(replies, reason);
                 }
-                Reply::Decline
+                match pass_on(&req, input, replies) {
+                    Ok(r) => r,
+                    Err(code) => return code,
+                }
             }
             Ok(cfg) => match route::route(cfg, &req, &local_systems) {
-                Route::NotOurs => not_ours(cfg, &settings),
+                Route::NotOurs => match pass_on(&req, input, replies) {
+                    Ok(r) => r,
+                    Err(code) => return code,
+                },
                 Route::Refuse(reason) => {
                     if reported.insert(req.drv_path.clone()) {
                         tell(replies, &format!("nix-hatch: declining: {reason}"));
                     }
-                    Reply::Decline
+                    match pass_on(&req, input, replies) {
+                        Ok(r) => r,
+                        Err(code) => return code,
+                    }
                 }
                 Route::Executor(executor) => {
                     let drv = match Drv::load(&store, &req.drv_path) {
@@ -156,20 +194,67 @@ pub fn run(
     }
 }
 
-/// A derivation without escape features.
-fn not_ours(cfg: &Config, settings: &Settings) -> Reply {
-    let builders_empty = settings
-        .get("builders")
-        .map(str::trim)
-        .unwrap_or("")
-        .is_empty();
-    match &cfg.fallback {
+/// The hook that gets what nix-hatch doesn't build.
+enum Delegation {
+    NotStarted,
+    Running(fallback::Delegate),
+    /// None configured, failed, or it declined permanently.
+    Done,
+}
+
+impl Delegation {
+    /// The reply for a `try` nix-hatch doesn't build itself; `Err(status)`
+    /// when the delegate accepted and ran the build (the hook is done).
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
+        &mut self,
+        fallback: &Fallback,
+        routes_empty: bool,
+        settings: &Settings,
+        verbosity: &str,
+        req: &TryRequest,
+        input: &mut impl BufRead,
+        replies: &mut impl Write,
+    ) -> Result<Reply, i32> {
+        if let Delegation::NotStarted = self {
+            *self = match fallback::delegate_argv(fallback, settings, verbosity) {
+                None => Delegation::Done,
+                Some((prog, args)) => match fallback::Delegate::spawn(&prog, &args, settings) {
+                    Ok(d) => Delegation::Running(d),
+                    Err(e) => {
+                        let msg = format!(
+                            "nix-hatch: cannot start fallback hook {}: {e}",
+                            prog.display()
+                        );
+                        tell(replies, &msg);
+                        Delegation::Done
+                    }
+                },
+            };
+        }
         // With nothing routed and nowhere to delegate, Nix can stop asking
         // this hook at all (as its own build-remote does).
-        Fallback::Decline | Fallback::Auto if cfg.routes.is_empty() && builders_empty => {
+        let nothing_left = if routes_empty {
             Reply::DeclinePermanently
+        } else {
+            Reply::Decline
+        };
+        let Delegation::Running(d) = self else {
+            return Ok(nothing_left);
+        };
+        match d.ask(req, replies) {
+            Ok(Reply::Accept) => Err(d.hand_over(input, replies)),
+            Ok(Reply::DeclinePermanently) => {
+                *self = Delegation::Done;
+                Ok(nothing_left)
+            }
+            Ok(other) => Ok(other),
+            Err(e) => {
+                tell(replies, &format!("nix-hatch: {e}; not delegating any more"));
+                *self = Delegation::Done;
+                Ok(Reply::Decline)
+            }
         }
-        _ => Reply::Decline,
     }
 }
 

@@ -110,7 +110,7 @@ max-jobs = {max_jobs}
 
 fn drive(config: Result<Config, String>, input: &[u8], b: &FakeBuilder) -> (i32, String) {
     let mut out = Vec::new();
-    let code = run(config, &mut &input[..], &mut out, b);
+    let code = run(config, &mut &input[..], &mut out, b, "0");
     (code, String::from_utf8(out).unwrap())
 }
 

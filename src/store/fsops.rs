@@ -38,18 +38,21 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// Add `u+rwx` to every directory at or below `path` (symlinks are not
 /// followed).
 pub(crate) fn make_dirs_writable(path: &Path) -> io::Result<()> {
-    let md = fs::symlink_metadata(path)?;
-    if !md.is_dir() {
-        return Ok(());
-    }
-    let mode = md.mode() & 0o7777;
-    if mode & 0o700 != 0o700 {
-        fs::set_permissions(path, Permissions::from_mode(mode | 0o700))?;
-    }
-    for entry in fs::read_dir(path)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            make_dirs_writable(&entry.path())?;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let md = fs::symlink_metadata(&dir)?;
+        if !md.is_dir() {
+            continue;
+        }
+        let mode = md.mode() & 0o7777;
+        if mode & 0o700 != 0o700 {
+            fs::set_permissions(&dir, Permissions::from_mode(mode | 0o700))?;
+        }
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                todo.push(entry.path());
+            }
         }
     }
     Ok(())
@@ -101,58 +104,56 @@ fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
 /// Copy the tree at `from` to `to` (which must not exist). On failure,
 /// whatever was created at `to` is removed again.
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    let md = fs::symlink_metadata(from)?;
-    let created = std::cell::Cell::new(false);
-    let r = copy_node(from, to, &md, &created);
-    if r.is_err() && created.get() {
+    let mut created = false;
+    let r = copy_nodes(from, to, &mut created);
+    if r.is_err() && created {
         let _ = remove_tree(to);
     }
     r
 }
 
-fn copy_node(
-    from: &Path,
-    to: &Path,
-    md: &fs::Metadata,
-    created: &std::cell::Cell<bool>,
-) -> io::Result<()> {
-    let ft = md.file_type();
-    if ft.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
-        created.set(true);
-    } else if ft.is_file() {
-        let mut src = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(from)?;
-        let mut dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(to)?;
-        created.set(true);
-        io::copy(&mut src, &mut dst)?;
-        let exec = md.mode() & 0o100 != 0;
-        dst.set_permissions(Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
-    } else if ft.is_dir() {
-        DirBuilder::new().mode(0o700).create(to)?;
-        created.set(true);
-        for entry in fs::read_dir(from)? {
-            let entry = entry?;
-            let child_md = fs::symlink_metadata(entry.path())?;
-            copy_node(
-                &entry.path(),
-                &to.join(entry.file_name()),
-                &child_md,
-                created,
-            )?;
+fn copy_nodes(from: &Path, to: &Path, created: &mut bool) -> io::Result<()> {
+    let mut todo = vec![(from.to_path_buf(), to.to_path_buf())];
+    // Directories are created writable and sealed (0555) at the end,
+    // deepest first.
+    let mut dirs = Vec::new();
+    while let Some((src, dst)) = todo.pop() {
+        let md = fs::symlink_metadata(&src)?;
+        let ft = md.file_type();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else if ft.is_file() {
+            let mut input = OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&src)?;
+            let mut output = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&dst)?;
+            *created = true;
+            io::copy(&mut input, &mut output)?;
+            let exec = md.mode() & 0o100 != 0;
+            output.set_permissions(Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
+        } else if ft.is_dir() {
+            DirBuilder::new().mode(0o700).create(&dst)?;
+            *created = true;
+            for entry in fs::read_dir(&src)? {
+                let entry = entry?;
+                todo.push((entry.path(), dst.join(entry.file_name())));
+            }
+            dirs.push(dst);
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{}' has an unsupported file type", src.display()),
+            ));
         }
-        fs::set_permissions(to, Permissions::from_mode(0o555))?;
-    } else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("'{}' has an unsupported file type", from.display()),
-        ));
+        *created = true;
+    }
+    for dir in dirs.iter().rev() {
+        fs::set_permissions(dir, Permissions::from_mode(0o555))?;
     }
     Ok(())
 }

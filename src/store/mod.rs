@@ -429,12 +429,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Import the staged outputs of one build into the store and register them
 /// valid through `registrar` (see the module documentation). Returns one
-/// [`Registered`] per output, in request order. On error nothing is
-/// registered; outputs already moved into the store stay there as invalid
-/// paths (removed by the next [`remove_stale_outputs`] or by Nix).
+/// [`Registered`] per output, in request order.
+///
+/// Reference candidates are `inputs` plus all outputs; the deriver is
+/// recorded as such but is not a candidate (as in Nix). Each staged tree is
+/// sealed while it is read (see [`nar::DumpOptions::seal`]), so after a
+/// failed import it may be read-only: clean up with [`remove_tree`]. On error
+/// nothing is registered; outputs already moved into the store stay there as
+/// invalid paths (removed by the next [`remove_stale_outputs`] or by Nix).
 pub fn import<'a>(
     req: &ImportRequest<'a>,
-    registrar: Registrar,
+    mut registrar: Registrar,
 ) -> Result<Vec<Registered>, ImportError> {
     let location = req.location;
     let store_dir = location.dir();
@@ -601,7 +606,9 @@ pub fn import<'a>(
     check_output_cycles(req, drv, &output_index, &digests)?;
 
     // 4. Stale leftovers, then move into place (unless the executor already
-    // built in place).
+    // built in place). Nothing goes into the store if registration can't
+    // happen.
+    registrar.ensure_running()?;
     let reals: Vec<PathBuf> = req
         .outputs
         .iter()

@@ -201,6 +201,8 @@ pub enum NarErrorKind {
     },
     /// An entry changed type between listing and opening it.
     Changed,
+    /// Directories nested deeper than [`MAX_DEPTH`].
+    TooDeep,
     /// The sink refused the data.
     Sink(io::Error),
 }
@@ -228,6 +230,9 @@ impl NarError {
                 "'{path}' shrank while being read ({got} of {expected} bytes)"
             ),
             NarErrorKind::Changed => format!("'{path}' changed while being read"),
+            NarErrorKind::TooDeep => format!(
+                "'{path}' is nested more than {MAX_DEPTH} directories deep"
+            ),
             NarErrorKind::Sink(e) => format!("writing the archive of '{path}' failed: {e}"),
         }
     }
@@ -277,6 +282,10 @@ fn hint_unsupported(t: Type) -> Option<&'static str> {
 
 const S_IXUSR: u32 = 0o100;
 
+/// Maximum directory nesting [`dump_path`] accepts (the walk is iterative,
+/// but keeps one open descriptor per level). Real trees are nowhere near it.
+pub const MAX_DEPTH: usize = 1000;
+
 struct Dumper<'s, S: ?Sized> {
     sink: &'s mut S,
     seal: Option<(Uid, Gid)>,
@@ -323,30 +332,89 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         Ok(())
     }
 
-    /// Archive the entry `name` of the directory `dir`.
-    fn entry(
-        &mut self,
+    /// The type of entry `name` of `dir`: the `d_type` hint from the
+    /// directory listing if there is one, else `fstatat`.
+    fn kind_of(
+        &self,
         dir: BorrowedFd<'_>,
         name: &CStr,
         hint: Option<Type>,
-        root: bool,
-    ) -> Result<NodeKind, NarError> {
-        let kind = match hint {
+    ) -> Result<Type, NarError> {
+        match hint {
             Some(t) => match hint_unsupported(t) {
-                Some(what) => return Err(self.err(NarErrorKind::Unsupported(what))),
-                None => t,
+                Some(what) => Err(self.err(NarErrorKind::Unsupported(what))),
+                None => Ok(t),
             },
             None => {
                 let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
                     .map_err(|e| self.io("stat", e))?;
-                type_name(st.st_mode).map_err(|what| self.err(NarErrorKind::Unsupported(what)))?
+                type_name(st.st_mode).map_err(|what| self.err(NarErrorKind::Unsupported(what)))
             }
-        };
-        match kind {
-            Type::File => self.regular(dir, name),
-            Type::Directory => self.directory(dir, name, root),
-            _ => self.symlink(dir, name),
         }
+    }
+
+    fn push_rel(&mut self, name: &CStr) {
+        if !self.rel.is_empty() {
+            self.rel.push(b'/');
+        }
+        self.rel.extend_from_slice(name.to_bytes());
+    }
+
+    fn pop_rel(&mut self) {
+        let cut = self.rel.iter().rposition(|&b| b == b'/').unwrap_or(0);
+        self.rel.truncate(cut);
+    }
+
+    /// Archive the entry `name` of the directory `parent` (the root of the
+    /// tree). Directories are walked with an explicit stack, so depth costs
+    /// no call stack.
+    fn root(&mut self, parent: BorrowedFd<'_>, name: &CStr) -> Result<NodeKind, NarError> {
+        match self.kind_of(parent, name, None)? {
+            Type::File => return self.regular(parent, name),
+            Type::Directory => {}
+            _ => return self.symlink(parent, name),
+        }
+        let mut stack = vec![self.open_directory(parent, name, true)?];
+        loop {
+            let depth = stack.len();
+            let Some(top) = stack.last_mut() else {
+                break;
+            };
+            let Some(slot) = top.entries.get_mut(top.next) else {
+                // End of this directory's node, then of the entry holding it.
+                self.tokens(&[b")"])?;
+                stack.pop();
+                if !stack.is_empty() {
+                    self.tokens(&[b")"])?;
+                    self.pop_rel();
+                }
+                continue;
+            };
+            top.next += 1;
+            let (child, hint) = std::mem::take(slot);
+            self.push_rel(&child);
+            self.tokens(&[b"entry", b"(", b"name", child.as_bytes(), b"node"])?;
+            match self.kind_of(top.dir.as_fd(), &child, hint)? {
+                Type::Directory => {
+                    if depth >= MAX_DEPTH {
+                        return Err(self.err(NarErrorKind::TooDeep));
+                    }
+                    let frame = self.open_directory(top.dir.as_fd(), &child, false)?;
+                    stack.push(frame);
+                }
+                Type::File => {
+                    self.regular(top.dir.as_fd(), &child)?;
+                    self.tokens(&[b")"])?;
+                    self.pop_rel();
+                }
+                _ => {
+                    self.symlink(top.dir.as_fd(), &child)?;
+                    self.tokens(&[b")"])?;
+                    self.pop_rel();
+                }
+            }
+        }
+        Ok(NodeKind::Directory)
     }
 
     fn regular(&mut self, dir: BorrowedFd<'_>, name: &CStr) -> Result<NodeKind, NarError> {
@@ -410,12 +478,13 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         Ok(NodeKind::Symlink)
     }
 
-    fn directory(
+    /// Open, seal and list a directory, and write the start of its node.
+    fn open_directory(
         &mut self,
         parent: BorrowedFd<'_>,
         name: &CStr,
         root: bool,
-    ) -> Result<NodeKind, NarError> {
+    ) -> Result<Frame, NarError> {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let fd = match openat(parent, name, flags, Mode::empty()) {
             Ok(fd) => fd,
@@ -435,22 +504,20 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
             entries.push((n.to_owned(), entry.file_type()));
         }
         entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-
         self.tokens(&[b"(", b"type", b"directory"])?;
-        for (child, hint) in &entries {
-            let saved = self.rel.len();
-            if !self.rel.is_empty() {
-                self.rel.push(b'/');
-            }
-            self.rel.extend_from_slice(child.as_bytes());
-            self.tokens(&[b"entry", b"(", b"name", child.as_bytes(), b"node"])?;
-            self.entry(dir.as_fd(), child, *hint, false)?;
-            self.tokens(&[b")"])?;
-            self.rel.truncate(saved);
-        }
-        self.tokens(&[b")"])?;
-        Ok(NodeKind::Directory)
+        Ok(Frame {
+            dir,
+            entries,
+            next: 0,
+        })
     }
+}
+
+/// A directory being archived: its open descriptor and sorted entries.
+struct Frame {
+    dir: Dir,
+    entries: Vec<(CString, Option<Type>)>,
+    next: usize,
 }
 
 /// Serialise the tree at `path` (a regular file, directory or symlink; a
@@ -492,7 +559,7 @@ pub fn dump_path<S: NarSink + ?Sized>(
     )
     .map_err(|e| dumper.io("open the parent directory of", e))?;
     dumper.tokens(&[NAR_VERSION_MAGIC])?;
-    dumper.entry(parent_fd.as_fd(), &name, None, true)
+    dumper.root(parent_fd.as_fd(), &name)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -75,6 +75,35 @@ impl Registrar {
         Ok(Registrar {
             child: Some(child),
             program: location.nix_store.clone(),
+        })
+    }
+
+    /// Fail early if `nix-store` has already exited (it could not open the
+    /// store, say), before anything is moved into the store. Best effort: a
+    /// process still starting up passes.
+    pub(crate) fn ensure_running(&mut self) -> Result<(), ImportError> {
+        let Some(child) = &mut self.child else {
+            return Ok(());
+        };
+        let status = match child.try_wait() {
+            Ok(None) => return Ok(()),
+            Ok(Some(status)) => status,
+            Err(source) => {
+                return Err(ImportError::Io {
+                    action: "check on",
+                    path: self.program.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = pipe.read_to_end(&mut stderr);
+        }
+        self.child = None;
+        Err(ImportError::NixStore {
+            action: "start registering the outputs",
+            message: error_line(&stderr, status),
         })
     }
 

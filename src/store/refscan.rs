@@ -11,10 +11,11 @@
 //!
 //! [`RefScanner`] is fed the stream in pieces of any size and finds windows
 //! that straddle piece boundaries. It skips ahead on non-base32 bytes (like
-//! Nix, checking each window from its end), remembers which bytes it already
-//! knows to be base32 so long base32 runs cost O(1) per byte, and filters
-//! windows through a 3-character prefix bitmap before the exact look-up.
-//! Once every candidate has been found it stops looking at the data at all.
+//! Nix, checking each window from its end, so binary data costs about one
+//! table look-up per 32 bytes), walks long base32 runs in O(1) per byte with
+//! a rolling key into a 4-character prefix bitmap, and only does an exact
+//! hash-set look-up for windows that pass the bitmap. Once every candidate
+//! has been found it stops looking at the data at all.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -77,7 +78,10 @@ impl Hasher for PrefixHasher {
 
 type PrefixMap = HashMap<[u8; HASH_PART_LEN], usize, BuildHasherDefault<PrefixHasher>>;
 
-const PREFILTER_BITS: usize = 1 << 15; // 3 base32 digits
+/// Base32 digits of a window's prefix used for the prefilter bitmap.
+const PREFIX_CHARS: usize = 4;
+const PREFIX_MASK: usize = (1 << (5 * PREFIX_CHARS)) - 1;
+const PREFILTER_BITS: usize = 1 << (5 * PREFIX_CHARS);
 
 /// An immutable set of candidate hash parts, indexed `0..len()` in insertion
 /// order (duplicates are folded into their first index).
@@ -96,11 +100,13 @@ impl std::fmt::Debug for HashParts {
     }
 }
 
+/// The prefilter key of a window: its first `PREFIX_CHARS` digits. The
+/// window must consist of base32 characters.
 #[inline]
 fn prefix_key(window: &[u8]) -> usize {
-    (usize::from(DIGIT[window[0] as usize]) << 10)
-        | (usize::from(DIGIT[window[1] as usize]) << 5)
-        | usize::from(DIGIT[window[2] as usize])
+    window[..PREFIX_CHARS]
+        .iter()
+        .fold(0, |k, &b| (k << 5) | usize::from(DIGIT[b as usize]))
 }
 
 impl HashParts {
@@ -110,7 +116,10 @@ impl HashParts {
         let mut set = HashParts {
             parts: Vec::new(),
             index: PrefixMap::default(),
-            prefilter: Box::new([0; PREFILTER_BITS / 64]),
+            prefilter: vec![0; PREFILTER_BITS / 64]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| Box::new([0; PREFILTER_BITS / 64])),
         };
         for part in parts {
             set.insert(part);
@@ -157,13 +166,16 @@ impl HashParts {
         self.index.get(part).copied()
     }
 
-    /// Look up a window known to consist of base32 characters only.
+    /// Whether some part may start with the prefix whose key is `key`.
+    #[inline]
+    fn may_match(&self, key: usize) -> bool {
+        let key = key & PREFIX_MASK;
+        self.prefilter[key / 64] & (1 << (key % 64)) != 0
+    }
+
+    /// Exact look-up of a 32-byte window.
     #[inline]
     fn lookup(&self, window: &[u8]) -> Option<usize> {
-        let key = prefix_key(window);
-        if self.prefilter[key / 64] & (1 << (key % 64)) == 0 {
-            return None;
-        }
         let part: &[u8; HASH_PART_LEN] = window.try_into().ok()?;
         self.index.get(part).copied()
     }
@@ -228,36 +240,70 @@ impl<'a> RefScanner<'a> {
         let n = s.len();
         let mut i = 0; // start of the current window
         let mut good_end = 0; // s[i..good_end] is known to be all base32
-        while i + HASH_PART_LEN <= n {
+        'windows: while i + HASH_PART_LEN <= n {
             let end = i + HASH_PART_LEN;
-            // Check the not-yet-known bytes of the window, from its end.
-            let mut k = end;
+            // Check the not-yet-known bytes of the window, from its end, and
+            // skip past the last non-base32 byte (like Nix).
             let lo = good_end.max(i);
-            let mut bad = None;
+            let mut k = end;
             while k > lo {
                 k -= 1;
                 if !is_base32(s[k]) {
-                    bad = Some(k);
-                    break;
+                    i = k + 1;
+                    good_end = end;
+                    continue 'windows;
                 }
             }
-            good_end = end;
-            match bad {
-                Some(p) => i = p + 1,
-                None => {
-                    if let Some(idx) = self.parts.lookup(&s[i..end]) {
-                        if !self.found[idx] {
-                            self.found[idx] = true;
-                            self.remaining -= 1;
-                            if self.remaining == 0 {
-                                return;
-                            }
-                        }
-                    }
-                    i += 1;
+            // s[i..end] is all base32: find where the run ends, then look
+            // at every window in it.
+            let mut run_end = end;
+            while run_end < n && is_base32(s[run_end]) {
+                run_end += 1;
+            }
+            if self.scan_run(&s[i..run_end]) {
+                return;
+            }
+            i = run_end + 1;
+            good_end = i;
+        }
+    }
+
+    /// Check every window of `run` (all base32, at least 32 bytes), rolling
+    /// the prefilter key. Returns true once everything has been found.
+    fn scan_run(&mut self, run: &[u8]) -> bool {
+        // The key lives in the top bits of a u32 so that rolling a digit in
+        // is just shift + or (old digits fall off the top).
+        const SHIFT: u32 = 32 - 5 * PREFIX_CHARS as u32;
+        let parts = self.parts; // keeps the bitmap pointer in a register
+        let windows = run.len() + 1 - HASH_PART_LEN;
+        let mut key = (prefix_key(run) as u32) << SHIFT;
+        if parts.may_match((key >> SHIFT) as usize) && self.hit(&run[..HASH_PART_LEN]) {
+            return true;
+        }
+        let rolling_in = &run[PREFIX_CHARS..PREFIX_CHARS + windows - 1];
+        for (j, &c) in rolling_in.iter().enumerate() {
+            key = (key << 5) | (u32::from(DIGIT[c as usize]) << SHIFT);
+            if parts.may_match((key >> SHIFT) as usize) {
+                let start = j + 1;
+                if self.hit(&run[start..start + HASH_PART_LEN]) {
+                    return true;
                 }
             }
         }
+        false
+    }
+
+    /// Exact check of a window that passed the prefilter; returns true once
+    /// everything has been found.
+    #[cold]
+    fn hit(&mut self, window: &[u8]) -> bool {
+        if let Some(idx) = self.parts.lookup(window) {
+            if !self.found[idx] {
+                self.found[idx] = true;
+                self.remaining -= 1;
+            }
+        }
+        self.remaining == 0
     }
 
     /// Whether every candidate has been found (further data is skipped).

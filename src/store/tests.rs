@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -82,12 +82,12 @@ fn check_nar(path: &Path) {
             ..PipelineConfig::default()
         },
         PipelineConfig {
-            chunk_size: 100,
+            chunk_size: 1000,
             buffers: 2,
             threaded: true,
         },
         PipelineConfig {
-            chunk_size: 64,
+            chunk_size: 333,
             buffers: 3,
             threaded: false,
         },
@@ -391,6 +391,27 @@ fn unsupported_file_types_are_named() {
     assert!(!st.real(&out).exists());
 }
 
+#[test]
+fn very_deep_trees_fail_cleanly() {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fd = nix::fcntl::open(tmp.path(), OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+    for _ in 0..nar::MAX_DEPTH + 5 {
+        mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(&fd, "d", OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+    }
+    drop(fd);
+    let e = dump_path(&tmp.path().join("d"), &mut Vec::new(), &plain()).unwrap_err();
+    // With a low descriptor limit, running out of descriptors comes first.
+    assert!(
+        matches!(e.kind, NarErrorKind::TooDeep)
+            || matches!(&e.kind, NarErrorKind::Io { source, .. } if source.raw_os_error() == Some(nix::libc::EMFILE)),
+        "{e}"
+    );
+    remove_tree(&tmp.path().join("d")).unwrap();
+}
+
 // ---------------------------------------------------------------- references
 
 fn digest_with(path: &Path, cands: &[&str]) -> (TreeDigest, Vec<String>) {
@@ -443,13 +464,18 @@ fn scan_finds_hash_straddling_chunk_boundary() {
     let chunk = PipelineConfig::default().chunk_size;
     let parts = HashParts::new([refscan::parse_hash_part(hash_part(&target).as_bytes()).unwrap()]);
     // Root regular file: contents start at NAR offset 96. Place the hash so
-    // it covers the first chunk boundary at every split position.
-    for split in [1usize, 10, 16, 31] {
-        let mut data = vec![0u8; 2 * chunk];
+    // that it covers the first chunk boundary, at several split positions.
+    let file_with_hash_at = |name: &str, chunk: usize, split: usize, len: usize| {
+        let mut data = vec![0u8; chunk + 64];
         let at = chunk - nar::FLAT_CONTENTS_OFFSET as usize - split;
-        data[at..at + 32].copy_from_slice(hash_part(&target).as_bytes());
-        let f = tmp.path().join(format!("f{split}"));
+        data[at..at + len].copy_from_slice(&hash_part(&target).as_bytes()[..len]);
+        let f = tmp.path().join(name);
         fs::write(&f, &data).unwrap();
+        f
+    };
+    // The default chunk size, threaded and not.
+    for split in [1usize, 16, 31] {
+        let f = file_with_hash_at(&format!("f{split}"), chunk, split, 32);
         for threaded in [true, false] {
             let config = PipelineConfig {
                 threaded,
@@ -458,21 +484,20 @@ fn scan_finds_hash_straddling_chunk_boundary() {
             let d = digest_path_with(&f, &parts, None, &plain(), &config).unwrap();
             assert_eq!(d.references, vec![0], "split {split}");
         }
-        // Small chunks too: boundaries everywhere.
+    }
+    // Small chunks: every split position.
+    for split in 1..32 {
         let config = PipelineConfig {
-            chunk_size: 64,
+            chunk_size: 4096,
             buffers: 2,
             threaded: true,
         };
+        let f = file_with_hash_at(&format!("s{split}"), 4096, split, 32);
         let d = digest_path_with(&f, &parts, None, &plain(), &config).unwrap();
-        assert_eq!(d.references, vec![0]);
+        assert_eq!(d.references, vec![0], "split {split}");
     }
     // A 31-character fragment at the boundary is not a reference.
-    let mut data = vec![0u8; 2 * chunk];
-    let at = chunk - nar::FLAT_CONTENTS_OFFSET as usize - 15;
-    data[at..at + 31].copy_from_slice(&hash_part(&target).as_bytes()[..31]);
-    let f = tmp.path().join("frag");
-    fs::write(&f, &data).unwrap();
+    let f = file_with_hash_at("frag", chunk, 15, 31);
     let d = digest_path(&f, &parts, None, &plain()).unwrap();
     assert!(d.references.is_empty());
 }
@@ -666,6 +691,8 @@ fn import_end_to_end() {
     .unwrap();
     fs::set_permissions(s_out.join("bin/prog"), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(s_out.join("dev-path"), format!("{dev}\n")).unwrap();
+    // The deriver is not a candidate: mentioning it is not a reference.
+    fs::write(s_out.join("built-by"), format!("{drv}\n")).unwrap();
     fs::create_dir(s_out.join("share")).unwrap();
     // dev: only the input, through a file name.
     let s_dev = st.stage.join("dev");
@@ -695,7 +722,7 @@ fn import_end_to_end() {
         output("bin", &bin, &s_bin, None),
         output("link", &link, &s_link, None),
     ];
-    let inputs = [input.clone(), unused_input.clone(), drv.clone()];
+    let inputs = [input.clone(), unused_input.clone()];
     let reg = st.import(&drv, &inputs, &outputs).unwrap();
 
     let set = |v: &[&String]| v.iter().map(|s| (*s).clone()).collect::<BTreeSet<_>>();
@@ -737,8 +764,11 @@ fn import_end_to_end() {
         "{stderr}"
     );
 
-    // Contents in place, exec bit preserved, staged copies gone, junk gone.
+    // Contents in place, canonicalised (exec bit preserved), staged copies
+    // gone, junk gone.
     assert_eq!(mode(&real_out.join("bin/prog")), 0o555);
+    assert_eq!(mode(&real_out), 0o555);
+    assert_eq!(fs::symlink_metadata(&real_out).unwrap().mtime(), 1);
     assert_eq!(mode(&real_out.join("dev-path")), 0o444);
     assert!(!real_out.join("junk").exists());
     assert_eq!(fs::read(st.real(&bin)).unwrap(), b"just bytes");
@@ -859,6 +889,32 @@ fn registrar_failures_and_drop() {
         .unwrap();
     assert!(st.is_valid(&out));
 
+    // A nix-store that can't open its store: noticed before anything is
+    // moved into place.
+    let mut loc = st.location.clone();
+    loc.store_uri = Some("bogus://nowhere".into());
+    let registrar = Registrar::spawn(&loc).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let late = st.path("late");
+    let s = st.stage.join("late");
+    fs::write(&s, b"late").unwrap();
+    let err = import(
+        &ImportRequest {
+            location: &loc,
+            deriver: "",
+            inputs: &[],
+            outputs: &[output("out", &late, &s, None)],
+        },
+        registrar,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("nix-store failed to start registering the outputs: error:"),
+        "{err}"
+    );
+    assert!(s.exists() && !st.real(&late).exists());
+
     // A nix-store that can't be started.
     let mut loc = st.location.clone();
     loc.nix_store = PathBuf::from("/nonexistent/nix-store");
@@ -949,7 +1005,6 @@ fn import_across_file_systems() {
         eprintln!("no /dev/shm; skipping");
         return;
     };
-    use std::os::unix::fs::MetadataExt;
     if fs::metadata(shm).unwrap().dev() == fs::metadata(&st.stage).unwrap().dev() {
         eprintln!("/dev/shm is on the same file system; skipping");
         return;
