@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
 
+pub use crate::executors::ssh::config::SshExecutor;
+
 pub const DEFAULT_PATH: &str = "/etc/nix-hatch/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nix-hatch";
 
@@ -56,6 +58,7 @@ pub struct Executor {
 pub enum ExecutorKind {
     Host(HostExecutor),
     Jail(JailExecutor),
+    Ssh(SshExecutor),
 }
 
 impl ExecutorKind {
@@ -63,6 +66,7 @@ impl ExecutorKind {
         match self {
             ExecutorKind::Host(_) => "host",
             ExecutorKind::Jail(_) => "jail",
+            ExecutorKind::Ssh(_) => "ssh",
         }
     }
 }
@@ -240,10 +244,12 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
     let mut k = Keys::new(t, &ctx);
     let kind = k.string(p, "kind");
     let user_default = match kind.as_deref() {
-        Some("host") => "root",
-        _ => "nobody",
+        Some("host") => "root".to_owned(),
+        // Like ssh(1): the remote account defaults to the local one.
+        Some("ssh") => crate::executors::ssh::config::local_user_name(),
+        _ => "nobody".to_owned(),
     };
-    let user = k.string(p, "user").unwrap_or_else(|| user_default.into());
+    let user = k.string(p, "user").unwrap_or(user_default);
     let max_jobs = k.uint(p, "max-jobs").unwrap_or(1);
     if max_jobs == 0 {
         p.push(format!("{ctx}.max-jobs: must be at least 1"));
@@ -294,12 +300,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
             }
         }
         Some("jail") => parse_jail(&ctx, &mut k, p, &user),
-        Some(other @ "ssh") => {
-            p.push(format!(
-                "{ctx}: kind {other:?} is not available in this version of nix-hatch yet"
-            ));
-            None
-        }
+        Some("ssh") => crate::executors::ssh::config::parse(&ctx, &mut k, p),
         Some(other) => {
             p.push(format!(
                 "{ctx}: unknown kind {other:?} (expected \"host\", \"jail\" or \"ssh\")"
@@ -404,17 +405,17 @@ fn string_list(v: &Value) -> Option<Vec<String>> {
 }
 
 #[derive(Default)]
-struct Problems(Vec<String>);
+pub(crate) struct Problems(Vec<String>);
 
 impl Problems {
-    fn push(&mut self, s: String) {
+    pub(crate) fn push(&mut self, s: String) {
         self.0.push(s);
     }
 }
 
 /// Typed access to a table that remembers which keys were read, so the
 /// rest can be reported as unknown.
-struct Keys<'a> {
+pub(crate) struct Keys<'a> {
     table: &'a Table,
     ctx: String,
     seen: Vec<&'static str>,
@@ -446,7 +447,7 @@ impl<'a> Keys<'a> {
         self.table.get(key)
     }
 
-    fn string(&mut self, p: &mut Problems, key: &'static str) -> Option<String> {
+    pub(crate) fn string(&mut self, p: &mut Problems, key: &'static str) -> Option<String> {
         match self.get(key)? {
             Value::String(s) => Some(s.clone()),
             other => {
@@ -460,7 +461,7 @@ impl<'a> Keys<'a> {
         }
     }
 
-    fn uint(&mut self, p: &mut Problems, key: &'static str) -> Option<u64> {
+    pub(crate) fn uint(&mut self, p: &mut Problems, key: &'static str) -> Option<u64> {
         match self.get(key)? {
             Value::Integer(i) if *i >= 0 => Some(*i as u64),
             other => {
@@ -473,7 +474,7 @@ impl<'a> Keys<'a> {
         }
     }
 
-    fn bool(&mut self, p: &mut Problems, key: &'static str) -> Option<bool> {
+    pub(crate) fn bool(&mut self, p: &mut Problems, key: &'static str) -> Option<bool> {
         match self.get(key)? {
             Value::Boolean(b) => Some(*b),
             other => {
@@ -486,7 +487,11 @@ impl<'a> Keys<'a> {
         }
     }
 
-    fn string_list(&mut self, p: &mut Problems, key: &'static str) -> Option<Vec<String>> {
+    pub(crate) fn string_list(
+        &mut self,
+        p: &mut Problems,
+        key: &'static str,
+    ) -> Option<Vec<String>> {
         let v = self.get(key)?;
         match string_list(v) {
             Some(l) => Some(l),

@@ -8,8 +8,11 @@ use crate::config::{Config, ExecutorKind};
 pub fn environment_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for e in config.executors.values() {
-        if let Err(err) = crate::util::lookup_user(&e.user) {
-            problems.push(format!("executors.{}.user: {err:#}", e.name));
+        // An ssh executor's user is an account on the far side.
+        if !matches!(e.kind, ExecutorKind::Ssh(_)) {
+            if let Err(err) = crate::util::lookup_user(&e.user) {
+                problems.push(format!("executors.{}.user: {err:#}", e.name));
+            }
         }
         match &e.kind {
             ExecutorKind::Host(h) => {
@@ -35,6 +38,9 @@ pub fn environment_problems(config: &Config) -> Vec<String> {
                 }
             }
             ExecutorKind::Jail(j) => problems.extend(jail_problems(&e.name, &e.user, j)),
+            ExecutorKind::Ssh(s) => {
+                problems.extend(crate::executors::ssh::config::file_problems(&e.name, s))
+            }
         }
     }
     problems
@@ -134,4 +140,25 @@ pub fn run(path: &Path) -> i32 {
         }
     }
     0
+}
+
+/// `nix-hatch check --connect`: the usual checks, then one line per `ssh`
+/// executor (ok, or why not); exit 1 if any check or connection failed.
+pub fn run_connect(path: &Path) -> i32 {
+    let mut status = run(path);
+    let Ok(config) = Config::load(path) else {
+        return 1;
+    };
+    for e in config.executors.values() {
+        if let ExecutorKind::Ssh(s) = &e.kind {
+            match crate::executors::ssh::check_connect(&e.user, s) {
+                Ok(line) => println!("connect: executor {}: {line}", e.name),
+                Err(why) => {
+                    println!("error: connect: executor {}: {why}", e.name);
+                    status = 1;
+                }
+            }
+        }
+    }
+    status
 }

@@ -1,6 +1,7 @@
 //! The `nix-hatch` command line: `check`, `explain`, and `hook` (the build
 //! hook entry for Nix versions whose `build-hook` takes arguments).
 
+pub mod agent;
 pub mod check;
 pub mod explain;
 
@@ -26,7 +27,13 @@ enum Cmd {
         /// Config file (default: $NIX_HATCH_CONFIG, else /etc/nix-hatch/config.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also log in to every `ssh` executor and run its agent (one line each).
+        #[arg(long)]
+        connect: bool,
     },
+    /// The far side of the `ssh` executor: reads one request on stdin, runs
+    /// the command, streams log, outputs and trailer on stdout. Needs no Nix.
+    Agent,
     /// Say which executor would build a derivation, or why none would.
     Explain {
         /// A .drv store path.
@@ -57,7 +64,15 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Cmd::Check { config } => check::run(&config.unwrap_or_else(crate::config::default_path)),
+        Cmd::Check { config, connect } => {
+            let path = config.unwrap_or_else(crate::config::default_path);
+            if connect {
+                check::run_connect(&path)
+            } else {
+                check::run(&path)
+            }
+        }
+        Cmd::Agent => agent::run(),
         Cmd::Explain { drv, config, store } => explain::run(
             &config.unwrap_or_else(crate::config::default_path),
             &drv,

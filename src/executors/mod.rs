@@ -5,6 +5,7 @@
 pub mod host;
 pub mod jail;
 pub mod runner;
+pub mod ssh;
 pub mod staging;
 pub mod supervise;
 
@@ -98,6 +99,7 @@ pub fn run(req: &BuildRequest, log: &mut BuildLog, cancel: &Cancel) -> Result<()
     match &req.executor.kind {
         ExecutorKind::Host(host) => host::run(req, host, log, cancel),
         ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel),
+        ExecutorKind::Ssh(ssh) => ssh::run(req, ssh, log, cancel),
     }
 }
 

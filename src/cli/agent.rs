@@ -1,0 +1,658 @@
+//! `nix-hatch agent`: the far side of the `ssh` executor. Needs no Nix.
+//!
+//! Reads one [`Request`] frame from stdin, runs the command in a fresh
+//! temporary directory with `$out` (and every other output variable) set to
+//! paths below it, and answers on stdout with frames (see
+//! `protocol::hatch`): `Hello`, the command's output as `Log` chunks as it
+//! comes, then — if the command succeeded — the outputs as a tar stream in
+//! `Data` frames, then the `Trailer` (status, tar byte count, length and
+//! blake3 digest of everything sent before it).
+//!
+//! The command dies with the channel: stdin stays open for the whole build
+//! and its end (the executor or the connection went away), SIGHUP, SIGTERM
+//! or SIGINT kill it. It runs in its own process group, with a parent-death
+//! signal, below this process as child subreaper (orphans come back to us
+//! and are killed), and — when the agent runs as root — as pid 1 of a fresh
+//! pid namespace, so that nothing it started survives it. The temporary
+//! directory is removed however the agent ends (short of SIGKILL).
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::protocol::hatch::{
+    self, FrameError, HashingWriter, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
+    MAX_ERROR, MAX_LOG,
+};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn run() -> i32 {
+    // SAFETY: fds 0 and 1 are the SSH channel; this process owns them from
+    // here on (nothing else in the agent uses stdin/stdout).
+    let stdin = unsafe { File::from_raw_fd(0) };
+    let stdout = unsafe { File::from_raw_fd(1) };
+    let mut out = HashingWriter::new(stdout);
+    match agent(stdin, &mut out) {
+        Ok(()) => 0,
+        Err(AgentError::Report(msg)) => {
+            let msg = format!("nix-hatch agent: {msg}");
+            let cut = &msg.as_bytes()[..msg.len().min(MAX_ERROR as usize)];
+            let _ = out
+                .inner_mut()
+                .write_all(&hatch::header(hatch::TAG_ERROR, cut.len()));
+            let _ = out.inner_mut().write_all(cut);
+            eprintln!("{msg}");
+            1
+        }
+        Err(AgentError::Gone(why)) => {
+            eprintln!("nix-hatch agent: stopping: {why}");
+            1
+        }
+    }
+}
+
+enum AgentError {
+    /// Something to tell the executor (an `Error` frame).
+    Report(String),
+    /// The executor is gone (stdin closed, stdout broken) or we were told
+    /// to stop: nobody to tell.
+    Gone(String),
+}
+
+fn report(s: impl Into<String>) -> AgentError {
+    AgentError::Report(s.into())
+}
+
+fn gone(e: io::Error) -> AgentError {
+    AgentError::Gone(format!("writing to the executor: {e}"))
+}
+
+fn agent(mut stdin: File, out: &mut HashingWriter<File>) -> Result<(), AgentError> {
+    let req = read_request(&mut stdin).map_err(|e| report(format!("reading the request: {e}")))?;
+    let signals = SignalPipe::install().map_err(|e| report(format!("signal handlers: {e}")))?;
+    // Orphans of the command are re-parented to us, so we can kill them.
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+    // As root: the command becomes pid 1 of a new pid namespace; when it
+    // dies (or we kill it) the kernel kills everything it left behind.
+    let pid_ns = nix::unistd::geteuid().is_root()
+        && nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).is_ok();
+
+    let temp = TempDir::create().map_err(|e| report(format!("creating a temporary dir: {e}")))?;
+    let build = temp.path.join("build");
+    let outputs_dir = temp.path.join("outputs");
+    for d in [&build, &outputs_dir] {
+        std::fs::create_dir(d).map_err(|e| report(format!("creating {}: {e}", d.display())))?;
+    }
+    out.frame(
+        hatch::TAG_HELLO,
+        &Hello {
+            version: hatch::VERSION,
+            temp_dir: temp.path.to_string_lossy().into_owned(),
+        }
+        .encode(),
+    )
+    .map_err(gone)?;
+
+    let status = run_command(
+        &req,
+        &build,
+        &outputs_dir,
+        &mut stdin,
+        out,
+        &signals,
+        pid_ns,
+    )?;
+    let mut tar_bytes = 0;
+    if status.success() {
+        let mut data = DataWriter {
+            out,
+            buf: Vec::with_capacity(MAX_DATA as usize),
+            bytes: 0,
+            signals: &signals,
+        };
+        write_tar(&mut data, &outputs_dir, &req.outputs).map_err(|e| match e {
+            TarError::Io(e) => gone(e),
+            TarError::Report(m) => report(m),
+        })?;
+        data.finish().map_err(gone)?;
+        tar_bytes = data.bytes;
+    }
+    let (digest, stream_bytes) = out.sum();
+    let trailer = Trailer {
+        stream_bytes,
+        tar_bytes,
+        digest,
+        status,
+    };
+    let inner = out.inner_mut();
+    inner
+        .write_all(&hatch::header(
+            hatch::TAG_TRAILER,
+            hatch::TRAILER_LEN as usize,
+        ))
+        .and_then(|_| inner.write_all(&trailer.encode()))
+        .and_then(|_| inner.flush())
+        .map_err(gone)?;
+    drop(temp);
+    Ok(())
+}
+
+fn read_request(stdin: &mut File) -> Result<Request, FrameError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let (tag, len) = hatch::read_header(stdin, &mut hdr)?;
+    if tag != hatch::TAG_REQUEST {
+        return Err(FrameError::BadTag(tag));
+    }
+    let mut payload = Vec::new();
+    hatch::read_payload(stdin, len, &mut payload)?;
+    Request::decode(&payload)
+}
+
+/// The environment the command sees: the request's variables, then what
+/// the agent owns (build dir, output paths).
+fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString, OsString)> {
+    let mut env: Vec<(OsString, OsString)> = Vec::new();
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(ek, _)| ek.as_bytes() != k.as_bytes());
+        env.push((OsString::from(k), v));
+    };
+    set(
+        "PATH",
+        std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+    );
+    for k in ["HOME", "USER", "LOGNAME"] {
+        if let Some(v) = std::env::var_os(k) {
+            set(k, v);
+        }
+    }
+    for (k, v) in &req.env {
+        if let Ok(k) = std::str::from_utf8(k) {
+            if !k.is_empty() && !k.contains('=') {
+                set(k, OsString::from_vec(v.clone()));
+            }
+        }
+    }
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        set(k, build.as_os_str().to_owned());
+    }
+    set("NIX_LOG_FD", "2".into());
+    set("TERM", "xterm-256color".into());
+    set("outputs", req.outputs.join(" ").into());
+    for o in &req.outputs {
+        set(o, outputs_dir.join(o).into_os_string());
+    }
+    env
+}
+
+/// Runs the command with its output streamed as `Log` frames; returns how
+/// it ended. Aborts (killing it) when stdin ends or a signal arrives.
+fn run_command(
+    req: &Request,
+    build: &Path,
+    outputs_dir: &Path,
+    stdin: &mut File,
+    out: &mut HashingWriter<File>,
+    signals: &SignalPipe,
+    pid_ns: bool,
+) -> Result<Status, AgentError> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| report(format!("pipe: {e}")))?;
+    let write2 = write
+        .try_clone()
+        .map_err(|e| report(format!("pipe: {e}")))?;
+    let (program, args) = req
+        .argv
+        .split_first()
+        .ok_or_else(|| report("empty command"))?;
+    let mut cmd = Command::new(OsString::from_vec(program.clone()));
+    cmd.args(args.iter().map(|a| OsString::from_vec(a.clone())))
+        .env_clear()
+        .envs(command_env(req, build, outputs_dir))
+        .current_dir(build)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(write2));
+    if !pid_ns {
+        cmd.process_group(0);
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(report(format!(
+                "cannot start {}: {e}",
+                String::from_utf8_lossy(program)
+            )))
+        }
+    };
+    drop(cmd);
+    let pid = Pid::from_raw(child.id() as i32);
+    let kill_tree = |pid_ns: bool| {
+        if pid_ns {
+            let _ = kill(pid, Signal::SIGKILL);
+        } else {
+            let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+        }
+    };
+    let pidfd = pidfd_open(child.id());
+    let mut read = File::from(read);
+    let start = Instant::now();
+    let mut last_output = start;
+    let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout));
+    let silent = (req.max_silent > 0).then(|| Duration::from_secs(req.max_silent));
+    let mut buf = vec![0u8; MAX_LOG as usize];
+    let mut pipe_open = true;
+    let mut stdin_open = true;
+    let ended: Result<Status, AgentError> = loop {
+        let now = Instant::now();
+        let mut deadline: Option<(Instant, Status)> = None;
+        if let Some(t) = timeout {
+            deadline = Some((start + t, Status::TimedOut(req.timeout)));
+        }
+        if let Some(s) = silent {
+            let d = last_output + s;
+            if deadline.as_ref().is_none_or(|(w, _)| d < *w) {
+                deadline = Some((d, Status::Silent(req.max_silent)));
+            }
+        }
+        if let Some((when, st)) = deadline {
+            if now >= when {
+                kill_tree(pid_ns);
+                let _ = child.wait();
+                break Ok(st);
+            }
+        }
+        let wait = match deadline {
+            Some((when, _)) => PollTimeout::try_from(
+                when.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1,
+            )
+            .unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        let mut fds = Vec::with_capacity(4);
+        let mut idx = [usize::MAX; 4]; // pipe, stdin, signals, pidfd
+        if pipe_open {
+            idx[0] = fds.len();
+            fds.push(PollFd::new(read.as_fd(), PollFlags::POLLIN));
+        }
+        if stdin_open {
+            idx[1] = fds.len();
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        idx[2] = fds.len();
+        fds.push(PollFd::new(signals.read.as_fd(), PollFlags::POLLIN));
+        if let Some(p) = &pidfd {
+            idx[3] = fds.len();
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, wait) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(report(format!("poll: {e}"))),
+        }
+        let ready: Vec<bool> = idx
+            .iter()
+            .map(|&i| i != usize::MAX && fds[i].revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[2] {
+            kill_tree(pid_ns);
+            let _ = child.wait();
+            break Err(AgentError::Gone("terminated by a signal".into()));
+        }
+        if ready[1] {
+            // The executor sends nothing after the request: any readable
+            // state is the end of the channel.
+            let mut b = [0u8; 256];
+            match stdin.read(&mut b) {
+                Ok(0) | Err(_) => {
+                    kill_tree(pid_ns);
+                    let _ = child.wait();
+                    break Err(AgentError::Gone(
+                        "the executor closed the channel; command killed".into(),
+                    ));
+                }
+                Ok(_) => stdin_open = true,
+            }
+        }
+        if ready[0] {
+            match read.read(&mut buf) {
+                Ok(0) => pipe_open = false,
+                Ok(n) => {
+                    last_output = Instant::now();
+                    if let Err(e) = out.frame(hatch::TAG_LOG, &buf[..n]) {
+                        kill_tree(pid_ns);
+                        let _ = child.wait();
+                        break Err(gone(e));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(report(format!("reading the command's output: {e}"))),
+            }
+        }
+        let exited = ready[3] || (pidfd.is_none() && !pipe_open);
+        if exited {
+            let status = child.wait();
+            // The group (or namespace) goes with it: leftovers would keep
+            // writing into outputs we are about to send.
+            kill_tree(pid_ns);
+            break match status {
+                Ok(s) => Ok(match (s.code(), s.signal()) {
+                    (Some(c), _) => Status::Exited(c),
+                    (None, Some(sig)) => Status::Signalled(sig),
+                    _ => Status::Exited(-1),
+                }),
+                Err(e) => Err(report(format!("waiting for the command: {e}"))),
+            };
+        }
+    };
+    kill_orphans();
+    // What the command wrote last is still in the pipe (every writer is dead now).
+    if pipe_open && ended.is_ok() {
+        drain(&mut read, out).map_err(gone)?;
+    }
+    ended
+}
+
+fn drain(read: &mut File, out: &mut HashingWriter<File>) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_LOG as usize];
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+        match poll(&mut fds, ms) {
+            Ok(0) => return Ok(()),
+            Ok(_) => match read.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => out.frame(hatch::TAG_LOG, &buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Ok(()),
+            },
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
+/// Kills and reaps every remaining child of this process (the command's
+/// orphans, re-parented to us as subreaper).
+fn kill_orphans() {
+    let me = std::process::id().to_string();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut any = false;
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                    continue;
+                };
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+                if ppid == Some(me.as_str()) {
+                    any = true;
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        // Reap whatever died.
+        while let Ok(s) =
+            nix::sys::wait::waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+        {
+            if s == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+        if !any || Instant::now() > end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Chunks the tar stream into `Data` frames.
+struct DataWriter<'a> {
+    out: &'a mut HashingWriter<File>,
+    buf: Vec<u8>,
+    bytes: u64,
+    signals: &'a SignalPipe,
+}
+
+impl DataWriter<'_> {
+    fn emit(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if self.signals.fired() {
+            return Err(io::Error::other("terminated by a signal"));
+        }
+        self.out.frame(hatch::TAG_DATA, &self.buf)?;
+        self.bytes += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.emit()
+    }
+}
+
+impl Write for DataWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = MAX_DATA as usize - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == MAX_DATA as usize {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum TarError {
+    Io(io::Error),
+    Report(String),
+}
+
+/// Each existing output as a top-level entry named after it. Only regular
+/// files (executable or not), directories and symlinks: what a store path
+/// may hold. Missing outputs are left out (the executor reports them).
+fn write_tar(w: &mut DataWriter, outputs_dir: &Path, outputs: &[String]) -> Result<(), TarError> {
+    let mut b = tar::Builder::new(w);
+    b.mode(tar::HeaderMode::Deterministic);
+    b.follow_symlinks(false);
+    for o in outputs {
+        let p = outputs_dir.join(o);
+        if std::fs::symlink_metadata(&p).is_err() {
+            continue;
+        }
+        append(&mut b, &p, Path::new(o), o)?;
+    }
+    b.finish().map_err(TarError::Io)?;
+    Ok(())
+}
+
+fn append<W: Write>(
+    b: &mut tar::Builder<W>,
+    fs_path: &Path,
+    name: &Path,
+    output: &str,
+) -> Result<(), TarError> {
+    let md = std::fs::symlink_metadata(fs_path)
+        .map_err(|e| TarError::Report(format!("reading {}: {e}", fs_path.display())))?;
+    let ft = md.file_type();
+    let mut h = tar::Header::new_gnu();
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    if ft.is_dir() {
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, name, io::empty())
+            .map_err(TarError::Io)?;
+        let mut entries: Vec<_> = std::fs::read_dir(fs_path)
+            .map_err(|e| TarError::Report(format!("reading {}: {e}", fs_path.display())))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TarError::Report(format!("reading {}: {e}", fs_path.display())))?;
+        entries.sort();
+        for e in entries {
+            append(b, &fs_path.join(&e), &name.join(&e), output)?;
+        }
+    } else if ft.is_file() {
+        let f = File::open(fs_path)
+            .map_err(|e| TarError::Report(format!("opening {}: {e}", fs_path.display())))?;
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(if md.mode() & 0o100 != 0 { 0o755 } else { 0o644 });
+        h.set_size(md.len());
+        // A file that changes size under us would corrupt the archive.
+        let mut limited = f.take(md.len());
+        b.append_data(&mut h, name, &mut limited)
+            .map_err(TarError::Io)?;
+        if limited.limit() != 0 {
+            return Err(TarError::Report(format!(
+                "{} shrank while it was being sent",
+                fs_path.display()
+            )));
+        }
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(fs_path)
+            .map_err(|e| TarError::Report(format!("reading {}: {e}", fs_path.display())))?;
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, name, &target).map_err(TarError::Io)?;
+    } else {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = if ft.is_fifo() {
+            "a fifo"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "a device node"
+        };
+        return Err(TarError::Report(format!(
+            "output {output:?} contains {kind} at {}: only regular files, directories and symlinks can go into the store",
+            name.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The agent's private directory, removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn create() -> io::Result<TempDir> {
+        let base = std::env::var_os("TMPDIR")
+            .filter(|t| Path::new(t).is_absolute())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        let path =
+            nix::unistd::mkdtemp(&base.join("nix-hatch-agent.XXXXXX")).map_err(io::Error::from)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = crate::store::remove_tree(&self.path) {
+            eprintln!(
+                "nix-hatch agent: could not remove {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// A self-pipe that becomes readable on SIGHUP, SIGTERM or SIGINT.
+struct SignalPipe {
+    read: File,
+}
+
+static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; the fd is never closed.
+        unsafe {
+            nix::libc::write(fd, b"x".as_ptr().cast(), 1);
+        }
+    }
+}
+
+impl SignalPipe {
+    fn install() -> io::Result<SignalPipe> {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(io::Error::from)?;
+        SIGNAL_FD.store(write.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+        std::mem::forget(write);
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+            // SAFETY: the handler only calls write(2).
+            unsafe { sigaction(sig, &action) }.map_err(io::Error::from)?;
+        }
+        Ok(SignalPipe {
+            read: File::from(read),
+        })
+    }
+
+    fn fired(&self) -> bool {
+        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    if fd < 0 {
+        None
+    } else {
+        // SAFETY: the kernel just gave us this descriptor.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let _ = nix::fcntl::fcntl(
+            &owned,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        Some(owned)
+    }
+}

@@ -1,0 +1,488 @@
+//! The framed protocol between the `ssh` executor and `nix-hatch agent` on
+//! the far side, over one SSH channel (the agent's stdin and stdout).
+//!
+//! Every message is a frame: a tag byte, the payload length (u32, little
+//! endian) and the payload. Each tag has its own maximum length, checked
+//! before anything is allocated, so a corrupt or hostile stream cannot make
+//! either side allocate without limit.
+//!
+//! ```text
+//! executor → agent:  Request
+//! agent → executor:  Hello, Log*, [Data*], Trailer     (or, at any point, Error)
+//! ```
+//!
+//! - `Request` (`Q`): argv, environment, output names, limits (wire format
+//!   of [`super::wire`]: u64 LE, length-prefixed padded byte strings).
+//! - `Hello` (`H`): protocol version and the far side's temporary directory
+//!   (outputs built there are relocated; the executor warns when an output
+//!   still contains that path).
+//! - `Log` (`G`): a chunk of the command's stdout/stderr, as it comes.
+//! - `Data` (`D`): a piece of the outputs' tar stream, only after the command
+//!   exited successfully; each output is a top-level entry named after it.
+//! - `Trailer` (`T`): how the command ended, the number of tar bytes, and the
+//!   total length and blake3 digest of every byte the agent sent before the
+//!   trailer (all frames, headers included). The executor verifies both
+//!   before anything is imported.
+//! - `Error` (`E`): the agent itself failed (one line); the stream ends.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use super::wire::{self, WireError};
+
+pub const VERSION: u64 = 1;
+
+pub const TAG_REQUEST: u8 = b'Q';
+pub const TAG_HELLO: u8 = b'H';
+pub const TAG_LOG: u8 = b'G';
+pub const TAG_DATA: u8 = b'D';
+pub const TAG_TRAILER: u8 = b'T';
+pub const TAG_ERROR: u8 = b'E';
+
+/// Frame header: tag + u32 length.
+pub const HEADER_LEN: usize = 5;
+pub const MAX_REQUEST: u32 = 16 << 20;
+pub const MAX_LOG: u32 = 64 << 10;
+pub const MAX_DATA: u32 = 1 << 20;
+pub const MAX_HELLO: u32 = 64 << 10;
+pub const MAX_ERROR: u32 = 64 << 10;
+pub const TRAILER_LEN: u32 = 8 + 8 + 32 + 1 + 8;
+/// Longest single argv entry or environment value in a request.
+const MAX_ITEM: u64 = 8 << 20;
+const MAX_ITEMS: u64 = 1 << 16;
+
+#[derive(Debug)]
+pub enum FrameError {
+    /// The stream ended before a frame (`clean` = at a frame boundary).
+    Eof {
+        clean: bool,
+    },
+    /// A tag this side does not expect here.
+    BadTag(u8),
+    /// A length beyond the tag's limit.
+    TooLong {
+        tag: u8,
+        len: u32,
+    },
+    /// A payload that does not decode.
+    Malformed(String),
+    Io(io::Error),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::Eof { clean: true } => f.write_str("stream ended"),
+            FrameError::Eof { clean: false } => f.write_str("stream ended inside a frame"),
+            FrameError::BadTag(t) => write!(f, "unexpected frame tag 0x{t:02x}"),
+            FrameError::TooLong { tag, len } => write!(
+                f,
+                "frame {:?} claims {len} bytes, more than allowed",
+                *tag as char
+            ),
+            FrameError::Malformed(m) => write!(f, "malformed frame: {m}"),
+            FrameError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl From<WireError> for FrameError {
+    fn from(e: WireError) -> Self {
+        FrameError::Malformed(e.to_string())
+    }
+}
+
+fn max_len(tag: u8) -> Option<u32> {
+    Some(match tag {
+        TAG_REQUEST => MAX_REQUEST,
+        TAG_HELLO => MAX_HELLO,
+        TAG_LOG => MAX_LOG,
+        TAG_DATA => MAX_DATA,
+        TAG_TRAILER => TRAILER_LEN,
+        TAG_ERROR => MAX_ERROR,
+        _ => return None,
+    })
+}
+
+/// Reads exactly `buf.len()` bytes; `Eof` if the stream ends first.
+fn fill(r: &mut impl Read, buf: &mut [u8], at_boundary: bool) -> Result<(), FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(FrameError::Eof {
+                    clean: at_boundary && filled == 0,
+                })
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(FrameError::Eof { clean: false })
+            }
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame's header; returns (tag, length) after checking the
+/// tag's limit. `header` receives the raw bytes (for the digest).
+pub fn read_header(
+    r: &mut impl Read,
+    header: &mut [u8; HEADER_LEN],
+) -> Result<(u8, u32), FrameError> {
+    fill(r, header, true)?;
+    let tag = header[0];
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    let max = max_len(tag).ok_or(FrameError::BadTag(tag))?;
+    if len > max {
+        return Err(FrameError::TooLong { tag, len });
+    }
+    Ok((tag, len))
+}
+
+/// Reads a payload of `len` bytes (already bounded by [`read_header`]) into
+/// `buf`, which is resized.
+pub fn read_payload(r: &mut impl Read, len: u32, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    buf.resize(len as usize, 0);
+    fill(r, buf, false)
+}
+
+pub fn header(tag: u8, len: usize) -> [u8; HEADER_LEN] {
+    let l = (len as u32).to_le_bytes();
+    [tag, l[0], l[1], l[2], l[3]]
+}
+
+/// Writes one frame (the caller keeps `payload` within the tag's limit).
+pub fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
+    debug_assert!(max_len(tag).is_some_and(|m| payload.len() <= m as usize));
+    w.write_all(&header(tag, payload.len()))?;
+    w.write_all(payload)
+}
+
+/// What the executor asks the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Request {
+    /// Program and arguments (the admin's command, then the derivation's args).
+    pub argv: Vec<Vec<u8>>,
+    /// Environment for the command; the agent adds the output variables,
+    /// the build-dir variables, `PATH` and `HOME`.
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Output names; each becomes a variable naming a temporary path.
+    pub outputs: Vec<String>,
+    /// Seconds; 0 = none.
+    pub timeout: u64,
+    pub max_silent: u64,
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = (|| -> io::Result<()> {
+            wire::write_u64(&mut b, VERSION)?;
+            wire::write_string_list(&mut b, &self.argv)?;
+            wire::write_u64(&mut b, self.env.len() as u64)?;
+            for (k, v) in &self.env {
+                wire::write_bytes(&mut b, k)?;
+                wire::write_bytes(&mut b, v)?;
+            }
+            wire::write_string_list(&mut b, &self.outputs)?;
+            wire::write_u64(&mut b, self.timeout)?;
+            wire::write_u64(&mut b, self.max_silent)
+        })();
+        b
+    }
+
+    pub fn decode(mut p: &[u8]) -> Result<Request, FrameError> {
+        let r = &mut p;
+        let version = wire::read_u64(r, "protocol version")?;
+        if version != VERSION {
+            return Err(FrameError::Malformed(format!(
+                "protocol version {version}, this agent speaks {VERSION}"
+            )));
+        }
+        let argv = read_list(r, "argv")?;
+        let n = wire::read_u64(r, "environment")?;
+        if n > MAX_ITEMS {
+            return Err(FrameError::Malformed(format!("{n} environment variables")));
+        }
+        let mut env = Vec::new();
+        for _ in 0..n {
+            let k = wire::read_bytes(r, MAX_ITEM, "variable name")?;
+            let v = wire::read_bytes(r, MAX_ITEM, "variable value")?;
+            env.push((k, v));
+        }
+        let outputs = wire::read_string_list(r, "outputs")?;
+        for o in &outputs {
+            if !valid_output_name(o) {
+                return Err(FrameError::Malformed(format!("bad output name {o:?}")));
+            }
+        }
+        let timeout = wire::read_u64(r, "timeout")?;
+        let max_silent = wire::read_u64(r, "max-silent-time")?;
+        if !r.is_empty() {
+            return Err(FrameError::Malformed(
+                "trailing bytes after the request".into(),
+            ));
+        }
+        if argv.is_empty() {
+            return Err(FrameError::Malformed("empty command".into()));
+        }
+        Ok(Request {
+            argv,
+            env,
+            outputs,
+            timeout,
+            max_silent,
+        })
+    }
+}
+
+fn read_list(r: &mut &[u8], what: &'static str) -> Result<Vec<Vec<u8>>, FrameError> {
+    let n = wire::read_u64(r, what)?;
+    if n > MAX_ITEMS {
+        return Err(FrameError::Malformed(format!("{n} entries in {what}")));
+    }
+    (0..n)
+        .map(|_| wire::read_bytes(r, MAX_ITEM, what).map_err(FrameError::from))
+        .collect()
+}
+
+/// Output names as Nix allows them, and safe as a single path component.
+pub fn valid_output_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 200
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u64,
+    /// The far side's temporary directory; `$out` etc. live below it.
+    pub temp_dir: String,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        let _ = wire::write_u64(&mut b, self.version);
+        let _ = wire::write_bytes(&mut b, self.temp_dir.as_bytes());
+        b
+    }
+
+    pub fn decode(mut p: &[u8]) -> Result<Hello, FrameError> {
+        let r = &mut p;
+        let version = wire::read_u64(r, "version")?;
+        let temp_dir = wire::read_bytes(r, MAX_HELLO as u64, "temp dir")?;
+        Ok(Hello {
+            version,
+            temp_dir: String::from_utf8_lossy(&temp_dir).into_owned(),
+        })
+    }
+}
+
+/// How the far side's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Exited(i32),
+    Signalled(i32),
+    /// `timeout` (seconds) hit; killed.
+    TimedOut(u64),
+    /// `max-silent-time` (seconds) hit; killed.
+    Silent(u64),
+}
+
+impl Status {
+    fn encode(self) -> (u8, u64) {
+        match self {
+            Status::Exited(c) => (0, c as u32 as u64),
+            Status::Signalled(s) => (1, s as u32 as u64),
+            Status::TimedOut(s) => (2, s),
+            Status::Silent(s) => (3, s),
+        }
+    }
+
+    fn decode(kind: u8, v: u64) -> Result<Status, FrameError> {
+        Ok(match kind {
+            0 => Status::Exited(v as u32 as i32),
+            1 => Status::Signalled(v as u32 as i32),
+            2 => Status::TimedOut(v),
+            3 => Status::Silent(v),
+            k => return Err(FrameError::Malformed(format!("unknown status kind {k}"))),
+        })
+    }
+
+    pub fn success(self) -> bool {
+        self == Status::Exited(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    /// Every byte the agent sent before the trailer frame.
+    pub stream_bytes: u64,
+    /// Bytes of tar data (payloads of `Data` frames).
+    pub tar_bytes: u64,
+    /// blake3 of every byte the agent sent before the trailer frame.
+    pub digest: [u8; 32],
+    pub status: Status,
+}
+
+impl Trailer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(TRAILER_LEN as usize);
+        b.extend_from_slice(&self.stream_bytes.to_le_bytes());
+        b.extend_from_slice(&self.tar_bytes.to_le_bytes());
+        b.extend_from_slice(&self.digest);
+        let (kind, v) = self.status.encode();
+        b.push(kind);
+        b.extend_from_slice(&v.to_le_bytes());
+        b
+    }
+
+    pub fn decode(p: &[u8]) -> Result<Trailer, FrameError> {
+        if p.len() != TRAILER_LEN as usize {
+            return Err(FrameError::Malformed(format!(
+                "trailer of {} bytes, expected {TRAILER_LEN}",
+                p.len()
+            )));
+        }
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&p[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&p[16..48]);
+        Ok(Trailer {
+            stream_bytes: u64_at(0),
+            tar_bytes: u64_at(8),
+            digest,
+            status: Status::decode(p[48], u64_at(49))?,
+        })
+    }
+}
+
+/// A writer that counts and hashes everything written through it (the
+/// agent's stdout before the trailer).
+pub struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    pub fn frame(&mut self, tag: u8, payload: &[u8]) -> io::Result<()> {
+        let h = header(tag, payload.len());
+        self.hasher.update(&h);
+        self.hasher.update(payload);
+        self.bytes += (h.len() + payload.len()) as u64;
+        self.inner.write_all(&h)?;
+        self.inner.write_all(payload)
+    }
+
+    /// Digest and length so far.
+    pub fn sum(&self) -> ([u8; 32], u64) {
+        (*self.hasher.finalize().as_bytes(), self.bytes)
+    }
+
+    pub fn inner_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+}
+
+/// Lowercase hex, for digests in messages.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip() {
+        let r = Request {
+            argv: vec![b"/opt/render".to_vec(), b"--x".to_vec(), vec![0xff, 0]],
+            env: vec![(b"A".to_vec(), b"b c".to_vec())],
+            outputs: vec!["out".into(), "dev".into()],
+            timeout: 10,
+            max_silent: 3,
+        };
+        assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        let mut bad = r.clone();
+        bad.outputs = vec!["../x".into()];
+        assert!(Request::decode(&bad.encode()).is_err());
+        let enc = r.encode();
+        assert!(Request::decode(&enc[..enc.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn trailer_round_trip() {
+        for status in [
+            Status::Exited(0),
+            Status::Exited(-1),
+            Status::Signalled(9),
+            Status::TimedOut(5),
+            Status::Silent(7),
+        ] {
+            let t = Trailer {
+                stream_bytes: 1 << 40,
+                tar_bytes: 12345,
+                digest: [7; 32],
+                status,
+            };
+            let enc = t.encode();
+            assert_eq!(enc.len(), TRAILER_LEN as usize);
+            assert_eq!(Trailer::decode(&enc).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn frames_are_bounded() {
+        let mut hdr = [0u8; HEADER_LEN];
+        let big = header(TAG_LOG, MAX_LOG as usize + 1);
+        assert!(matches!(
+            read_header(&mut &big[..], &mut hdr),
+            Err(FrameError::TooLong { .. })
+        ));
+        let bad = header(b'Z', 1);
+        assert!(matches!(
+            read_header(&mut &bad[..], &mut hdr),
+            Err(FrameError::BadTag(b'Z'))
+        ));
+        assert!(matches!(
+            read_header(&mut &[][..], &mut hdr),
+            Err(FrameError::Eof { clean: true })
+        ));
+        assert!(matches!(
+            read_header(&mut &[TAG_LOG, 1][..], &mut hdr),
+            Err(FrameError::Eof { clean: false })
+        ));
+        let mut w = HashingWriter::new(Vec::new());
+        w.frame(TAG_LOG, b"hello").unwrap();
+        let (digest, n) = w.sum();
+        let data = w.inner_mut().clone();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(&digest, blake3::hash(&data).as_bytes());
+        let (tag, len) = read_header(&mut &data[..], &mut hdr).unwrap();
+        assert_eq!((tag, len), (TAG_LOG, 5));
+        let mut p = Vec::new();
+        read_payload(&mut &data[HEADER_LEN..], len, &mut p).unwrap();
+        assert_eq!(p, b"hello");
+    }
+}

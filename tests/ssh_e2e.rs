@@ -1,0 +1,676 @@
+//! The `ssh` executor end to end: real escape builds through the hook and
+//! Nix 2.8, over a private OpenSSH server on 127.0.0.1 (Debian's
+//! `openssh-server`, started per test with its own sshd_config and freshly
+//! generated host and user keys, stopped by PID), with the built
+//! `nix-hatch` binary as the far side's agent.
+//!
+//! The far side is this machine, so "no leftovers on the far side" is
+//! checked directly: every remote process carries the test's private
+//! `TMPDIR` in its environment (the agent wrapper sets it), and the agent's
+//! temporary dirs live below it.
+
+mod common;
+
+use common::*;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const SSH_FEATURE: &str = "escape-s";
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A private sshd on 127.0.0.1.
+struct Sshd {
+    child: Child,
+    port: u16,
+    /// The user key authorized for root.
+    identity: PathBuf,
+    /// `[127.0.0.1]:port <host key>`: a correct known_hosts line.
+    known_hosts_line: String,
+}
+
+fn keygen(path: &Path) {
+    let out = run(
+        Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "nix-hatch-test",
+                "-f",
+            ])
+            .arg(path),
+        Duration::from_secs(30),
+    );
+    out.assert_ok();
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Sshd {
+    fn start(env: &TestEnv) -> Sshd {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} missing: apt-get install openssh-server"
+        );
+        // sshd insists on its privilege-separation directory.
+        fs::create_dir_all("/run/sshd").unwrap();
+        let dir = env.path("sshd");
+        fs::create_dir_all(&dir).unwrap();
+        let host_key = dir.join("host_key");
+        let identity = dir.join("id_user");
+        keygen(&host_key);
+        keygen(&identity);
+        fs::copy(dir.join("id_user.pub"), dir.join("authorized_keys")).unwrap();
+        let host_pub = fs::read_to_string(dir.join("host_key.pub")).unwrap();
+        let host_pub: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+        for attempt in 0..5 {
+            let port = free_port();
+            let config = dir.join("sshd_config");
+            fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
+                     AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                     StrictModes no\nPrintMotd no\nLogLevel VERBOSE\nMaxStartups 50\n",
+                    hk = host_key.display(),
+                    d = dir.display()
+                ),
+            )
+            .unwrap();
+            let log = fs::File::create(dir.join(format!("sshd.{attempt}.log"))).unwrap();
+            let mut child = Command::new(SSHD)
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start sshd");
+            let up = wait_until(Duration::from_secs(20), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up && child.try_wait().ok().flatten().is_none() {
+                return Sshd {
+                    child,
+                    port,
+                    identity,
+                    known_hosts_line: format!(
+                        "[127.0.0.1]:{port} {} {}\n",
+                        host_pub[0], host_pub[1]
+                    ),
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("sshd did not come up; logs in {}", dir.display());
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILLs every per-connection sshd process (the listener stays):
+    /// the connection drops as if the far machine had vanished.
+    fn kill_sessions(&self) -> usize {
+        let mut killed = 0;
+        for pid in descendants(self.pid()) {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sshd" {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let stopped = wait_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// All pids below `root` (by the ppid field of /proc/*/stat).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.push((pid, ppid));
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for &(c, pp) in &parent {
+            if pp == p {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Live processes whose environment mentions `needle` (the test's remote TMPDIR).
+fn processes_with_env(needle: &str) -> Vec<String> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || !pid_alive(pid) {
+            continue;
+        }
+        let Ok(environ) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|kv| String::from_utf8_lossy(kv).contains(needle))
+        {
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+/// One test's far side: sshd, the agent wrapper, the remote command.
+struct Remote {
+    sshd: Sshd,
+    /// TMPDIR of every remote process; the agent's temp dirs go here.
+    tmp: PathBuf,
+}
+
+impl Remote {
+    fn start(env: &TestEnv) -> Remote {
+        let sshd = Sshd::start(env);
+        let tmp = env.path("remote-tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        // The admin's command on the far side: evals its first argument.
+        env.write_script(
+            "remote.sh",
+            "#!/bin/sh\nset -eu\nscript=\"$1\"\nshift\neval \"$script\"\n",
+        );
+        Remote { sshd, tmp }
+    }
+
+    /// An agent program: `pipe` (may be empty) is a shell pipeline stage
+    /// appended to the agent's stdout.
+    fn agent(&self, env: &TestEnv, name: &str, pipe: &str) -> PathBuf {
+        env.write_script(
+            name,
+            &format!(
+                "#!/bin/sh\nexport TMPDIR={tmp}\nexec 3<&0\n{cli} \"$@\" {pipe}\n",
+                tmp = self.tmp.display(),
+                cli = CLI,
+            ),
+        )
+    }
+
+    /// The config: `escape-s` → executor `sshx`; `extra` lines go into its
+    /// table (they override nothing: keys must not repeat).
+    fn config(&self, env: &TestEnv, agent: &Path, known_hosts: &str, identity: &Path, extra: &str) {
+        let kh = env.path("known_hosts");
+        fs::write(&kh, known_hosts).unwrap();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "state-dir = {}",
+            toml_str(&env.state_dir().to_string_lossy())
+        );
+        let _ = writeln!(
+            s,
+            "fallback = \"decline\"\n[routes]\n{SSH_FEATURE} = \"sshx\""
+        );
+        let _ = writeln!(s, "[executors.sshx]\nkind = \"ssh\"\nhost = \"127.0.0.1\"");
+        let _ = writeln!(s, "port = {}\nuser = \"root\"", self.sshd.port);
+        let _ = writeln!(s, "identity = {}", toml_str(&identity.to_string_lossy()));
+        let _ = writeln!(s, "known-hosts = {}", toml_str(&kh.to_string_lossy()));
+        let _ = writeln!(s, "agent = {}", toml_str(&agent.to_string_lossy()));
+        let _ = writeln!(
+            s,
+            "command = [{}]\nmax-jobs = 2\ntimeout = 120",
+            toml_str(&env.path("remote.sh").to_string_lossy())
+        );
+        s.push_str(extra);
+        env.write_config(&s);
+    }
+
+    fn good_config(&self, env: &TestEnv, agent: &Path) {
+        self.config(
+            env,
+            agent,
+            &self.sshd.known_hosts_line,
+            &self.sshd.identity,
+            "",
+        );
+    }
+
+    /// Nothing of the build is left on the far side: no process, no temp dir
+    /// (bounded wait: the agent cleans up after the local side gave up).
+    #[track_caller]
+    fn assert_clean(&self) {
+        let tmp = self.tmp.to_string_lossy().into_owned();
+        let clean = wait_until(Duration::from_secs(20), || {
+            processes_with_env(&tmp).is_empty()
+                && fs::read_dir(&self.tmp)
+                    .map(|d| d.count() == 0)
+                    .unwrap_or(false)
+        });
+        assert!(
+            clean,
+            "leftovers on the far side: processes {:?}, temp entries {:?}",
+            processes_with_env(&tmp),
+            fs::read_dir(&self.tmp)
+                .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn expr(env: &TestEnv, name: &str, body: &str) -> PathBuf {
+    env.write_expr(name, body)
+}
+
+/// A derivation for the ssh executor whose remote script is `script`.
+fn remote_drv(name: &str, script: &str) -> String {
+    format!(
+        "escape {{ name = {}; feature = \"{SSH_FEATURE}\"; script = {}; }}",
+        nix_str(name),
+        nix_str(script)
+    )
+}
+
+/// The local side left nothing: output neither valid nor on disk, no
+/// staging dir.
+#[track_caller]
+fn assert_nothing_registered(env: &TestEnv, out_path: &str) {
+    assert!(!is_valid(out_path), "{out_path} was registered");
+    assert!(!exists_on_disk(out_path), "{out_path} exists on disk");
+    let staging = env.state_dir().join("staging");
+    let left: Vec<_> = fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staging dirs left: {left:?}");
+}
+
+#[test]
+fn escape_build_runs_on_the_far_side_and_returns_valid_outputs() {
+    let env = TestEnv::new("ssh-ok");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let e = expr(
+        &env,
+        "ok.nix",
+        &format!(
+            "{{ tree = {}; reloc = {}; }}",
+            remote_drv(
+                "ssh-tree",
+                "echo remote-says-hello; echo on-stderr >&2; mkdir -p $out/sub; echo hi > $out/sub/greeting; \
+                 printf '#!/bin/sh\\n' > $out/run; chmod +x $out/run; ln -s sub/greeting $out/link; \
+                 echo \"$NIX_HATCH_STORE_PATH_out\" > $out/self",
+            ),
+            remote_drv("ssh-reloc", "echo \"built in $out\" > $out"),
+        ),
+    );
+    let out = env.nix_build(&e, &["tree"], &[]);
+    out.assert_ok();
+    let p = out.store_paths()[0].clone();
+    assert!(is_valid(&p));
+    assert_eq!(
+        fs::read_to_string(format!("{p}/sub/greeting")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        fs::read_to_string(format!("{p}/self")).unwrap(),
+        format!("{p}\n")
+    );
+    assert_eq!(
+        fs::read_link(format!("{p}/link")).unwrap(),
+        PathBuf::from("sub/greeting")
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(format!("{p}/run"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "executable bit lost: {mode:o}");
+    // The self-reference written via NIX_HATCH_STORE_PATH_out is found.
+    assert!(references(&p).contains(&p), "{:?}", references(&p));
+    let log = nix_log(&p);
+    log.assert_ok();
+    for needle in [
+        "remote-says-hello",
+        "on-stderr",
+        "digest verified",
+        "connected to root@127.0.0.1",
+    ] {
+        assert!(
+            log.stdout.contains(needle),
+            "log lacks {needle:?}:\n{}",
+            log.stdout
+        );
+    }
+    assert!(!log.stdout.contains("temporary path"), "{}", log.stdout);
+
+    // An output that embeds the far side's $out: built, with a warning.
+    let out = env.nix_build(&e, &["reloc"], &[]);
+    out.assert_ok();
+    let p = out.store_paths()[0].clone();
+    let text = fs::read_to_string(&p).unwrap();
+    assert!(
+        text.contains(&remote.tmp.to_string_lossy().into_owned()),
+        "{text}"
+    );
+    let log = nix_log(&p);
+    assert!(
+        log.stdout
+            .contains("warning: output \"out\" contains the far side's temporary path"),
+        "{}",
+        log.stdout
+    );
+    remote.assert_clean();
+}
+
+#[test]
+fn failing_remote_command_fails_the_build() {
+    let env = TestEnv::new("ssh-fail");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let e = expr(
+        &env,
+        "fail.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv("ssh-fail", "echo about-to-fail; mkdir $out; exit 7")
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("command failed on the far side with exit code 7");
+    out.assert_stderr_contains("about-to-fail");
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
+/// Host key and authentication failures: one clear line, nothing built.
+#[test]
+fn wrong_unknown_host_key_and_bad_auth_are_refused() {
+    let env = TestEnv::new("ssh-refuse");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    let ran = env.path("command-ran");
+    let e = expr(
+        &env,
+        "refuse.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv(
+                "ssh-refuse",
+                &format!("touch {}; echo x > $out", ran.display())
+            )
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let other = env.path("other_key");
+    keygen(&other);
+    let other_pub = fs::read_to_string(env.path("other_key.pub")).unwrap();
+    let other_pub: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    let port = remote.sshd.port;
+    let cases = [
+        (
+            "wrong host key",
+            format!("[127.0.0.1]:{port} {} {}\n", other_pub[0], other_pub[1]),
+            remote.sshd.identity.clone(),
+            "host key CHANGED: 127.0.0.1:",
+        ),
+        (
+            "unknown host key",
+            format!("[127.0.0.2]:{port} {} {}\n", other_pub[0], other_pub[1]),
+            remote.sshd.identity.clone(),
+            "host key UNKNOWN: 127.0.0.1:",
+        ),
+        (
+            "bad authentication",
+            remote.sshd.known_hosts_line.clone(),
+            other.clone(),
+            "authentication with key",
+        ),
+    ];
+    for (what, kh, identity, needle) in cases {
+        remote.config(&env, &agent, &kh, &identity, "");
+        let out = env.nix_build(&e, &["d"], &[]);
+        out.assert_failed();
+        out.assert_stderr_contains(needle);
+        if what != "bad authentication" {
+            // The line names the fingerprint the server presented.
+            out.assert_stderr_contains("ED25519 SHA256:");
+        }
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(line.contains("nix-hatch: "), "{what}: {line}");
+        assert!(!ran.exists(), "{what}: the command ran");
+        assert_nothing_registered(&env, &out_path);
+    }
+    remote.assert_clean();
+}
+
+#[test]
+fn truncated_stream_fails_and_leaves_nothing() {
+    let env = TestEnv::new("ssh-trunc");
+    let remote = Remote::start(&env);
+    // The agent's answer is cut after 300 kB.
+    let agent = remote.agent(&env, "agent-trunc.sh", "| head -c 300000");
+    remote.good_config(&env, &agent);
+    let e = expr(
+        &env,
+        "trunc.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv("ssh-trunc", "head -c 4000000 /dev/urandom > $out")
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("nothing imported");
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
+#[test]
+fn corrupted_frame_fails_and_leaves_nothing() {
+    let env = TestEnv::new("ssh-corrupt");
+    let remote = Remote::start(&env);
+    // Flips one byte of the agent's answer, 200 kB in (inside the tar data).
+    let flip = r#"| perl -e 'binmode STDIN; binmode STDOUT; $|=1; $n=200000; while (($r = sysread(STDIN, $b, 65536)) > 0) { if ($n >= 0 && $n < $r) { substr($b, $n, 1) = chr(ord(substr($b, $n, 1)) ^ 0x55); } $n -= $r; print $b; }'"#;
+    let agent = remote.agent(&env, "agent-flip.sh", flip);
+    remote.good_config(&env, &agent);
+    let e = expr(
+        &env,
+        "corrupt.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv("ssh-corrupt", "head -c 2000000 /dev/zero > $out")
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("corrupted stream");
+    out.assert_stderr_contains("nothing imported");
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
+/// The connection dies mid-transfer (every sshd session process killed while
+/// the agent is blocked sending): the build fails cleanly, and the agent
+/// notices, kills what is left and removes its temp dir.
+#[test]
+fn connection_lost_mid_transfer_fails_cleanly() {
+    let env = TestEnv::new("ssh-cut");
+    let remote = Remote::start(&env);
+    let stalled = env.path("stalled");
+    // After 300 kB the stream stalls (nobody reads the agent's stdout) until
+    // the channel's stdin ends.
+    let agent = remote.agent(
+        &env,
+        "agent-stall.sh",
+        &format!(
+            "| {{ head -c 300000; : > {}; cat <&3 >/dev/null; }}",
+            stalled.display()
+        ),
+    );
+    remote.good_config(&env, &agent);
+    let e = expr(
+        &env,
+        "cut.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv("ssh-cut", "head -c 8000000 /dev/urandom > $out")
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let (e2, env_ref) = (e.clone(), &env);
+    std::thread::scope(|s| {
+        let build = s.spawn(move || env_ref.nix_build(&e2, &["d"], &[]));
+        assert!(
+            wait_until(Duration::from_secs(120), || stalled.exists()),
+            "the transfer never started"
+        );
+        assert!(remote.sshd.kill_sessions() > 0, "no sshd session to kill");
+        let out = build.join().unwrap();
+        out.assert_failed();
+        assert!(
+            out.stderr.contains("lost") || out.stderr.contains("ended before its trailer"),
+            "{}",
+            out.describe()
+        );
+        out.assert_stderr_contains("nothing imported");
+    });
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
+#[test]
+fn check_validates_files_and_connect_reports_each_executor() {
+    let env = TestEnv::new("ssh-check");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let check = |connect: bool| {
+        let mut c = Command::new(CLI);
+        c.arg("check").arg("--config").arg(env.config_path());
+        if connect {
+            c.arg("--connect");
+        }
+        run(&mut c, Duration::from_secs(60))
+    };
+    let out = check(true);
+    out.assert_ok();
+    assert!(
+        out.stdout
+            .contains("connect: executor sshx: ssh root@127.0.0.1:")
+            && out.stdout.contains(": ok (host key ED25519 SHA256:"),
+        "{}",
+        out.describe()
+    );
+    // A group-readable key is refused by `check`.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&remote.sshd.identity, fs::Permissions::from_mode(0o640)).unwrap();
+    let out = check(false);
+    out.assert_failed();
+    assert!(
+        out.stdout.contains("accessible by group or others"),
+        "{}",
+        out.describe()
+    );
+    fs::set_permissions(&remote.sshd.identity, fs::Permissions::from_mode(0o600)).unwrap();
+    // A changed host key: one line naming host and fingerprint.
+    let other = env.path("other_key");
+    keygen(&other);
+    let other_pub = fs::read_to_string(env.path("other_key.pub")).unwrap();
+    let other_pub: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    let kh = format!(
+        "[127.0.0.1]:{} {} {}\n",
+        remote.sshd.port, other_pub[0], other_pub[1]
+    );
+    remote.config(&env, &agent, &kh, &remote.sshd.identity, "");
+    let out = check(true);
+    out.assert_failed();
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| l.contains("sshx")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("error: connect: executor sshx:")
+                && l.contains("host key CHANGED")
+                && l.contains("SHA256:")),
+        "{}",
+        out.describe()
+    );
+    // A missing agent on the far side.
+    remote.config(
+        &env,
+        Path::new("/nonexistent/nix-hatch"),
+        &remote.sshd.known_hosts_line,
+        &remote.sshd.identity,
+        "",
+    );
+    let out = check(true);
+    out.assert_failed();
+    assert!(
+        out.stdout.contains("the agent does not run there"),
+        "{}",
+        out.describe()
+    );
+}
