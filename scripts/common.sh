@@ -8,10 +8,12 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MIN_RUST="1.85.0"
 
 # What the project needs from Debian: Nix 2.8 (+ nixbld users and nix.conf
-# from nix-setup-systemd), the executors' tools, and what cargo needs to build.
+# from nix-setup-systemd), the executors' tools, and what cargo needs to build
+# (C toolchain and headers for the -sys crates).
 DEB_PACKAGES=(
   nix-bin nix-setup-systemd bubblewrap busybox-static openssh-server
-  build-essential pkg-config ca-certificates curl git openssl util-linux
+  build-essential pkg-config ca-certificates curl git openssl util-linux procps
+  libssl-dev zlib1g-dev # openssl-sys / libssh2-sys / libz-sys (the ssh2 crate)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

@@ -53,6 +53,16 @@ impl Store {
         Store { dir, real_dir, uri }
     }
 
+    /// The same store as `crate::store` addresses it (nix-store from PATH).
+    pub fn location(&self) -> crate::store::StoreLocation {
+        crate::store::StoreLocation {
+            store_dir: self.dir.clone(),
+            real_store_dir: self.real_dir.clone(),
+            store_uri: self.uri.clone(),
+            nix_store: PathBuf::from("nix-store"),
+        }
+    }
+
     /// The on-disk location of a logical store path.
     pub fn real_path(&self, path: &str) -> PathBuf {
         match path.strip_prefix(&self.dir) {

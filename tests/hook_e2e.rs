@@ -41,6 +41,20 @@ fn assert_verify_path(path: &str) {
     .assert_ok();
 }
 
+/// Nothing left in the executor's staging area after a build finished.
+#[track_caller]
+fn assert_no_staging_leftovers(env: &TestEnv) {
+    let staging = env.state_dir().join("staging");
+    let left: Vec<String> = fs::read_dir(&staging)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", staging.display());
+}
+
 /// The script of the basic escape derivation: records what the admin command
 /// saw, and reads a host file no sandbox would let it see.
 const BASIC: &str = r#"{
@@ -94,8 +108,8 @@ fn check_basic(env: &TestEnv, expr: &Path, out: &Output) {
     assert_eq!(e["logfd"], "2", "{show}");
     assert_eq!(e["uid"], "0", "user = root: {show}");
     assert_eq!(deriver(&want), drv, "deriver registered");
-    // busybox is in the input closure but not embedded: no references.
-    assert_eq!(references(&want), BTreeSet::new());
+    // `env` embeds $out; busybox is in the input closure but not embedded.
+    assert_eq!(references(&want), set(&[want.as_str()]));
     assert_verify_path(&want);
     assert!(
         !exists_on_disk(&e["top"]),
@@ -116,6 +130,7 @@ fn escape_derivation_built_by_host_command() {
     let expr = env.write_expr("basic.nix", BASIC);
     let out = env.nix_build(&expr, &["basic"], &[]);
     check_basic(&env, &expr, &out);
+    assert_no_staging_leftovers(&env);
     // The command's output is shown while building.
     out.assert_stderr_contains("basic build done");
 }
@@ -142,6 +157,33 @@ fn escape_derivation_built_through_private_daemon() {
         );
     }
     check_basic(&env, &expr, &out);
+}
+
+#[test]
+fn unprivileged_user_builds_escape_through_the_daemon() {
+    let env = TestEnv::new("untrusted");
+    env.write_host_config(&env.standard_config());
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    let expr = env.write_expr(
+        "untrusted.nix",
+        r#"{ e = escape { name = "untrusted"; script = ''echo "built for $NIX_HATCH_DRV" > "$out"''; }; }"#,
+    );
+    let out = env.nix_build_via_as_user(&daemon, "nobody", &expr, &["e"], &[]);
+    if !out.success() {
+        panic!("{}\ndaemon log:\n{}", out.describe(), daemon.log_text());
+    }
+    let p = env.out_path(&expr, "e");
+    assert_eq!(out.store_paths(), vec![p.clone()]);
+    assert!(is_valid(&p));
+    assert_eq!(
+        read(&p),
+        format!("built for {}\n", env.drv_path(&expr, "e"))
+    );
+    assert!(
+        daemon.log_text().contains("user nobody"),
+        "the daemon did not see user nobody:\n{}",
+        daemon.log_text()
+    );
 }
 
 #[test]
@@ -271,6 +313,25 @@ fn failing_command_fails_build_shows_log_tail_and_leaves_no_output() {
         !exists_on_disk(&want),
         "{want} left on disk after a failed build"
     );
+    assert_no_staging_leftovers(&env);
+}
+
+/// Host processes whose command line mentions `marker`.
+fn processes_mentioning(marker: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(marker) && pid_alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
 }
 
 #[test]
@@ -279,14 +340,20 @@ fn timeout_kills_command_and_its_background_children() {
     let mut cfg = env.standard_config();
     cfg.timeout = 3;
     env.write_host_config(&cfg);
+    // The sleeps run as symlinks into the test dir, so every process the
+    // build leaves behind is recognisable by its command line on the host
+    // (whatever pid namespace the executor uses). The background child
+    // also writes its pid (as it sees it) before sleeping.
+    std::os::unix::fs::symlink("/bin/sleep", env.path("bg-sleep")).unwrap();
+    std::os::unix::fs::symlink("/bin/sleep", env.path("fg-sleep")).unwrap();
+    let marker = env.root().to_string_lossy().into_owned();
     let expr = env.write_expr(
         "timeout.nix",
         r#"{
   slow = escape { name = "slow"; script = ''
-    echo $$ > "@DIR@/command.pid"
-    sh -c 'echo $$ > "@DIR@/child.pid.tmp"; mv "@DIR@/child.pid.tmp" "@DIR@/child.pid"; exec sleep 600' &
+    sh -c 'echo $$ > "@DIR@/child.pid.tmp"; mv "@DIR@/child.pid.tmp" "@DIR@/child.pid"; exec "@DIR@/bg-sleep" 600' &
     echo "started a background child"
-    sleep 600
+    "@DIR@/fg-sleep" 600
     echo ok > "$out"
   ''; };
 }"#,
@@ -305,17 +372,22 @@ fn timeout_kills_command_and_its_background_children() {
         "stderr does not say the build timed out:\n{}",
         out.describe()
     );
-    for f in ["command.pid", "child.pid"] {
-        let text = fs::read_to_string(env.path(f))
-            .unwrap_or_else(|_| panic!("{f} missing: command never ran?\n{}", out.describe()));
-        let pid: u32 = text.trim().parse().unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || !pid_alive(pid)),
-            "process {pid} ({f}) still alive after the timed-out build"
-        );
-    }
+    assert!(
+        env.path("child.pid").exists(),
+        "the background child never ran:\n{}",
+        out.describe()
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        processes_mentioning(&marker).is_empty()
+    });
+    assert!(
+        gone,
+        "processes of the timed-out build still running: {:?}",
+        processes_mentioning(&marker)
+    );
     assert!(!is_valid(&want));
     assert!(!exists_on_disk(&want), "{want} left on disk");
+    assert_no_staging_leftovers(&env);
 }
 
 #[test]
@@ -512,7 +584,7 @@ fn allow_any_builder_runs_the_derivations_own_builder() {
         r#"{
   own = plain { name = "own-builder"; attrs = { requiredSystemFeatures = [ "escape-x" ]; }; script = ''
     mkdir "$out"
-    readlink /proc/$$/exe > "$out/exe"
+    readlink /proc/self/exe > "$out/exe"
     env > "$out/env"
     id -u > "$out/uid"
   ''; };
@@ -687,4 +759,513 @@ fn invalid_config_declines_with_reason_once() {
     let p = env.path("broken.toml");
     fs::write(&p, "state-dir = [this is not toml\n[routes\n").unwrap();
     check_bad_config(&env, &p);
+}
+
+#[test]
+fn command_succeeding_without_creating_outputs_fails() {
+    let env = TestEnv::new("noout");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "noout.nix",
+        r#"{
+  none = escape { name = "no-output"; script = ''echo "forgot to write the output"''; };
+  half = escape { name = "half-output"; attrs = { outputs = [ "out" "doc" ]; }; script = ''echo only-out > "$out"''; };
+}"#,
+    );
+    for attr in ["none", "half"] {
+        let out = env.nix_build(&expr, &[attr], &[]);
+        out.assert_failed();
+        let drv = env.drv_path(&expr, attr);
+        out.assert_stderr_contains(&format!("builder for '{drv}' failed"));
+        let o = env.out_path(&expr, attr);
+        assert!(!is_valid(&o), "{o} valid");
+        assert!(!exists_on_disk(&o), "{o} left on disk");
+    }
+    let doc = env.out_path(&expr, "half.doc");
+    assert!(!is_valid(&doc));
+}
+
+#[test]
+fn stale_invalid_leftover_at_output_path_is_replaced() {
+    let env = TestEnv::new("stale");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "stale.nix",
+        r#"{ s = escape { name = "stale"; script = ''mkdir "$out"; echo fresh > "$out/f"''; }; }"#,
+    );
+    let want = env.out_path(&expr, "s");
+    // Debris from an interrupted build: an invalid path at the output path.
+    fs::create_dir_all(format!("{want}/junk")).unwrap();
+    fs::write(format!("{want}/junk/old"), "stale").unwrap();
+    assert!(!is_valid(&want));
+    let out = env.nix_build(&expr, &["s"], &[]);
+    out.assert_ok();
+    assert!(is_valid(&want));
+    assert_eq!(read(format!("{want}/f")), "fresh\n");
+    assert!(
+        !exists_on_disk(&format!("{want}/junk")),
+        "stale content kept"
+    );
+    assert_verify_path(&want);
+}
+
+#[test]
+fn fifo_in_output_is_rejected_with_a_clear_error() {
+    let env = TestEnv::new("fifo");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "fifo.nix",
+        r#"{ f = escape { name = "fifo"; script = ''mkdir "$out"; mkfifo "$out/pipe"''; }; }"#,
+    );
+    let out = env.nix_build(&expr, &["f"], &[]);
+    out.assert_failed();
+    let lower = out.stderr.to_lowercase();
+    assert!(
+        lower.contains("fifo") || lower.contains("unsupported"),
+        "error does not name the problem:\n{}",
+        out.describe()
+    );
+    let want = env.out_path(&expr, "f");
+    assert!(!is_valid(&want));
+    assert!(!exists_on_disk(&want), "{want} left on disk");
+}
+
+#[test]
+fn nix_timeout_option_applies_when_smaller() {
+    let env = TestEnv::new("nixtimeout");
+    env.write_host_config(&env.standard_config()); // timeout = 60
+    let expr = env.write_expr(
+        "nixtimeout.nix",
+        r#"{ s = escape { name = "nix-timeout"; script = ''sleep 120; echo late > "$out"''; }; }"#,
+    );
+    let out = env.nix_build(&expr, &["s"], &["--option", "timeout", "2"]);
+    out.assert_failed();
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "Nix's timeout = 2 ignored: took {:?}",
+        out.elapsed
+    );
+    assert!(!is_valid(&env.out_path(&expr, "s")));
+}
+
+#[test]
+fn max_silent_time_kills_a_silent_command() {
+    let env = TestEnv::new("silent");
+    let mut cfg = env.standard_config();
+    cfg.extra = "max-silent-time = 2\n".into();
+    env.write_host_config(&cfg);
+    let expr = env.write_expr(
+        "silent.nix",
+        r#"{ s = escape { name = "silent"; script = ''echo "one line, then silence"; sleep 120; echo late > "$out"''; }; }"#,
+    );
+    let out = env.nix_build(&expr, &["s"], &[]);
+    out.assert_failed();
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "max-silent-time = 2 ignored: took {:?}",
+        out.elapsed
+    );
+    out.assert_stderr_contains("one line, then silence");
+    assert!(!is_valid(&env.out_path(&expr, "s")));
+}
+
+#[test]
+fn host_command_runs_as_the_configured_unprivileged_user() {
+    let env = TestEnv::new("nobody");
+    // The command must be reachable by nobody.
+    fs::set_permissions(env.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = env.standard_config();
+    cfg.user = "nobody".into();
+    env.write_host_config(&cfg);
+    let expr = env.write_expr(
+        "nobody.nix",
+        r#"{ n = escape { name = "as-nobody"; script = ''
+    mkdir -p "$out/sub"
+    id -u > "$out/uid"
+    echo "$HOME" > "$out/home"
+    echo x > "$out/sub/x"
+    touch "$NIX_BUILD_TOP/scratch"
+  ''; }; }"#,
+    );
+    let out = env.nix_build(&expr, &["n"], &[]);
+    out.assert_ok();
+    let p = env.out_path(&expr, "n");
+    assert!(is_valid(&p));
+    let nobody_uid = run(
+        std::process::Command::new("id").args(["-u", "nobody"]),
+        Duration::from_secs(10),
+    )
+    .stdout
+    .trim()
+    .to_owned();
+    assert_eq!(read(format!("{p}/uid")).trim(), nobody_uid);
+    // Registered paths belong to root like every store path.
+    for f in [p.clone(), format!("{p}/sub"), format!("{p}/sub/x")] {
+        let md = fs::symlink_metadata(&f).unwrap();
+        assert_eq!(md.uid(), 0, "{f} owned by {}", md.uid());
+    }
+    assert_verify_path(&p);
+}
+
+#[test]
+fn config_problem_is_reported_to_daemon_clients() {
+    let env = TestEnv::new("daemoncfg");
+    // No config written: NIX_HATCH_CONFIG names a missing file.
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    let expr = env.write_expr(
+        "dcfg.nix",
+        r#"{
+  pl = plain { name = "dcfg-plain"; script = "echo plain > $out"; };
+  esc = escape { name = "dcfg-escape"; script = ''echo never > "$out"''; };
+}"#,
+    );
+    env.nix_build_via(&daemon, &expr, &["pl"], &[]).assert_ok();
+    let out = env.nix_build_via(&daemon, &expr, &["esc"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("is required to build");
+    let cfg = env.config_path().to_string_lossy().into_owned();
+    let n = out.stderr.lines().filter(|l| l.contains(&cfg)).count();
+    assert_eq!(
+        n,
+        1,
+        "the client should see nix-hatch's reason once:\n{}\ndaemon log:\n{}",
+        out.describe(),
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn failure_log_tail_reaches_daemon_clients() {
+    let env = TestEnv::new("daemonfail");
+    env.write_host_config(&env.standard_config());
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    let expr = env.write_expr(
+        "dfail.nix",
+        r#"{ f = escape { name = "dfail"; script = ''echo "last words ${nonce}"; exit 3''; }; }"#,
+    );
+    let out = env.nix_build_via(&daemon, &expr, &["f"], &[]);
+    out.assert_failed();
+    let drv = env.drv_path(&expr, "f");
+    out.assert_stderr_contains(&format!("builder for '{drv}' failed"));
+    out.assert_stderr_contains(&format!("last words {}", env.nonce));
+}
+
+#[test]
+fn escape_output_can_be_the_input_of_another_escape() {
+    let env = TestEnv::new("chain");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "chain.nix",
+        r#"rec {
+  a = escape { name = "chain-a"; script = ''mkdir "$out"; echo "$out" > "$out/self"''; };
+  b = escape { name = "chain-b"; script = ''mkdir "$out"; cat "${a}/self" > "$out/from-a"''; };
+}"#,
+    );
+    let out = env.nix_build(&expr, &["b"], &[]);
+    out.assert_ok();
+    let a = env.out_path(&expr, "a");
+    let b = env.out_path(&expr, "b");
+    assert_eq!(read(format!("{b}/from-a")), format!("{a}\n"));
+    assert_eq!(references(&b), set(&[a.as_str()]));
+    assert_eq!(references(&a), set(&[a.as_str()]));
+}
+
+#[test]
+fn interrupting_nix_build_stops_the_command() {
+    let env = TestEnv::new("interrupt");
+    env.write_host_config(&env.standard_config());
+    std::os::unix::fs::symlink("/bin/sleep", env.path("int-sleep")).unwrap();
+    let expr = env.write_expr(
+        "interrupt.nix",
+        r#"{ s = escape { name = "interrupted"; script = ''
+    touch "@DIR@/started"
+    "@DIR@/int-sleep" 600
+    echo late > "$out"
+  ''; }; }"#,
+    );
+    let want = env.out_path(&expr, "s");
+    let mut cmd = nix_cmd("nix-build");
+    cmd.args(["--no-out-link", "--option", "substituters", ""])
+        .args(["--option", "build-hook", HOOK])
+        .arg(&expr)
+        .env("NIX_HATCH_CONFIG", env.config_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let started = wait_until(Duration::from_secs(60), || env.path("started").exists());
+    if !started {
+        let _ = child.kill();
+        panic!("the command never started");
+    }
+    // What Ctrl-C does.
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !exited {
+        let _ = child.kill();
+        panic!("nix-build did not exit within 30s of SIGINT");
+    }
+    let marker = env.root().to_string_lossy().into_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_mentioning(&marker)
+            .is_empty()),
+        "processes left after interrupting nix-build: {:?}",
+        processes_mentioning(&marker)
+    );
+    assert!(!is_valid(&want));
+    assert!(!exists_on_disk(&want), "{want} left on disk");
+}
+
+#[test]
+fn allow_any_builder_structured_attrs_and_pass_as_file_match_nix() {
+    let env = TestEnv::new("anyattrs");
+    let mut cfg = env.standard_config();
+    cfg.command = None;
+    cfg.allow_any_builder = true;
+    env.write_host_config(&cfg);
+    // `benchmark` is one of Nix's default local features: built by Nix.
+    let expr = env.write_expr(
+        "anyattrs.nix",
+        r#"let
+  script = ''
+    # structured attrs: no $out in the environment (Nix 2.8 has no NIX_ATTRS_*)
+    if [ -e .attrs.json ]; then out=$(grep -o '"out":"[^"]*"' .attrs.json | head -n 1 | cut -d '"' -f 4); fi
+    mkdir "$out"
+    env | sort | grep -v -e '^out=' -e '^NIX_BUILD_TOP=' -e '^TMP' -e '^TEMP' -e '^PWD=' \
+      -e '^NIX_ATTRS_' -e '^requiredSystemFeatures=' -e '^bigPath=' > "$out/env"
+    if [ -e .attrs.json ]; then sed -e "s|$out|OUT|g" .attrs.json > "$out/attrs.json"; fi
+    if [ -e .attrs.sh ]; then sed -e "s|$out|OUT|g" -e "s|$NIX_BUILD_TOP|TOP|g" .attrs.sh > "$out/attrs.sh"; fi
+    if [ -n "''${bigPath:-}" ]; then cat "$bigPath" > "$out/big"; fi
+  '';
+  both = feature: extra: plain { name = "anyattrs"; inherit script;
+    attrs = { requiredSystemFeatures = [ feature ]; } // extra; };
+  sa = { __structuredAttrs = true; list = [ 1 "two" { three = 3; } ]; flag = true; };
+  paf = { passAsFile = [ "big" ]; big = "a value passed as a file"; };
+in {
+  saHatch = both "escape-x" sa;
+  saNix = both "benchmark" sa;
+  pafHatch = both "escape-x" paf;
+  pafNix = both "benchmark" paf;
+}"#,
+    );
+    let out = env.nix_build(
+        &expr,
+        &["saHatch", "saNix", "pafHatch", "pafNix"],
+        &["-j", "4"],
+    );
+    out.assert_ok();
+    let sa = env.out_path(&expr, "saHatch");
+    let paf = env.out_path(&expr, "pafHatch");
+    for f in [
+        format!("{sa}/attrs.json"),
+        format!("{sa}/attrs.sh"),
+        format!("{paf}/big"),
+    ] {
+        assert!(exists_on_disk(&f), "{f} missing: the file was not provided");
+    }
+    assert_eq!(read(format!("{paf}/big")), "a value passed as a file");
+    for (h, n) in [("saHatch", "saNix"), ("pafHatch", "pafNix")] {
+        let hp = env.out_path(&expr, h);
+        let np = env.out_path(&expr, n);
+        for f in ["env", "attrs.json", "attrs.sh", "big"] {
+            let a = fs::read_to_string(format!("{hp}/{f}")).ok();
+            let b = fs::read_to_string(format!("{np}/{f}")).ok();
+            let a = a.map(|s| s.replace("escape-x", "FEATURE"));
+            let b = b.map(|s| s.replace("benchmark", "FEATURE"));
+            assert_eq!(a, b, "{h} vs {n}: {f} differs");
+        }
+    }
+}
+
+/// A host command is a host program: if it adds something to the store (here
+/// `nix-store --add`, as root against the local store), that path must really
+/// be in the store afterwards. Today the store write lands in the build's
+/// private overlay and is thrown away while the database keeps the path
+/// valid: a valid path that does not exist (`nix-store --verify` reports
+/// "disappeared").
+#[test]
+fn host_command_adding_to_the_store_leaves_a_consistent_store() {
+    let env = TestEnv::new("storeadd");
+    env.write_host_config(&env.standard_config());
+    fs::write(env.path("to-add"), format!("added {}\n", env.nonce)).unwrap();
+    let expr = env.write_expr(
+        "storeadd.nix",
+        r#"{ a = escape { name = "store-add"; script = ''
+    p=$(nix-store --add "@DIR@/to-add")
+    echo "$p" > "$out"
+  ''; }; }"#,
+    );
+    let out = env.nix_build(&expr, &["a"], &[]);
+    out.assert_ok();
+    let added = read(env.out_path(&expr, "a")).trim().to_owned();
+    let valid = is_valid(&added);
+    let present = exists_on_disk(&added);
+    if valid && !present {
+        // Repair the database (it drops the vanished path) before failing.
+        let _ = run(nix_cmd("nix-store").arg("--verify"), NIX_LIMIT);
+    }
+    assert!(
+        !valid || present,
+        "{added} is registered valid but does not exist"
+    );
+    assert!(valid, "{added} not valid");
+}
+
+#[test]
+fn special_mode_bits_are_stripped_from_outputs() {
+    let env = TestEnv::new("modes");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "modes.nix",
+        r#"{ m = escape { name = "modes"; script = ''
+    mkdir -p "$out/bin" "$out/shared"
+    cp /bin/true "$out/bin/suid"
+    chmod 4755 "$out/bin/suid"
+    cp /bin/true "$out/bin/sgid"
+    chmod 2755 "$out/bin/sgid"
+    chmod 1777 "$out/shared"
+    echo w > "$out/world-writable"
+    chmod 666 "$out/world-writable"
+    chown nobody "$out/world-writable"
+  ''; }; }"#,
+    );
+    env.nix_build(&expr, &["m"], &[]).assert_ok();
+    let p = env.out_path(&expr, "m");
+    for (f, want) in [
+        ("bin/suid", 0o555),
+        ("bin/sgid", 0o555),
+        ("shared", 0o555),
+        ("world-writable", 0o444),
+    ] {
+        let md = fs::symlink_metadata(format!("{p}/{f}")).unwrap();
+        assert_eq!(
+            md.permissions().mode() & 0o7777,
+            want,
+            "{f}: mode {:o}",
+            md.permissions().mode() & 0o7777
+        );
+        assert_eq!(md.uid(), 0, "{f} owned by uid {}", md.uid());
+    }
+    assert_verify_path(&p);
+}
+
+#[test]
+fn fixed_output_sha1_and_sha512() {
+    let env = TestEnv::new("fodalgo");
+    env.write_host_config(&env.standard_config());
+    let content = format!("algo {}\n", env.nonce);
+    fs::write(env.path("flat"), &content).unwrap();
+    fs::create_dir_all(env.path("rec")).unwrap();
+    fs::write(env.path("rec/data"), &content).unwrap();
+    let hash = |algo: &str, p: &Path, flat: bool| {
+        let mut c = nix_cmd("nix-hash");
+        c.args(["--type", algo]);
+        if flat {
+            c.arg("--flat");
+        }
+        let o = run(c.arg(p), Duration::from_secs(30));
+        o.assert_ok();
+        o.stdout.trim().to_owned()
+    };
+    let body = r#"{
+  s1 = escape { name = "fod-sha1-${nonce}";
+    attrs = { outputHashMode = "flat"; outputHashAlgo = "sha1"; outputHash = "@SHA1@"; };
+    script = ''printf 'algo %s\n' "${nonce}" > "$out"''; };
+  s512 = escape { name = "fod-sha512-${nonce}";
+    attrs = { outputHashMode = "recursive"; outputHashAlgo = "sha512"; outputHash = "@SHA512@"; };
+    script = ''mkdir "$out"; printf 'algo %s\n' "${nonce}" > "$out/data"''; };
+}"#
+    .replace("@SHA1@", &hash("sha1", &env.path("flat"), true))
+    .replace("@SHA512@", &hash("sha512", &env.path("rec"), false));
+    let expr = env.write_expr("fodalgo.nix", &body);
+    env.nix_build(&expr, &["s1", "s512"], &[]).assert_ok();
+    let s1 = env.out_path(&expr, "s1");
+    let s512 = env.out_path(&expr, "s512");
+    assert_eq!(read(&s1), content);
+    assert_eq!(read(format!("{s512}/data")), content);
+    assert_verify_path(&s1);
+    assert_verify_path(&s512);
+}
+
+#[test]
+fn escape_builds_even_with_max_jobs_zero() {
+    // max-jobs = 0: no local builds at all (everything remote); escapes are
+    // still nix-hatch's.
+    let env = TestEnv::new("jzero");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "jzero.nix",
+        r#"{ e = escape { name = "j-zero"; script = ''echo zero > "$out"''; }; }"#,
+    );
+    env.nix_build(&expr, &["e"], &["-j", "0"]).assert_ok();
+    assert_eq!(read(env.out_path(&expr, "e")), "zero\n");
+}
+
+/// `fallback = [argv]`: derivations nix-hatch does not route go to that hook.
+/// Here the other hook is a second nix-hatch (`nix-hatch hook --config`, the
+/// list form newer Nix uses) routing `escape-y`.
+#[test]
+fn fallback_hook_gets_derivations_nix_hatch_does_not_route() {
+    let env = TestEnv::new("fallback");
+    let run_sh = env.run_script();
+    let other = HostConfig {
+        feature: "escape-y".into(),
+        executor: "hosty".into(),
+        ..HostConfig::new(&[run_sh.to_str().unwrap()])
+    };
+    let other_path = env.path("other.toml");
+    fs::create_dir_all(env.path("state-y")).unwrap();
+    fs::write(&other_path, other.render(&env.path("state-y"))).unwrap();
+    let mut text = env.standard_config().render(&env.state_dir());
+    text = text.replace(
+        "fallback = \"decline\"",
+        &format!(
+            "fallback = [{}, \"hook\", \"--config\", {}]",
+            toml_str(CLI),
+            toml_str(&other_path.to_string_lossy())
+        ),
+    );
+    env.write_config(&text);
+    let expr = env.write_expr(
+        "fallback.nix",
+        r#"{
+  x = escape { name = "fb-x"; script = ''echo "$NIX_HATCH_EXECUTOR" > "$out"''; };
+  y = escape { name = "fb-y"; feature = "escape-y"; script = ''echo "$NIX_HATCH_EXECUTOR" > "$out"''; };
+  p = plain { name = "fb-plain"; script = "echo plain > $out"; };
+}"#,
+    );
+    env.nix_build(&expr, &["x", "y", "p"], &["-j", "3"])
+        .assert_ok();
+    assert_eq!(read(env.out_path(&expr, "x")), "hostx\n");
+    assert_eq!(read(env.out_path(&expr, "y")), "hosty\n");
+    assert_eq!(read(env.out_path(&expr, "p")), "plain\n");
+}
+
+/// The command is pid 1 of its own pid namespace, and /proc agrees: it sees
+/// its own processes, not the host's.
+#[test]
+fn host_command_sees_its_own_proc() {
+    let env = TestEnv::new("proc");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "proc.nix",
+        r#"{ p = escape { name = "own-proc"; script = ''
+    { echo "pid=$$"; tr '\0\n' '  ' < /proc/1/cmdline; echo; ls /proc | grep -c '^[0-9]'; } > "$out"
+  ''; }; }"#,
+    );
+    env.nix_build(&expr, &["p"], &[]).assert_ok();
+    let text = read(env.out_path(&expr, "p"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "pid=1", "{text}");
+    assert!(
+        lines[1].contains("run.sh"),
+        "/proc/1 is not the command: {text}"
+    );
+    let n: u32 = lines[2].trim().parse().unwrap();
+    assert!(n < 10, "the command sees {n} processes: {text}");
 }

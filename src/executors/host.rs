@@ -85,6 +85,22 @@ pub fn run(
     let cmd = runner::command(&spec_path).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
         .map_err(|e| Failure::Internal(format!("running executor {:?}: {e}", req.executor.name)))?;
+    // Whatever the outcome: paths the command registered must exist.
+    let outputs: Vec<&str> = req
+        .outputs
+        .iter()
+        .filter_map(|(_, p)| req.store.base_name(p))
+        .collect();
+    match crate::store::adopt_added_paths(&req.store.location(), &staging.store, &outputs) {
+        Ok(moved) => {
+            for p in moved {
+                log.line(&format!(
+                    "the command added {p} to the store; moved it into place"
+                ));
+            }
+        }
+        Err(e) => log.line(&format!("warning: {e}")),
+    }
     interpret(outcome, &req.executor.name, host.allow_any_builder)
 }
 

@@ -131,6 +131,17 @@ fn run(spec_path: PathBuf) -> Result<i32> {
         )
         .current_dir(&spec.cwd)
         .stdin(Stdio::null());
+    // A /proc that matches the command's pid namespace (it is pid 1 there).
+    // Registered before run_as: mounting needs the privileges it drops.
+    // SAFETY: mount(2) is async-signal-safe; the strings are static.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            mount(Some("proc"), "/proc", Some("proc"), flags, None::<&str>)?;
+            Ok(())
+        });
+    }
     crate::util::run_as(&mut cmd, &spec.account);
     let mut child = cmd
         .spawn()

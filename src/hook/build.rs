@@ -2,14 +2,12 @@
 //! ends as one `nix-hatch: …` line in the build log (Nix prints its tail)
 //! and an exit status Nix understands.
 
-use std::path::PathBuf;
-
 use super::buildlog::BuildLog;
 use super::{Accepted, Builder};
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
-use crate::store::{self, ImportRequest, Registrar, StagedOutput, StoreLocation};
+use crate::store::{self, ImportRequest, Registrar, StagedOutput};
 
 pub struct RealBuilder;
 
@@ -63,12 +61,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
     let cancel =
         Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
     let outputs = wanted_outputs(a)?;
-    let location = StoreLocation {
-        store_dir: a.store.dir.clone(),
-        real_store_dir: a.store.real_dir.clone(),
-        store_uri: a.store.uri.clone(),
-        nix_store: PathBuf::from("nix-store"),
-    };
+    let location = a.store.location();
     // Started now so its start-up cost overlaps the build.
     let registrar = Registrar::spawn(&location).map_err(|e| internal(e.to_string()))?;
 

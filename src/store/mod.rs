@@ -21,6 +21,7 @@
 //! Nix holds the output locks while the hook runs, so registration through
 //! the daemon would deadlock; `--register-validity` takes no lock.
 
+mod adopt;
 pub mod digest;
 mod fsops;
 pub mod nar;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 
 use nix_derivation::{CAHash, HashAlgorithm, NixHash};
 
+pub use adopt::adopt_added_paths;
 pub use fsops::remove_tree;
 pub use nixstore::Registrar;
 

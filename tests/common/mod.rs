@@ -278,6 +278,22 @@ pub fn busybox() -> &'static str {
     })
 }
 
+/// The end-to-end tests use the system Nix store as root (single-user
+/// mode, `--option build-hook`, their own nix-daemon).
+#[track_caller]
+pub fn require_root() {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .unwrap_or("?");
+    assert_eq!(
+        euid, "0",
+        "the end-to-end tests must run as root (they build in the system Nix store and start a nix-daemon); use scripts/test as root"
+    );
+}
+
 /// `nix-store --check-validity`.
 pub fn is_valid(path: &str) -> bool {
     run(
@@ -519,8 +535,13 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh temp dir (`/tmp/nhtest-<name>-XXXX`) with a `state` dir.
     pub fn new(name: &str) -> Self {
+        require_root();
+        // NIX_HATCH_KEEP_TEST_DIRS=1 keeps the dirs (config, scripts,
+        // expressions, daemon log) for debugging.
+        let keep = std::env::var_os("NIX_HATCH_KEEP_TEST_DIRS").is_some_and(|v| v != "0");
         let dir = tempfile::Builder::new()
             .prefix(&format!("nhtest-{name}-"))
+            .disable_cleanup(keep)
             .tempdir()
             .expect("tempdir");
         fs::create_dir_all(dir.path().join("state")).unwrap();
@@ -636,6 +657,40 @@ impl TestEnv {
         extra: &[&str],
     ) -> Output {
         let mut c = self.nix_build_cmd(expr, attrs, extra);
+        daemon.client_env(&mut c);
+        run(&mut c, NIX_LIMIT)
+    }
+
+    /// `nix-build` as a client of `daemon`, run as the unprivileged `user`
+    /// (an untrusted client, as on a multi-user install). The temp dir is
+    /// made world-readable so the user can read the expression.
+    pub fn nix_build_via_as_user(
+        &self,
+        daemon: &Daemon,
+        user: &str,
+        expr: &Path,
+        attrs: &[&str],
+        extra: &[&str],
+    ) -> Output {
+        fs::set_permissions(self.root(), fs::Permissions::from_mode(0o755)).unwrap();
+        let gid = run(
+            Command::new("id").args(["-g", user]),
+            Duration::from_secs(10),
+        );
+        gid.assert_ok();
+        let inner = self.nix_build_cmd(expr, attrs, extra);
+        let mut c = nix_cmd("setpriv");
+        c.args([
+            "--reuid",
+            user,
+            "--regid",
+            gid.stdout.trim(),
+            "--clear-groups",
+        ])
+        .arg("env")
+        .arg("HOME=/tmp")
+        .arg(inner.get_program())
+        .args(inner.get_args());
         daemon.client_env(&mut c);
         run(&mut c, NIX_LIMIT)
     }
