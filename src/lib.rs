@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod derivation;
 pub mod executors;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hook;
 pub mod protocol;
 pub mod store;
