@@ -674,3 +674,118 @@ fn check_validates_files_and_connect_reports_each_executor() {
         out.describe()
     );
 }
+
+/// Benchmark (scripts/bench-ssh): a 512 MiB output returned through the
+/// executor vs `ssh host cat` of the same bytes over the same sshd. Prints
+/// the numbers and the ratio; asserts nothing about speed.
+#[test]
+#[ignore = "benchmark: run with scripts/bench-ssh"]
+fn bench_transfer_512mib() {
+    let mib: u64 = std::env::var("NIX_HATCH_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let rounds: usize = std::env::var("NIX_HATCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let env = TestEnv::new("ssh-bench");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let data = env.path("data");
+    run(
+        Command::new("sh").arg("-c").arg(format!(
+            "head -c {}M /dev/urandom > {}",
+            mib,
+            data.display()
+        )),
+        Duration::from_secs(300),
+    )
+    .assert_ok();
+    let kh = env.path("known_hosts");
+    let ssh = |remote_cmd: &str, sink: &Path| {
+        let mut c = Command::new("ssh");
+        c.args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .arg("-i")
+            .arg(&remote.sshd.identity)
+            .args(["-p", &remote.sshd.port.to_string(), "root@127.0.0.1"])
+            .arg(remote_cmd)
+            .stdout(fs::File::create(sink).unwrap());
+        let t = std::time::Instant::now();
+        let st = c.status().unwrap();
+        assert!(st.success(), "ssh {remote_cmd}: {st}");
+        t.elapsed().as_secs_f64()
+    };
+    let sink = env.path("ssh-cat.out");
+    let mut cat_times = Vec::new();
+    let mut setup_times = Vec::new();
+    let mut hatch_times = Vec::new();
+    let mut build_times = Vec::new();
+    let mut session_times = Vec::new();
+    for round in 0..rounds {
+        setup_times.push(ssh("true", &env.path("ssh-true.out")));
+        cat_times.push(ssh(&format!("cat {}", data.display()), &sink));
+        assert_eq!(fs::metadata(&sink).unwrap().len(), mib << 20);
+        fs::remove_file(&sink).unwrap();
+        let e = expr(
+            &env,
+            &format!("bench{round}.nix"),
+            &format!(
+                "{{ d = {}; }}",
+                remote_drv(
+                    &format!("ssh-bench-{round}"),
+                    &format!("ln {} $out", data.display())
+                )
+            ),
+        );
+        let out = env.nix_build(&e, &["d"], &[]);
+        out.assert_ok();
+        let p = out.store_paths()[0].clone();
+        build_times.push(out.elapsed.as_secs_f64());
+        let log = nix_log(&p).stdout;
+        let line = log
+            .lines()
+            .find(|l| l.contains("bytes of outputs in"))
+            .unwrap_or_else(|| panic!("no transfer line in the log:\n{log}"))
+            .to_owned();
+        let num_after = |marker: &str| -> f64 {
+            line.split(marker)
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("cannot parse {line:?}"))
+        };
+        let secs = num_after("bytes of outputs in ");
+        session_times.push(num_after("digest verified; "));
+        hatch_times.push(secs);
+        let _ = run(
+            nix_cmd("nix-store").args(["--delete", &p]),
+            Duration::from_secs(120),
+        );
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mibs = mib as f64;
+    let (cat, setup, hatch, session) = (
+        best(&cat_times),
+        best(&setup_times),
+        best(&hatch_times),
+        best(&session_times),
+    );
+    println!("bench-ssh: {mib} MiB, {rounds} rounds (best of each)");
+    println!("bench-ssh: ssh cat (whole command)           {cat:.3} s  {:7.1} MiB/s  all: {cat_times:.3?}", mibs / cat);
+    println!("bench-ssh: ssh true (connection setup)       {setup:.3} s");
+    println!("bench-ssh: nix-hatch connect..verified        {session:.3} s  {:7.1} MiB/s  all: {session_times:.3?}", mibs / session);
+    println!("bench-ssh: nix-hatch data phase              {hatch:.3} s  {:7.1} MiB/s  all: {hatch_times:.3?}", mibs / hatch);
+    println!("bench-ssh: nix-hatch whole nix-build         {:.3} s  (eval, connect, transfer, NAR hash, register)", best(&build_times));
+    println!(
+        "bench-ssh: ratio whole   (ssh cat / nix-hatch connect..verified)     {:.2}",
+        cat / session
+    );
+    println!(
+        "bench-ssh: ratio transfer ((ssh cat - ssh true) / nix-hatch data phase) {:.2}",
+        (cat - setup).max(1e-6) / hatch
+    );
+}

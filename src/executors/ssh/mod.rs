@@ -16,6 +16,7 @@ mod unpack;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -48,6 +49,7 @@ pub fn run(
     let request = build_request(req, ssh);
     let target = connect::target(ssh, &req.executor.user);
     log.line(&format!("connecting to {target}"));
+    let started = Instant::now();
     let conn = connect::connect(ssh, &req.executor.user).map_err(Failure::Internal)?;
     log.line(&format!(
         "connected to {} (host key {}); running {} agent",
@@ -113,10 +115,15 @@ pub fn run(
             Failure::Internal(format!("executor {name:?}: ssh {target}: {m}{extra}"))
         }
     })?;
-    interpret(name, &received, log)
+    interpret(name, &received, started.elapsed(), log)
 }
 
-fn interpret(name: &str, r: &Received, log: &mut BuildLog) -> Result<(), Failure> {
+fn interpret(
+    name: &str,
+    r: &Received,
+    session: Duration,
+    log: &mut BuildLog,
+) -> Result<(), Failure> {
     match r.trailer.status {
         Status::Exited(0) => {}
         Status::Exited(c) => {
@@ -143,10 +150,11 @@ fn interpret(name: &str, r: &Received, log: &mut BuildLog) -> Result<(), Failure
     if let Some(t) = r.transfer {
         let secs = t.as_secs_f64().max(1e-6);
         log.line(&format!(
-            "received {} bytes of outputs in {:.3} s ({:.1} MiB/s), digest verified",
+            "received {} bytes of outputs in {:.3} s ({:.1} MiB/s), digest verified; {:.3} s from connecting to verified outputs",
             r.trailer.tar_bytes,
             secs,
-            r.trailer.tar_bytes as f64 / secs / (1024.0 * 1024.0)
+            r.trailer.tar_bytes as f64 / secs / (1024.0 * 1024.0),
+            session.as_secs_f64()
         ));
     }
     for o in &r.temp_path_hits {
@@ -271,57 +279,70 @@ fn receive(
             hatch::VERSION
         )));
     }
+    let mut digest = Digest::default();
+    digest.add(&frames.hdr, &frames.payload);
     let needle = hello.temp_dir.as_bytes().to_vec();
-    let mut unpacker = unpack::Unpacker::new(roots, &needle);
-    let mut transfer = None;
-    let trailer = loop {
-        let tag = frames.next();
-        frames.flush_stderr(log);
-        match tag.map_err(stream_err)? {
-            hatch::TAG_LOG => log.raw(&frames.payload),
-            hatch::TAG_DATA => {
-                let start = Instant::now();
-                let mut src = TarSource {
-                    frames: &mut *frames,
-                    log: &mut *log,
-                    pos: 0,
-                    trailer: None,
-                    far_error: None,
-                };
-                let res = unpacker.unpack(&mut src).and_then(|src| {
-                    // Whatever follows the archive's end marker, up to
-                    // the trailer.
-                    io::copy(src, &mut io::sink())
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                });
-                if let Some(m) = src.far_error.take() {
-                    return Err(RecvError::Far(m));
+    let unpacker = unpack::Unpacker::new(roots, &needle);
+
+    // This thread reads and decrypts; a second one hashes every frame and
+    // unpacks the tar data, so both cores work on the transfer.
+    let (tx, rx) = mpsc::sync_channel::<Msg>(8);
+    let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
+    let mut transfer_start = None;
+    let (ended, worker) = std::thread::scope(|s| {
+        let worker = s.spawn(move || unpack_worker(rx, pool_tx, digest, unpacker));
+        let ended = loop {
+            let mut payload = pool_rx
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(MAX_DATA as usize));
+            std::mem::swap(&mut payload, &mut frames.payload);
+            let tag = frames.next();
+            frames.flush_stderr(log);
+            let tag = match tag {
+                Ok(t) => t,
+                Err(e) => break Err(stream_err(e)),
+            };
+            let mut payload = std::mem::replace(&mut frames.payload, payload);
+            match tag {
+                hatch::TAG_TRAILER => break Trailer::decode(&payload).map_err(stream_err),
+                hatch::TAG_LOG | hatch::TAG_DATA => {
+                    let data = tag == hatch::TAG_DATA;
+                    if data && transfer_start.is_none() {
+                        transfer_start = Some(Instant::now());
+                    }
+                    if !data {
+                        log.raw(&payload);
+                    }
+                    let hdr = frames.hdr;
+                    if tx
+                        .send(Msg {
+                            hdr,
+                            payload: std::mem::take(&mut payload),
+                            data,
+                        })
+                        .is_err()
+                    {
+                        break Err(RecvError::Stream(
+                            "the unpacker thread stopped; nothing imported".into(),
+                        ));
+                    }
                 }
-                if let Err(m) = res {
-                    return Err(RecvError::Stream(format!(
-                        "truncated or corrupted output stream: {m}; nothing imported"
-                    )));
+                hatch::TAG_ERROR => break Err(RecvError::Far(lossy(&payload))),
+                t => {
+                    break Err(RecvError::Stream(format!(
+                        "corrupted stream: unexpected frame {:?}; nothing imported",
+                        t as char
+                    )))
                 }
-                let Some(t) = src.trailer.take() else {
-                    return Err(RecvError::Stream(
-                        "the stream ended before its trailer; nothing imported".to_owned(),
-                    ));
-                };
-                transfer = Some(start.elapsed());
-                break t;
             }
-            hatch::TAG_TRAILER => break Trailer::decode(&frames.payload).map_err(stream_err)?,
-            hatch::TAG_ERROR => return Err(RecvError::Far(lossy(&frames.payload))),
-            t => {
-                return Err(RecvError::Stream(format!(
-                    "corrupted stream: unexpected frame {:?}; nothing imported",
-                    t as char
-                )))
-            }
-        }
-    };
-    let (digest, bytes) = (*frames.hasher.finalize().as_bytes(), frames.bytes);
+        };
+        drop(tx);
+        (ended, worker.join())
+    });
+    let worker = worker.map_err(|_| RecvError::Stream("the unpacker thread panicked".into()))?;
+    let trailer = ended?;
+    let transfer = transfer_start.map(|s| s.elapsed());
+    let (digest, bytes) = (worker.digest, worker.bytes);
     if trailer.stream_bytes != bytes || trailer.digest != digest {
         return Err(RecvError::Stream(format!(
             "corrupted stream: received {bytes} bytes with blake3 {}, the agent sent {} bytes with blake3 {}; nothing imported",
@@ -330,16 +351,25 @@ fn receive(
             hatch::hex(&trailer.digest)
         )));
     }
-    if trailer.tar_bytes != frames.tar_bytes {
+    if trailer.tar_bytes != worker.tar_bytes {
         return Err(RecvError::Stream(format!(
             "corrupted stream: {} tar bytes received, the agent sent {}; nothing imported",
-            frames.tar_bytes, trailer.tar_bytes
+            worker.tar_bytes, trailer.tar_bytes
         )));
+    }
+    // The digest matched: a tar error now is the agent's archive, not the
+    // transport (only relevant when the command succeeded).
+    if trailer.status.success() {
+        if let Err(m) = worker.result {
+            return Err(RecvError::Stream(format!(
+                "unusable output archive: {m}; nothing imported"
+            )));
+        }
     }
     Ok(Received {
         trailer,
         temp_dir: hello.temp_dir,
-        temp_path_hits: unpacker.temp_path_hits.into_iter().collect(),
+        temp_path_hits: worker.temp_path_hits,
         transfer,
     })
 }
@@ -348,12 +378,122 @@ fn lossy(b: &[u8]) -> String {
     crate::util::first_line(&String::from_utf8_lossy(b)).to_owned()
 }
 
-/// Frames as they arrive, hashed and counted (all but the trailer).
-struct Frames<R: Read> {
-    r: R,
+/// Length and blake3 of the frames before the trailer.
+#[derive(Default)]
+struct Digest {
     hasher: blake3::Hasher,
     bytes: u64,
+}
+
+impl Digest {
+    fn add(&mut self, hdr: &[u8], payload: &[u8]) {
+        self.hasher.update(hdr);
+        self.hasher.update(payload);
+        self.bytes += (hdr.len() + payload.len()) as u64;
+    }
+}
+
+/// A frame handed to the unpacker thread (every frame before the trailer
+/// goes there, in order, for the digest; `data` ones also feed the tar).
+struct Msg {
+    hdr: [u8; HEADER_LEN],
+    payload: Vec<u8>,
+    data: bool,
+}
+
+struct WorkerResult {
+    result: Result<(), String>,
+    digest: [u8; 32],
+    bytes: u64,
     tar_bytes: u64,
+    temp_path_hits: Vec<String>,
+}
+
+fn unpack_worker(
+    rx: mpsc::Receiver<Msg>,
+    pool: mpsc::Sender<Vec<u8>>,
+    digest: Digest,
+    mut unpacker: unpack::Unpacker<'_>,
+) -> WorkerResult {
+    let mut src = ChanSource {
+        rx,
+        pool,
+        cur: Vec::new(),
+        pos: 0,
+        digest,
+        tar_bytes: 0,
+    };
+    let result = (|| {
+        // Only start the archive once data comes (a failed command sends
+        // none).
+        if !src.advance() {
+            return Ok(());
+        }
+        let src = unpacker.unpack(&mut src)?;
+        // Whatever follows the archive's end marker, up to the trailer.
+        io::copy(src, &mut io::sink())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })();
+    // After an error, keep hashing to the end: the digest then tells a
+    // corrupted transfer from a bad archive (nothing is imported either way).
+    while src.advance() {}
+    WorkerResult {
+        result,
+        digest: *src.digest.hasher.finalize().as_bytes(),
+        bytes: src.digest.bytes,
+        tar_bytes: src.tar_bytes,
+        temp_path_hits: unpacker.temp_path_hits.into_iter().collect(),
+    }
+}
+
+/// The tar stream, from the frames the reader thread passes on.
+struct ChanSource {
+    rx: mpsc::Receiver<Msg>,
+    pool: mpsc::Sender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+    digest: Digest,
+    tar_bytes: u64,
+}
+
+impl ChanSource {
+    /// Takes the next frame; false at the end of the stream.
+    fn advance(&mut self) -> bool {
+        loop {
+            let Ok(m) = self.rx.recv() else {
+                return false;
+            };
+            self.digest.add(&m.hdr, &m.payload);
+            if m.data {
+                self.tar_bytes += m.payload.len() as u64;
+                let old = std::mem::replace(&mut self.cur, m.payload);
+                let _ = self.pool.send(old);
+                self.pos = 0;
+                return true;
+            }
+            let _ = self.pool.send(m.payload);
+        }
+    }
+}
+
+impl Read for ChanSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.cur.len() {
+            if !self.advance() {
+                return Ok(0);
+            }
+        }
+        let n = (self.cur.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Frames as they arrive.
+struct Frames<R: Read> {
+    r: R,
     hdr: [u8; HEADER_LEN],
     payload: Vec<u8>,
 }
@@ -362,9 +502,6 @@ impl<'a> Frames<ChannelReader<'a>> {
     fn new(r: ChannelReader<'a>) -> Self {
         Frames {
             r,
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
-            tar_bytes: 0,
             hdr: [0; HEADER_LEN],
             payload: Vec::with_capacity(MAX_DATA as usize),
         }
@@ -382,76 +519,7 @@ impl<R: Read> Frames<R> {
     fn next(&mut self) -> Result<u8, FrameError> {
         let (tag, len) = hatch::read_header(&mut self.r, &mut self.hdr)?;
         hatch::read_payload(&mut self.r, len, &mut self.payload)?;
-        if tag != hatch::TAG_TRAILER {
-            self.hasher.update(&self.hdr);
-            self.hasher.update(&self.payload);
-            self.bytes += (HEADER_LEN + self.payload.len()) as u64;
-            if tag == hatch::TAG_DATA {
-                self.tar_bytes += self.payload.len() as u64;
-            }
-        }
         Ok(tag)
-    }
-}
-
-/// The tar stream: payloads of `Data` frames, log frames passed to the
-/// log on the way, EOF at the trailer.
-struct TarSource<'f, 'a> {
-    frames: &'f mut Frames<ChannelReader<'a>>,
-    log: &'f mut BuildLog,
-    /// Position in the current `Data` payload.
-    pos: usize,
-    trailer: Option<Trailer>,
-    far_error: Option<String>,
-}
-
-impl Read for TarSource<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.trailer.is_some() {
-                return Ok(0);
-            }
-            let avail = &self.frames.payload[self.pos.min(self.frames.payload.len())..];
-            if !avail.is_empty() {
-                let n = avail.len().min(buf.len());
-                buf[..n].copy_from_slice(&avail[..n]);
-                self.pos += n;
-                return Ok(n);
-            }
-            let tag = self.frames.next();
-            self.frames.flush_stderr(self.log);
-            match tag.map_err(|e| match e {
-                FrameError::Io(e) => e,
-                FrameError::Eof { .. } => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the stream ended before its trailer",
-                ),
-                other => io::Error::other(format!("corrupted stream: {other}")),
-            })? {
-                hatch::TAG_DATA => self.pos = 0,
-                hatch::TAG_LOG => {
-                    self.log.raw(&self.frames.payload);
-                    self.pos = self.frames.payload.len();
-                }
-                hatch::TAG_TRAILER => {
-                    let t = Trailer::decode(&self.frames.payload)
-                        .map_err(|e| io::Error::other(e.to_string()))?;
-                    self.pos = self.frames.payload.len();
-                    self.trailer = Some(t);
-                }
-                hatch::TAG_ERROR => {
-                    let m = lossy(&self.frames.payload);
-                    self.far_error = Some(m.clone());
-                    return Err(io::Error::other(m));
-                }
-                t => {
-                    return Err(io::Error::other(format!(
-                        "corrupted stream: unexpected frame {:?}",
-                        t as char
-                    )))
-                }
-            }
-        }
     }
 }
 
