@@ -115,3 +115,13 @@ pub fn nix_system() -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Fault injection for the fault tests: when `NIX_HATCH_FAULT` names this
+/// point, the process SIGKILLs itself right here, as if Nix or an admin had
+/// killed the hook at exactly this stage. Only consulted after `# accept`
+/// (and once before it, for an escape build), never on the `try` path.
+pub fn fault_point(name: &str) {
+    if std::env::var_os("NIX_HATCH_FAULT").is_some_and(|v| v == name) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -316,24 +316,6 @@ fn failing_command_fails_build_shows_log_tail_and_leaves_no_output() {
     assert_no_staging_leftovers(&env);
 }
 
-/// Host processes whose command line mentions `marker`.
-fn processes_mentioning(marker: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(marker) && pid_alive(pid) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
-
 #[test]
 fn timeout_kills_command_and_its_background_children() {
     let env = TestEnv::new("timeout");
@@ -985,10 +967,9 @@ fn interrupting_nix_build_stops_the_command() {
     );
     let want = env.out_path(&expr, "s");
     let mut cmd = nix_cmd("nix-build");
-    cmd.args(["--no-out-link", "--option", "substituters", ""])
-        .args(["--option", "build-hook", HOOK])
-        .arg(&expr)
-        .env("NIX_HATCH_CONFIG", env.config_path())
+    cmd.args(["--no-out-link", "--option", "substituters", ""]);
+    env.use_hook(&mut cmd, &env.config_path());
+    cmd.arg(&expr)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());

@@ -306,10 +306,7 @@ fn timeout_leaves_no_process() {
     out.assert_failed();
     out.assert_stderr_contains("timed out after 2 seconds");
     let leftover = wait_until(Duration::from_secs(10), || {
-        !fs::read_dir("/proc").unwrap().flatten().any(|p| {
-            fs::read(p.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
-        })
+        processes_mentioning(&marker).is_empty()
     });
     assert!(leftover, "a jailed process survived the timeout");
     // A later build cleans whatever the killed one left in staging.
@@ -437,19 +434,6 @@ fn same_bytes_as_nix_sandbox() {
     }
 }
 
-/// Processes whose command line contains `marker`.
-fn with_marker(marker: &str) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
-        })
-        .collect()
-}
-
 /// The nearest ancestor of `pid` running `exe`.
 fn ancestor_running(mut pid: u32, exe: &str) -> Option<u32> {
     for _ in 0..32 {
@@ -490,20 +474,21 @@ fn sigkill_of_the_hook_leaves_no_process_and_staging_is_cleaned_next_time() {
         "--option",
         "builders",
         "",
-    ])
-    .args(["--option", "build-hook", HOOK])
-    .env("NIX_HATCH_CONFIG", env.config_path())
-    .arg(&e)
-    .args(["-A", "victim"])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
+    ]);
+    env.use_hook(&mut cmd, &env.config_path());
+    cmd.arg(&e)
+        .args(["-A", "victim"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let mut build = cmd.spawn().unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || with_marker(&marker).len() >= 2),
+        wait_until(Duration::from_secs(60), || processes_mentioning(&marker)
+            .len()
+            >= 2),
         "the jailed build never started"
     );
-    let victim = with_marker(&marker)[0];
-    let hook = ancestor_running(victim, HOOK).expect("hook process above the jailed builder");
+    let victim = processes_mentioning(&marker)[0].0;
+    let hook = ancestor_running(victim, hook_exe()).expect("hook process above the jailed builder");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(hook as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -515,9 +500,10 @@ fn sigkill_of_the_hook_leaves_no_process_and_staging_is_cleaned_next_time() {
         "nix-build succeeded although its hook was killed"
     );
     assert!(
-        wait_until(Duration::from_secs(10), || with_marker(&marker).is_empty()),
+        wait_until(Duration::from_secs(10), || processes_mentioning(&marker)
+            .is_empty()),
         "jailed processes survived SIGKILL of the hook: {:?}",
-        with_marker(&marker)
+        processes_mentioning(&marker)
     );
     let staging = env.state_dir().join("staging");
     let before: Vec<_> = fs::read_dir(&staging).unwrap().flatten().collect();

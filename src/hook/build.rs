@@ -100,6 +100,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         limits,
         staging: &staging,
     };
+    crate::util::fault_point("before-build");
     if let Err(f) = executors::run(&req, log, &cancel) {
         if a.settings.get("keep-failed") == Some("true") && !matches!(f, Failure::Cancelled) {
             match staging.keep() {
@@ -132,6 +133,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         registrar,
     )
     .map_err(|e| Failure::Builder(e.to_string()))?;
+    crate::util::fault_point("after-register");
     for r in &registered {
         log.line(&format!(
             "registered {} ({} bytes, {} references)",

@@ -87,6 +87,10 @@ pub fn run(
             return 1;
         }
     };
+    if let Ok(cfg) = &config {
+        // Staging left by a hook that was killed (one readdir when clean).
+        crate::executors::staging::remove_stale(&cfg.state_dir);
+    }
     let store = Store::from_setting(settings.get("store"));
     let local_systems =
         route::local_systems(settings.get("system"), settings.get("extra-platforms"));
@@ -178,6 +182,7 @@ pub fn run(
                             Reply::Decline
                         }
                         Ok(Some(slot)) => {
+                            crate::util::fault_point("before-accept");
                             return accept(
                                 cfg, &settings, &store, executor, drv, slot, input, replies,
                                 builder,

@@ -634,6 +634,8 @@ pub fn import<'a>(
         })?;
     }
 
+    crate::util::fault_point("mid-import");
+
     // 5. Register everything in one call.
     let mut records = String::new();
     let mut registered = Vec::with_capacity(req.outputs.len());

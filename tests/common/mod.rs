@@ -1,5 +1,16 @@
 //! Harness for end-to-end tests against the real Nix installed on the machine
-//! (Debian 12: Nix 2.8 from `nix-bin`).
+//! (Debian 12: Nix 2.8 from `nix-bin`), or Nix 2.26 in a Debian 13 root.
+//!
+//! Which Nix and which hook form (both set by `scripts/test`):
+//! - `NIX_HATCH_TEST_NIX=2.26`: the test binary runs inside the trixie root
+//!   (`scripts/nix-root run`, cargo's target runner), so every Nix command,
+//!   the hook and the test's own reads of /nix/store and /proc see that
+//!   root's Nix and store. The harness only checks that `nix-store
+//!   --version` is the announced one (a misconfigured run fails loudly
+//!   instead of testing the wrong Nix).
+//! - `NIX_HATCH_TEST_HOOK=list`: `build-hook = <nix-hatch> hook --config
+//!   <config>` (the list form Nix ≥ 2.19 accepts); default `path`:
+//!   `build-hook = <nix-hatch-hook>` with `NIX_HATCH_CONFIG` (every Nix).
 //!
 //! Every test gets a [`TestEnv`]: a private temp dir holding the hook's
 //! config, its state dir, the admin command scripts and the Nix expressions,
@@ -48,6 +59,90 @@ pub const EXECUTOR: &str = "hostx";
 
 pub fn hook_bin() -> PathBuf {
     PathBuf::from(HOOK)
+}
+
+/// How the tests configure `build-hook` (`NIX_HATCH_TEST_HOOK`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookForm {
+    /// `build-hook = /path/nix-hatch-hook`, config from `NIX_HATCH_CONFIG`.
+    Path,
+    /// `build-hook = /path/nix-hatch hook --config /path/config.toml`.
+    List,
+}
+
+pub fn hook_form() -> HookForm {
+    match std::env::var("NIX_HATCH_TEST_HOOK").as_deref() {
+        Ok("list") => HookForm::List,
+        Ok("path") | Ok("") | Err(_) => HookForm::Path,
+        Ok(other) => panic!("NIX_HATCH_TEST_HOOK={other:?}: expected \"path\" or \"list\""),
+    }
+}
+
+/// The `build-hook` value that runs nix-hatch with `config`.
+pub fn hook_setting(config: &Path) -> String {
+    match hook_form() {
+        HookForm::Path => HOOK.to_owned(),
+        HookForm::List => format!("{CLI} hook --config {}", config.display()),
+    }
+}
+
+/// The executable of the hook process Nix starts.
+pub fn hook_exe() -> &'static str {
+    match hook_form() {
+        HookForm::Path => HOOK,
+        HookForm::List => CLI,
+    }
+}
+
+/// `nix-store --version` of the Nix under test, e.g. `2.26.3`.
+pub fn nix_version() -> &'static str {
+    static V: OnceLock<String> = OnceLock::new();
+    V.get_or_init(|| {
+        let out = run(
+            nix_cmd("nix-store").arg("--version"),
+            Duration::from_secs(30),
+        );
+        out.assert_ok();
+        out.stdout
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    })
+}
+
+/// (major, minor) of [`nix_version`].
+pub fn nix_minor() -> (u32, u32) {
+    let mut it = nix_version().split('.').map(|p| p.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Nix 2.25 … 2.33 overwrite `build-hook` from the system nix.conf with
+/// their default (`nix __build-remote`) right after reading it
+/// (NixOS/nix#15083, fixed in 2.34); `NIX_CONFIG`, user config files and
+/// `--option` still work.
+pub fn nix_conf_build_hook_ignored() -> bool {
+    ((2, 25)..(2, 34)).contains(&nix_minor())
+}
+
+/// Fails unless the Nix on PATH is the one `NIX_HATCH_TEST_NIX` announces
+/// and it supports the hook form under test.
+#[track_caller]
+pub fn check_nix_under_test() {
+    if let Ok(want) = std::env::var("NIX_HATCH_TEST_NIX") {
+        let have = nix_version();
+        assert!(
+            have == want || have.starts_with(&format!("{want}.")),
+            "NIX_HATCH_TEST_NIX={want} but nix-store on PATH is {have} (run the suite through scripts/test --nix {want})"
+        );
+    }
+    if hook_form() == HookForm::List {
+        assert!(
+            nix_minor() >= (2, 19),
+            "NIX_HATCH_TEST_HOOK=list needs Nix >= 2.19 (build-hook as a list); this is {}",
+            nix_version()
+        );
+    }
 }
 
 pub fn cli_bin() -> PathBuf {
@@ -240,7 +335,8 @@ pub fn nix_cmd(program: &str) -> Command {
     c.env_remove("NIX_REMOTE")
         .env_remove("NIX_DAEMON_SOCKET_PATH")
         .env_remove("NIX_HATCH_CONFIG")
-        .env_remove("NIX_CONF_DIR");
+        .env_remove("NIX_CONF_DIR")
+        .env_remove("NIX_CONFIG");
     c
 }
 
@@ -536,6 +632,7 @@ impl TestEnv {
     /// A fresh temp dir (`/tmp/nhtest-<name>-XXXX`) with a `state` dir.
     pub fn new(name: &str) -> Self {
         require_root();
+        check_nix_under_test();
         // NIX_HATCH_KEEP_TEST_DIRS=1 keeps the dirs (config, scripts,
         // expressions, daemon log) for debugging.
         let keep = std::env::var_os("NIX_HATCH_KEEP_TEST_DIRS").is_some_and(|v| v != "0");
@@ -622,9 +719,15 @@ impl TestEnv {
     /// `NIX_HATCH_CONFIG` pointing at this env's config.
     pub fn nix_build(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Output {
         let mut c = self.nix_build_cmd(expr, attrs, extra);
-        c.args(["--option", "build-hook", HOOK]);
-        c.env("NIX_HATCH_CONFIG", self.config_path());
+        self.use_hook(&mut c, &self.config_path());
         run(&mut c, NIX_LIMIT)
+    }
+
+    /// Adds `--option build-hook <nix-hatch with config>` (in the form under
+    /// test, see [`hook_setting`]) and `NIX_HATCH_CONFIG=config` to `cmd`.
+    pub fn use_hook(&self, cmd: &mut Command, config: &Path) {
+        cmd.args(["--option", "build-hook", &hook_setting(config)]);
+        cmd.env("NIX_HATCH_CONFIG", config);
     }
 
     /// Like [`TestEnv::nix_build`] but with `NIX_HATCH_CONFIG` set to
@@ -637,8 +740,7 @@ impl TestEnv {
         extra: &[&str],
     ) -> Output {
         let mut c = self.nix_build_cmd(expr, attrs, extra);
-        c.args(["--option", "build-hook", HOOK]);
-        c.env("NIX_HATCH_CONFIG", config);
+        self.use_hook(&mut c, config);
         run(&mut c, NIX_LIMIT)
     }
 
@@ -761,8 +863,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts a daemon whose nix.conf sets `build-hook = hook` (if given),
-    /// and whose environment has `NIX_HATCH_CONFIG` = the env's config.
+    /// Starts a daemon whose nix.conf sets `build-hook = hook` (if given;
+    /// [`hook_bin`] stands for nix-hatch in the form under test, see
+    /// [`hook_setting`]), and whose environment has `NIX_HATCH_CONFIG` = the
+    /// env's config.
     pub fn start(env: &TestEnv, hook: Option<&Path>) -> Daemon {
         let conf_dir = env.path("daemon-conf");
         fs::create_dir_all(&conf_dir).unwrap();
@@ -775,12 +879,24 @@ impl Daemon {
         conf.push_str("substituters =\n");
         conf.push_str("builders =\n");
         let _ = writeln!(conf, "extra-system-features = {marker_feature}");
+        let mut hook_setting_value = None;
         if let Some(h) = hook {
-            let _ = writeln!(conf, "build-hook = {}", h.display());
+            let setting = if h == Path::new(HOOK) {
+                hook_setting(&env.config_path())
+            } else {
+                h.display().to_string()
+            };
+            let _ = writeln!(conf, "build-hook = {setting}");
+            hook_setting_value = Some(setting);
         }
         fs::write(conf_dir.join("nix.conf"), conf).unwrap();
         let logf = fs::File::create(&log).unwrap();
-        let child = nix_cmd("nix-daemon")
+        let mut cmd = nix_cmd("nix-daemon");
+        if let Some(setting) = hook_setting_value.filter(|_| nix_conf_build_hook_ignored()) {
+            // What the README tells users of these versions to do.
+            cmd.env("NIX_CONFIG", format!("build-hook = {setting}"));
+        }
+        let child = cmd
             .env("NIX_CONF_DIR", &conf_dir)
             .env("NIX_USER_CONF_FILES", conf_dir.join("no-user.conf"))
             .env("NIX_DAEMON_SOCKET_PATH", &socket)
@@ -871,4 +987,22 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Host processes whose command line mentions `marker`.
+pub fn processes_mentioning(marker: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(marker) && pid_alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
 }

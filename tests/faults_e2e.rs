@@ -1,0 +1,296 @@
+//! Faults: the hook killed at every stage, SIGTERM mid-build, a full state
+//! dir, and load through one daemon. Whatever happens, the store stays
+//! consistent (no valid path without its contents, no half-registered
+//! output), no build process survives, and staging is cleaned (at once, or
+//! by the next build).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn read(p: impl AsRef<Path>) -> String {
+    fs::read_to_string(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+fn staging_entries(env: &TestEnv) -> Vec<String> {
+    fs::read_dir(env.state_dir().join("staging"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An escape build whose output references an input (busybox) and itself.
+const REFS: &str = r#"{
+  e = escape { name = "fault"; script = ''
+    mkdir -p "$out"
+    echo "@BB@ $out" > "$out/refs"
+  ''; };
+  next = plain { name = "fault-next"; script = "echo > $out"; };
+}"#;
+
+fn nix_build_with(env: &TestEnv, expr: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut cmd = nix_cmd("nix-build");
+    cmd.args([
+        "--no-out-link",
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "builders",
+        "",
+    ]);
+    env.use_hook(&mut cmd, &env.config_path());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.arg(expr).args(args);
+    run(&mut cmd, NIX_LIMIT)
+}
+
+#[test]
+fn hook_killed_at_every_stage_leaves_a_consistent_store() {
+    for stage in [
+        "before-accept",
+        "before-build",
+        "mid-import",
+        "after-register",
+    ] {
+        let env = TestEnv::new(&format!("kill-{stage}"));
+        env.write_host_config(&env.standard_config());
+        let expr = env.write_expr("fault.nix", REFS);
+        let want = env.out_path(&expr, "e");
+        let e = ["-A", "e"];
+        let out = nix_build_with(&env, &expr, &e, &[("NIX_HATCH_FAULT", stage)]);
+        out.assert_failed();
+        if stage == "after-register" {
+            // Registered before the kill: valid and complete.
+            assert!(is_valid(&want), "{stage}: {want} not valid");
+            run(
+                nix_cmd("nix-store").args(["--verify-path", &want]),
+                NIX_LIMIT,
+            )
+            .assert_ok();
+        } else {
+            assert!(
+                !is_valid(&want),
+                "{stage}: {want} valid after the hook was killed"
+            );
+        }
+        // The next build succeeds (a leftover at the output path is stale
+        // and invalid: it is replaced) and leaves staging empty.
+        let again = nix_build_with(&env, &expr, &e, &[]);
+        again.assert_ok();
+        // Any later hook start removes what a killed hook left in staging.
+        nix_build_with(&env, &expr, &["-A", "next"], &[]).assert_ok();
+        assert!(is_valid(&want), "{stage}: {want} not valid after the retry");
+        assert_eq!(
+            read(format!("{want}/refs")),
+            format!("{} {want}\n", busybox())
+        );
+        let refs = references(&want);
+        assert!(
+            refs.contains(busybox()) && refs.contains(&want),
+            "{stage}: {refs:?}"
+        );
+        assert!(
+            staging_entries(&env).is_empty(),
+            "{stage}: staging left: {:?}",
+            staging_entries(&env)
+        );
+    }
+}
+
+/// The hook processes serving this test env (by their NIX_HATCH_CONFIG).
+fn hooks_of(env: &TestEnv) -> Vec<u32> {
+    let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.to_string_lossy().contains("nix-hatch"))
+                && fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
+    let env = TestEnv::new("sigterm");
+    env.write_host_config(&env.standard_config());
+    std::os::unix::fs::symlink("/bin/sleep", env.path("term-sleep")).unwrap();
+    let expr = env.write_expr(
+        "term.nix",
+        r#"{ e = escape { name = "terminated"; script = ''
+    touch "@DIR@/started"
+    "@DIR@/term-sleep" 600
+    echo late > "$out"
+  ''; }; }"#,
+    );
+    let want = env.out_path(&expr, "e");
+    let mut cmd = nix_cmd("nix-build");
+    cmd.args([
+        "--no-out-link",
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "builders",
+        "",
+    ]);
+    env.use_hook(&mut cmd, &env.config_path());
+    cmd.arg(&expr)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || env.path("started").exists()),
+        "the command never started"
+    );
+    let hooks = hooks_of(&env);
+    assert!(!hooks.is_empty(), "no hook process found");
+    for h in &hooks {
+        let _ = Command::new("kill")
+            .args(["-TERM", &h.to_string()])
+            .status();
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let sleeper = env.path("term-sleep").to_string_lossy().into_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_mentioning(&sleeper)
+            .is_empty()),
+        "command survived SIGTERM of the hook: {:?}",
+        processes_mentioning(&sleeper)
+    );
+    // The hook removed its staging dir itself before exiting.
+    assert!(
+        staging_entries(&env).is_empty(),
+        "staging left: {:?}",
+        staging_entries(&env)
+    );
+    assert!(!is_valid(&want));
+    assert!(!exists_on_disk(&want), "{want} left on disk");
+}
+
+/// A tmpfs of `size` mounted on `path` for the test's lifetime.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> SmallFs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", path.display());
+        SmallFs(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_state_dir_fails_the_build_cleanly() {
+    let env = TestEnv::new("diskfull");
+    env.write_host_config(&env.standard_config());
+    let _fs = SmallFs::mount(&env.state_dir(), "2m");
+    let expr = env.write_expr(
+        "full.nix",
+        r#"{ e = escape { name = "too-big"; script = ''
+    head -c 8388608 /dev/zero > "$out"
+  ''; }; }"#,
+    );
+    let want = env.out_path(&expr, "e");
+    let out = env.nix_build(&expr, &["e"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("No space left on device");
+    assert!(!is_valid(&want));
+    assert!(!exists_on_disk(&want), "{want} left on disk");
+    assert!(
+        staging_entries(&env).is_empty(),
+        "staging left: {:?}",
+        staging_entries(&env)
+    );
+}
+
+#[test]
+fn load_through_one_daemon_respects_slots_and_keeps_the_store_valid() {
+    const CLIENTS: usize = 4;
+    const PER_CLIENT: usize = 10; // half escape, half plain
+    let env = TestEnv::new("load");
+    let mut cfg = env.standard_config();
+    cfg.max_jobs = 2;
+    env.write_host_config(&cfg);
+    let d = env.path("conc");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("running"), "0\n").unwrap();
+    fs::write(d.join("max"), "0\n").unwrap();
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    // Each escape build records how many run at once (under flock) and
+    // does a little work so that builds overlap.
+    let script = r#"
+    D="@DIR@/conc"
+    exec 9>"$D/lock"
+    flock 9; n=$(( $(cat "$D/running") + 1 )); echo "$n" > "$D/running"
+    m=$(cat "$D/max"); if [ "$n" -gt "$m" ]; then echo "$n" > "$D/max"; fi; flock -u 9
+    head -c 4000000 /dev/urandom | sha256sum > "$out"
+    flock 9; echo $(( $(cat "$D/running") - 1 )) > "$D/running"; flock -u 9
+"#;
+    let mut exprs = Vec::new();
+    for c in 0..CLIENTS {
+        let mut body = format!("let work = ''{script}''; in {{\n");
+        for i in 0..PER_CLIENT {
+            if i % 2 == 0 {
+                body.push_str(&format!(
+                    "  d{i} = escape {{ name = \"load-{c}-{i}\"; script = work; }};\n"
+                ));
+            } else {
+                body.push_str(&format!(
+                    "  d{i} = plain {{ name = \"load-{c}-{i}\"; script = \"echo {c}-{i} > $out\"; }};\n"
+                ));
+            }
+        }
+        body.push('}');
+        exprs.push(env.write_expr(&format!("load{c}.nix"), &body));
+    }
+    let handles: Vec<_> = exprs
+        .iter()
+        .map(|e| {
+            let mut cmd = nix_cmd("nix-build");
+            cmd.args(["--no-out-link", "-j", "4"]).arg(e);
+            daemon.client_env(&mut cmd);
+            std::thread::spawn(move || run(&mut cmd, NIX_LIMIT))
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().assert_ok();
+    }
+    for e in &exprs {
+        for i in 0..PER_CLIENT {
+            let p = env.out_path(e, &format!("d{i}"));
+            assert!(is_valid(&p), "{p} not valid");
+        }
+    }
+    let max: u32 = read(d.join("max")).trim().parse().unwrap();
+    assert!(
+        (1..=2).contains(&max),
+        "max-jobs = 2 but {max} escape builds ran at once"
+    );
+    assert!(staging_entries(&env).is_empty());
+    verify_store().assert_ok();
+}
