@@ -84,6 +84,9 @@ pub struct JailExecutor {
     pub daemon_socket: PathBuf,
     /// The bubblewrap program.
     pub bwrap: PathBuf,
+    /// Rules, credentials and trust store of the policy proxy; `Some`
+    /// exactly when `network = "proxy"`.
+    pub proxy: Option<crate::proxy::ProxySettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +95,8 @@ pub enum Network {
     None,
     /// The host's network.
     Host,
+    /// Own namespace, loopback only; the one way out is the policy proxy.
+    Proxy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,12 +334,7 @@ fn parse_jail(ctx: &str, k: &mut Keys, p: &mut Problems, user: &str) -> Option<E
     let network = match k.string(p, "network").as_deref() {
         None | Some("none") => Network::None,
         Some("host") => Network::Host,
-        Some("proxy") => {
-            p.push(format!(
-                "{ctx}.network: \"proxy\" is not available in this version of nix-hatch yet"
-            ));
-            Network::None
-        }
+        Some("proxy") => Network::Proxy,
         Some(other) => {
             p.push(format!(
                 "{ctx}.network: expected \"none\", \"proxy\" or \"host\", got {other:?}"
@@ -366,6 +366,7 @@ fn parse_jail(ctx: &str, k: &mut Keys, p: &mut Problems, user: &str) -> Option<E
         .string(p, "bwrap")
         .map(PathBuf::from)
         .unwrap_or_else(find_bwrap);
+    let proxy = crate::proxy::config::parse(ctx, k, p, network == Network::Proxy);
     Some(ExecutorKind::Jail(JailExecutor {
         network,
         ro_binds,
@@ -373,6 +374,7 @@ fn parse_jail(ctx: &str, k: &mut Keys, p: &mut Problems, user: &str) -> Option<E
         nix_daemon,
         daemon_socket,
         bwrap,
+        proxy,
     }))
 }
 
@@ -445,6 +447,11 @@ impl<'a> Keys<'a> {
     fn get(&mut self, key: &'static str) -> Option<&'a Value> {
         self.seen.push(key);
         self.table.get(key)
+    }
+
+    /// The raw value of `key` (marked as read), for structured keys.
+    pub(crate) fn value(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.get(key)
     }
 
     pub(crate) fn string(&mut self, p: &mut Problems, key: &'static str) -> Option<String> {

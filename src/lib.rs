@@ -14,5 +14,6 @@ pub mod executors;
 pub mod fuzzing;
 pub mod hook;
 pub mod protocol;
+pub mod proxy;
 pub mod store;
 pub mod util;

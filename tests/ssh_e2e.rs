@@ -602,6 +602,41 @@ fn connection_lost_mid_transfer_fails_cleanly() {
     remote.assert_clean();
 }
 
+/// `timeout` is enforced on the far side: the command and what it left
+/// running in the background are killed, and the build fails as timed out.
+#[test]
+fn timeout_kills_the_remote_command_and_its_children() {
+    let env = TestEnv::new("ssh-timeout");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    let kh = remote.sshd.known_hosts_line.clone();
+    remote.config(&env, &agent, &kh, &remote.sshd.identity, "");
+    // Same config with timeout 2 instead of 120.
+    let text = fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace("timeout = 120", "timeout = 2");
+    env.write_config(&text);
+    let e = expr(
+        &env,
+        "timeout.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv(
+                "ssh-timeout",
+                "sleep 300 & sleep 301 & echo started; sleep 302"
+            )
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("started");
+    out.assert_stderr_contains("timed out after 2 seconds");
+    assert!(out.elapsed < Duration::from_secs(60), "{}", out.describe());
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
 #[test]
 fn check_validates_files_and_connect_reports_each_executor() {
     let env = TestEnv::new("ssh-check");
@@ -787,5 +822,140 @@ fn bench_transfer_512mib() {
     println!(
         "bench-ssh: ratio transfer ((ssh cat - ssh true) / nix-hatch data phase) {:.2}",
         (cat - setup).max(1e-6) / hatch
+    );
+}
+
+/// The agent on its own (no sshd), as an unprivileged account: no pid
+/// namespace, so its process group, death signal and subreaper must do.
+/// A finished build streams log, tar and a trailer whose digest covers
+/// everything before it; a build whose stdin ends is killed with whatever it
+/// left in the background, and the temp dir goes.
+#[test]
+fn agent_as_non_root_streams_and_dies_with_its_stdin() {
+    use nix_hatch::protocol::hatch::{self, Request, Status, Trailer};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let dir = tempfile::Builder::new()
+        .prefix("nhtest-agent-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let start = |script: &str| {
+        let mut child = Command::new(CLI)
+            .arg("agent")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("TMPDIR", &tmp)
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let req = Request {
+            argv: vec![
+                b"/bin/sh".to_vec(),
+                b"-c".to_vec(),
+                script.as_bytes().to_vec(),
+            ],
+            env: vec![(b"GREETING".to_vec(), b"hello".to_vec())],
+            outputs: vec!["out".into()],
+            timeout: 0,
+            max_silent: 0,
+        }
+        .encode();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(&hatch::header(hatch::TAG_REQUEST, req.len()))
+            .unwrap();
+        stdin.write_all(&req).unwrap();
+        (child, stdin)
+    };
+    // Reads one frame: (tag, header, payload).
+    let frame = |r: &mut dyn Read| {
+        let mut hdr = [0u8; hatch::HEADER_LEN];
+        let mut r = r;
+        let (tag, len) = hatch::read_header(&mut r, &mut hdr).unwrap();
+        let mut p = Vec::new();
+        hatch::read_payload(&mut r, len, &mut p).unwrap();
+        (tag, hdr, p)
+    };
+
+    // A build that succeeds.
+    let (mut child, stdin) =
+        start("echo \"$GREETING from $(id -u)\"; mkdir $out; echo hi > $out/f");
+    let mut out = child.stdout.take().unwrap();
+    let mut hasher = blake3::Hasher::new();
+    let mut bytes = 0u64;
+    let (mut log, mut tar) = (Vec::new(), Vec::new());
+    let trailer = loop {
+        let (tag, hdr, p) = frame(&mut out);
+        if tag == hatch::TAG_TRAILER {
+            break Trailer::decode(&p).unwrap();
+        }
+        hasher.update(&hdr);
+        hasher.update(&p);
+        bytes += (hdr.len() + p.len()) as u64;
+        match tag {
+            hatch::TAG_LOG => log.extend_from_slice(&p),
+            hatch::TAG_DATA => tar.extend_from_slice(&p),
+            hatch::TAG_HELLO => {}
+            t => panic!("unexpected frame {t}"),
+        }
+    };
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(String::from_utf8_lossy(&log), "hello from 65534\n");
+    assert_eq!(trailer.status, Status::Exited(0));
+    assert_eq!(trailer.stream_bytes, bytes);
+    assert_eq!(&trailer.digest, hasher.finalize().as_bytes());
+    assert_eq!(trailer.tar_bytes, tar.len() as u64);
+    let mut ar = tar::Archive::new(&tar[..]);
+    let names: Vec<String> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["out", "out/f"]);
+    assert!(wait_until(Duration::from_secs(10), || fs::read_dir(&tmp)
+        .unwrap()
+        .count()
+        == 0));
+
+    // A build whose executor goes away.
+    let (mut child, stdin) = start("sleep 300 & setsid sleep 301 & echo started; sleep 302");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("started") {
+        let (tag, _, p) = frame(&mut out);
+        if tag == hatch::TAG_LOG {
+            seen.extend_from_slice(&p);
+        }
+    }
+    let needle = tmp.to_string_lossy().into_owned();
+    assert!(!processes_with_env(&needle).is_empty());
+    drop(stdin);
+    assert!(wait_until(Duration::from_secs(20), || matches!(
+        child.try_wait(),
+        Ok(Some(_))
+    )));
+    let clean = wait_until(Duration::from_secs(20), || {
+        processes_with_env(&needle).is_empty() && fs::read_dir(&tmp).unwrap().count() == 0
+    });
+    assert!(
+        clean,
+        "left behind: {:?} {:?}",
+        processes_with_env(&needle),
+        fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
     );
 }

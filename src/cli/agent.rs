@@ -534,10 +534,11 @@ fn append<W: Write>(
         h.set_mode(if md.mode() & 0o100 != 0 { 0o755 } else { 0o644 });
         h.set_size(md.len());
         // A file that changes size under us would corrupt the archive.
-        let mut limited = f.take(md.len());
+        // Large reads: io::copy uses a BufReader's own buffer.
+        let mut limited = io::BufReader::with_capacity(MAX_DATA as usize, f.take(md.len()));
         b.append_data(&mut h, name, &mut limited)
             .map_err(TarError::Io)?;
-        if limited.limit() != 0 {
+        if limited.get_ref().limit() != 0 || !limited.buffer().is_empty() {
             return Err(TarError::Report(format!(
                 "{} shrank while it was being sent",
                 fs_path.display()

@@ -50,6 +50,9 @@ pub fn environment_problems(config: &Config) -> Vec<String> {
 /// configured devices and ro-binds present.
 fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec<String> {
     let mut problems = Vec::new();
+    if let Some(px) = &j.proxy {
+        problems.extend(crate::proxy::config::file_problems(name, px, &j.ro_binds));
+    }
     for d in &j.devices {
         if !d.exists() {
             problems.push(format!("executors.{name}.devices: {} does not exist on this machine (builds will fail naming it)", d.display()));

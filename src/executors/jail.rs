@@ -18,6 +18,7 @@ use super::{host, BuildRequest, Failure};
 use crate::config::{JailExecutor, Network};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
 use crate::hook::buildlog::BuildLog;
+use crate::proxy::Proxy;
 use crate::util::{lookup_user, Account};
 
 /// Where the build dir appears inside, as in Nix's sandbox.
@@ -84,12 +85,49 @@ pub fn run(
             req.executor.name
         ));
     }
+    let mut proxy = match &jail.proxy {
+        Some(settings) => {
+            let p = start_proxy(req, settings)?;
+            for k in Proxy::REMOVED_ENV {
+                env.remove(*k);
+            }
+            for (k, v) in p.env() {
+                env.insert(k.into(), OsString::from(v));
+            }
+            Some(p)
+        }
+        None => None,
+    };
 
-    let args = bwrap_args(req, jail, &etc, &tmp);
+    let args = bwrap_args(
+        req,
+        jail,
+        &etc,
+        &tmp,
+        proxy.as_ref().map(|p| p.ca_bundle.as_path()),
+    );
     let mut cmd = Command::new(&jail.bwrap);
     cmd.args(args).env_clear().envs(&env);
+    if let Some(p) = &proxy {
+        // Before run_as: entering the namespace needs the privileges it drops.
+        p.enter_on_spawn(&mut cmd)
+            .map_err(|e| Failure::Internal(format!("proxy network: {e}")))?;
+    }
     crate::util::run_as(&mut cmd, &account);
-    let outcome = supervise::run_logged(cmd, log, req.limits, cancel).map_err(|e| {
+    let outcome = supervise::run_logged_with(
+        cmd,
+        log,
+        req.limits,
+        cancel,
+        proxy.as_mut().map(|p| p.log_reader()),
+    );
+    if let Some(p) = proxy {
+        let rest = p.stop();
+        if !rest.is_empty() {
+            log.raw(&rest);
+        }
+    }
+    let outcome = outcome.map_err(|e| {
         Failure::Internal(format!(
             "executor {:?}: starting {}: {e}",
             req.executor.name,
@@ -99,8 +137,34 @@ pub fn run(
     host::interpret(outcome, &req.executor.name, true)
 }
 
+/// The build's policy proxy (network = "proxy"), listening in the jail's
+/// own network namespace.
+fn start_proxy(
+    req: &BuildRequest,
+    settings: &crate::proxy::ProxySettings,
+) -> Result<Proxy, Failure> {
+    let root = &req.staging.root;
+    let state_dir = root.parent().and_then(Path::parent).unwrap_or(root);
+    Proxy::start(
+        settings,
+        &crate::proxy::BuildInfo {
+            drv: &req.drv.path,
+            executor: &req.executor.name,
+            state_dir,
+            staging_root: root,
+        },
+    )
+    .map_err(|e| Failure::Internal(format!("executor {:?}: proxy: {e}", req.executor.name)))
+}
+
 /// The bubblewrap command line (after the program name).
-fn bwrap_args(req: &BuildRequest, jail: &JailExecutor, etc: &Path, tmp: &Path) -> Vec<OsString> {
+fn bwrap_args(
+    req: &BuildRequest,
+    jail: &JailExecutor,
+    etc: &Path,
+    tmp: &Path,
+    proxy_ca: Option<&Path>,
+) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |xs: &[&dyn AsRef<std::ffi::OsStr>]| {
         for x in xs {
@@ -116,7 +180,9 @@ fn bwrap_args(req: &BuildRequest, jail: &JailExecutor, etc: &Path, tmp: &Path) -
         &"--unshare-uts",
         &"--unshare-cgroup-try",
     ]);
-    if jail.network != Network::Host {
+    // network = "proxy": the child is started in the namespace the hook
+    // made (loopback and the proxy only), see `proxy::netns`.
+    if jail.network == Network::None {
         push(&[&"--unshare-net"]);
     }
     push(&[
@@ -155,6 +221,10 @@ fn bwrap_args(req: &BuildRequest, jail: &JailExecutor, etc: &Path, tmp: &Path) -
     }
     for d in &jail.devices {
         push(&[&"--dev-bind", d, d]);
+    }
+    // After ro-binds, so it wins over a bound /etc/ssl/certs.
+    if let Some(ca) = proxy_ca {
+        push(&[&"--ro-bind", &ca, &crate::proxy::JAIL_CA_FILE]);
     }
     if jail.nix_daemon {
         push(&[

@@ -94,10 +94,25 @@ pub enum Outcome {
 /// waits for it under `limits`. On timeout or cancel the child is killed
 /// with SIGKILL and the pipe drained until every writer is gone.
 pub fn run_logged(
+    cmd: Command,
+    log: &mut BuildLog,
+    limits: Limits,
+    cancel: &Cancel,
+) -> io::Result<Outcome> {
+    run_logged_with(cmd, log, limits, cancel, None)
+}
+
+/// [`run_logged`], also copying whole lines from `side` (another writer of
+/// nix-hatch's own lines, e.g. the jail's proxy) into the log as they
+/// come. Side lines do not count as the builder's output for
+/// `max-silent-time`; a side line that arrives while the builder is in the
+/// middle of a line starts on a new one.
+pub fn run_logged_with(
     mut cmd: Command,
     log: &mut BuildLog,
     limits: Limits,
     cancel: &Cancel,
+    mut side: Option<&mut File>,
 ) -> io::Result<Outcome> {
     let (read, write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
@@ -114,6 +129,7 @@ pub fn run_logged(
     let mut last_output = start;
     let mut buf = vec![0u8; 64 * 1024];
     let mut pipe_open = true;
+    let mut mid_line = false;
     loop {
         let now = Instant::now();
         let mut deadline: Option<(Instant, bool)> = None; // (when, is_total_timeout)
@@ -143,14 +159,17 @@ pub fn run_logged(
             .unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
-        let (pipe_ready, exited, cancelled) = {
-            let mut fds = Vec::with_capacity(3);
+        let (pipe_ready, exited, cancelled, side_ready) = {
+            let mut fds = Vec::with_capacity(4);
             if pipe_open {
                 fds.push(PollFd::new(read.as_fd(), PollFlags::POLLIN));
             }
             fds.push(PollFd::new(cancel.read.as_fd(), PollFlags::POLLIN));
             if let Some(p) = &pidfd {
                 fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(f) = &side {
+                fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
@@ -165,8 +184,25 @@ pub fn run_logged(
             };
             let cancelled = ready(&fds[i]);
             let exited = pidfd.is_some() && ready(&fds[i + 1]);
-            (pipe_ready, exited, cancelled)
+            let side_ready = side.is_some() && ready(&fds[fds.len() - 1]);
+            (pipe_ready, exited, cancelled, side_ready)
         };
+        if side_ready {
+            if let Some(f) = side.as_deref_mut() {
+                match f.read(&mut buf) {
+                    Ok(0) => side = None,
+                    Ok(n) => {
+                        if mid_line {
+                            log.raw(b"\n");
+                            mid_line = false;
+                        }
+                        log.raw(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => side = None,
+                }
+            }
+        }
         if cancelled {
             kill_and_drain(&mut child, &mut read, log, pipe_open);
             return Ok(Outcome::Cancelled);
@@ -176,6 +212,7 @@ pub fn run_logged(
                 Ok(0) => pipe_open = false,
                 Ok(n) => {
                     log.raw(&buf[..n]);
+                    mid_line = buf[n - 1] != b'\n';
                     last_output = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -535,6 +535,7 @@ struct ChannelReader<'a> {
     silent: Option<(Duration, u64)>,
     last_data: Instant,
     last_inbound: Instant,
+    last_checks: Instant,
     pending_stderr: Vec<u8>,
     tail: Vec<u8>,
     stopped: Option<Failure>,
@@ -556,6 +557,7 @@ impl<'a> ChannelReader<'a> {
             silent: limits.max_silent.map(|s| (s + GRACE, s.as_secs())),
             last_data: now,
             last_inbound: now,
+            last_checks: now,
             pending_stderr: Vec::new(),
             tail: Vec::new(),
             stopped: None,
@@ -591,10 +593,15 @@ impl<'a> ChannelReader<'a> {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        if self.cancel.is_cancelled() {
-            return Err(self.stop(Failure::Cancelled));
-        }
         let now = Instant::now();
+        // A poll(2) of its own: at most every 50 ms while data flows.
+        if now.duration_since(self.last_checks) >= Duration::from_millis(50) {
+            self.last_checks = now;
+            if self.cancel.is_cancelled() {
+                return Err(self.stop(Failure::Cancelled));
+            }
+            let _ = self.conn.session.keepalive_send();
+        }
         let mut next = now + Duration::from_millis(250);
         if let Some((when, secs)) = self.deadline {
             if now >= when {
@@ -620,7 +627,6 @@ impl<'a> ChannelReader<'a> {
                 DEAD_AFTER.as_secs()
             )));
         }
-        let _ = self.conn.session.keepalive_send();
         let events = match self.conn.session.block_directions() {
             BlockDirections::Outbound => PollFlags::POLLOUT,
             BlockDirections::Both => PollFlags::POLLIN | PollFlags::POLLOUT,

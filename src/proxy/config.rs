@@ -1,0 +1,314 @@
+//! The proxy's keys in a `jail` executor: `allow`, `credentials`,
+//! `upstream-ca`. Parsing reports every problem as one line (like the rest
+//! of the config); [`file_problems`] checks what only this machine can tell
+//! (value files and their permissions, the CA bundle) for `nix-hatch check`.
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use toml::Value;
+
+use super::credentials;
+use super::rules::{self, Rule};
+use crate::config::{Bind, Keys, Problems};
+
+/// The host trust store the upstream side is verified against by default
+/// (Debian, NixOS and most distributions have this bundle).
+pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    pub rules: Vec<Rule>,
+    pub credentials: Vec<CredentialSpec>,
+    /// PEM bundle the upstream TLS side is verified against (default:
+    /// [`HOST_CA_BUNDLE`]).
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl ProxySettings {
+    pub fn upstream_ca_path(&self) -> &Path {
+        self.upstream_ca
+            .as_deref()
+            .unwrap_or(Path::new(HOST_CA_BUNDLE))
+    }
+}
+
+/// `{ host = regex, header = "Authorization", value-file = "/root/x", prefix = "Bearer " }`
+#[derive(Debug, Clone)]
+pub struct CredentialSpec {
+    pub host_src: String,
+    pub host: Regex,
+    pub header: String,
+    pub value_file: PathBuf,
+    pub prefix: String,
+}
+
+/// Reads the proxy keys of `[executors.<name>]`; `Some` exactly when
+/// `network = "proxy"`. With another network the keys are an error (they
+/// would silently do nothing).
+pub(crate) fn parse(
+    ctx: &str,
+    k: &mut Keys,
+    p: &mut Problems,
+    proxy: bool,
+) -> Option<ProxySettings> {
+    let allow = k.value("allow");
+    let creds = k.value("credentials");
+    let upstream_ca = k.string(p, "upstream-ca").map(PathBuf::from);
+    if !proxy {
+        for (key, present) in [
+            ("allow", allow.is_some()),
+            ("credentials", creds.is_some()),
+            ("upstream-ca", upstream_ca.is_some()),
+        ] {
+            if present {
+                p.push(format!("{ctx}.{key}: only used with network = \"proxy\""));
+            }
+        }
+        return None;
+    }
+    let mut s = ProxySettings {
+        upstream_ca,
+        ..Default::default()
+    };
+    if let Some(ca) = &s.upstream_ca {
+        if !ca.is_absolute() {
+            p.push(format!(
+                "{ctx}.upstream-ca: must be an absolute path, got {:?}",
+                ca.display()
+            ));
+        }
+    }
+    for (i, t) in tables(ctx, "allow", allow, p) {
+        let at = format!("{ctx}.allow[{i}]");
+        let host = str_key(&at, t, "host", p, true);
+        let path = str_key(&at, t, "path", p, false);
+        let methods = match t.get("methods") {
+            None => None,
+            Some(v) => match v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+            }) {
+                Some(ms) if !ms.is_empty() => Some(ms),
+                _ => {
+                    p.push(format!(
+                        "{at}.methods: expected a non-empty list of strings"
+                    ));
+                    None
+                }
+            },
+        };
+        unknown_keys(&at, t, &["host", "path", "methods"], p);
+        if let Some(host) = host {
+            match Rule::new(&host, path.as_deref(), methods) {
+                Ok(r) => s.rules.push(r),
+                Err(e) => p.push(format!("{at}: {e}")),
+            }
+        }
+    }
+    for (i, t) in tables(ctx, "credentials", creds, p) {
+        let at = format!("{ctx}.credentials[{i}]");
+        let host = str_key(&at, t, "host", p, true);
+        let header = str_key(&at, t, "header", p, true);
+        let value_file = str_key(&at, t, "value-file", p, true).map(PathBuf::from);
+        let prefix = str_key(&at, t, "prefix", p, false).unwrap_or_default();
+        unknown_keys(&at, t, &["host", "header", "value-file", "prefix"], p);
+        let host_re = host.as_ref().and_then(|h| {
+            rules::compile(&format!("^(?:{h})$"), h)
+                .map_err(|e| p.push(format!("{at}.host: {e}")))
+                .ok()
+        });
+        if let Some(h) = &header {
+            if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                p.push(format!("{at}.header: {h:?} is not a valid header name"));
+            } else if credentials::is_reserved(h) {
+                p.push(format!(
+                    "{at}.header: {h:?} is managed by the proxy and cannot carry a credential"
+                ));
+            }
+        }
+        if hyper::header::HeaderValue::from_str(&prefix).is_err() {
+            p.push(format!("{at}.prefix: not a valid header value"));
+        }
+        if let Some(f) = &value_file {
+            if !f.is_absolute() {
+                p.push(format!(
+                    "{at}.value-file: must be an absolute path, got {:?}",
+                    f.display()
+                ));
+            }
+        }
+        if let (Some(host_src), Some(host), Some(header), Some(value_file)) =
+            (host, host_re, header, value_file)
+        {
+            s.credentials.push(CredentialSpec {
+                host_src,
+                host,
+                header,
+                value_file,
+                prefix,
+            });
+        }
+    }
+    Some(s)
+}
+
+/// The array-of-tables under `key` (TOML `[[...]]` or an inline list).
+fn tables<'a>(
+    ctx: &str,
+    key: &str,
+    v: Option<&'a Value>,
+    p: &mut Problems,
+) -> Vec<(usize, &'a toml::Table)> {
+    let Some(v) = v else { return Vec::new() };
+    let Some(items) = v.as_array() else {
+        p.push(format!("{ctx}.{key}: expected a list of tables"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item.as_table() {
+            Some(t) => out.push((i, t)),
+            None => p.push(format!("{ctx}.{key}[{i}]: expected a table")),
+        }
+    }
+    out
+}
+
+fn str_key(
+    at: &str,
+    t: &toml::Table,
+    key: &str,
+    p: &mut Problems,
+    required: bool,
+) -> Option<String> {
+    match t.get(key) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            p.push(format!(
+                "{at}.{key}: expected a string, got {}",
+                other.type_str()
+            ));
+            None
+        }
+        None => {
+            if required {
+                p.push(format!("{at}: missing `{key}`"));
+            }
+            None
+        }
+    }
+}
+
+fn unknown_keys(at: &str, t: &toml::Table, known: &[&str], p: &mut Problems) {
+    for k in t.keys() {
+        if !known.contains(&k.as_str()) {
+            p.push(format!("{at}.{k}: unknown key"));
+        }
+    }
+}
+
+/// What `nix-hatch check` verifies on this machine: every value file is a
+/// root-owned regular file without group or other permissions, readable,
+/// and not exposed to the jail by a `ro-binds` entry; the upstream CA
+/// bundle holds certificates.
+pub fn file_problems(name: &str, s: &ProxySettings, ro_binds: &[Bind]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, c) in s.credentials.iter().enumerate() {
+        let at = format!("executors.{name}.credentials[{i}].value-file");
+        if let Err(e) = credentials::read_value_file(&c.value_file) {
+            out.push(format!("{at}: {e}"));
+        }
+        for b in ro_binds {
+            if c.value_file.starts_with(&b.src) {
+                out.push(format!(
+                    "{at}: {} is inside ro-binds entry {}: the jail could read the secret",
+                    c.value_file.display(),
+                    b.src.display()
+                ));
+            }
+        }
+    }
+    if let Err(e) = super::ca::read_pem_bundle(s.upstream_ca_path()) {
+        out.push(format!("executors.{name}.upstream-ca: {e}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, ExecutorKind, Network};
+    use std::path::Path;
+
+    fn parse(s: &str) -> Result<Config, Vec<String>> {
+        Config::parse(s, Path::new("/test.toml"))
+    }
+
+    #[test]
+    fn proxy_keys() {
+        let c = parse(
+            r#"
+[executors.f]
+kind = "jail"
+network = "proxy"
+allow = [ { host = '^github\.com$' }, { host = 'example\.org', path = '^/pub/', methods = ["get"] } ]
+upstream-ca = "/etc/test-ca.pem"
+[[executors.f.credentials]]
+host = 'api\.example'
+header = "Authorization"
+value-file = "/root/token"
+prefix = "Bearer "
+"#,
+        )
+        .unwrap();
+        let ExecutorKind::Jail(j) = &c.executors["f"].kind else {
+            panic!("not a jail")
+        };
+        assert_eq!(j.network, Network::Proxy);
+        let px = j.proxy.as_ref().unwrap();
+        assert_eq!(px.rules.len(), 2);
+        assert_eq!(
+            px.rules[1].methods.as_deref(),
+            Some(&["GET".to_owned()][..])
+        );
+        assert_eq!(px.credentials[0].header, "Authorization");
+        assert_eq!(px.credentials[0].prefix, "Bearer ");
+        assert_eq!(px.upstream_ca_path(), Path::new("/etc/test-ca.pem"));
+    }
+
+    #[test]
+    fn proxy_key_problems() {
+        let errs = parse(
+            r#"
+[executors.f]
+kind = "jail"
+network = "proxy"
+allow = [ { host = '(unclosed' }, { path = '^/x' }, { host = 'a', port = 3 }, "str" ]
+[[executors.f.credentials]]
+host = 'api'
+header = "Bad Header"
+value-file = "relative"
+[executors.g]
+kind = "jail"
+allow = [ { host = 'a' } ]
+"#,
+        )
+        .unwrap_err();
+        for w in [
+            "executors.f.allow[0]: invalid regex \"(unclosed\"",
+            "executors.f.allow[1]: missing `host`",
+            "executors.f.allow[2].port: unknown key",
+            "executors.f.allow[3]: expected a table",
+            "executors.f.credentials[0].header: \"Bad Header\" is not a valid header name",
+            "executors.f.credentials[0].value-file: must be an absolute path",
+            "executors.g.allow: only used with network = \"proxy\"",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "{w:?} not in {errs:#?}"
+            );
+        }
+        assert!(errs.iter().all(|e| !e.contains('\n')), "{errs:#?}");
+    }
+}

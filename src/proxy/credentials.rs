@@ -1,0 +1,180 @@
+//! Credentials the proxy adds to matching requests. The value lives in a
+//! root-only file read by the hook when the build starts; it is kept in
+//! memory (as a header value marked sensitive) and never written anywhere
+//! the jail can see: not the environment, files, the build log, the audit
+//! file or the outputs. Log lines name the header, never the value.
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use regex::Regex;
+
+use super::config::CredentialSpec;
+
+/// Values larger than this are surely a mistake.
+const MAX_VALUE: u64 = 64 * 1024;
+
+pub struct Credential {
+    pub host: Regex,
+    pub header: HeaderName,
+    value: HeaderValue,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("host", &self.host.as_str())
+            .field("header", &self.header)
+            .field("value", &"<secret>")
+            .finish()
+    }
+}
+
+/// Headers the proxy itself manages: a credential there would be replaced
+/// or break framing.
+pub fn is_reserved(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
+/// Reads a value file after checking it is safe: a regular file owned by
+/// root (or by the account the hook runs as), with no group or other
+/// permissions. Trailing newlines are not part of the value.
+pub fn read_value_file(path: &Path) -> Result<String, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !m.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, not by root: anyone who can change it controls the credential",
+            path.display(),
+            m.uid()
+        ));
+    }
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}: a credential file must not be group or world accessible (chmod 600)",
+            path.display()
+        ));
+    }
+    if m.len() > MAX_VALUE {
+        return Err(format!(
+            "{} is larger than {MAX_VALUE} bytes",
+            path.display()
+        ));
+    }
+    let mut s = String::new();
+    f.take(MAX_VALUE)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let v = s.trim_end_matches(['\n', '\r']).to_owned();
+    if v.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(v)
+}
+
+/// Loads every credential (the build fails if one cannot be loaded: a
+/// build that silently fetched without its token would fail obscurely).
+pub fn load(specs: &[CredentialSpec]) -> Result<Vec<Credential>, String> {
+    let mut out = Vec::new();
+    for (i, c) in specs.iter().enumerate() {
+        let value = read_value_file(&c.value_file).map_err(|e| format!("credentials[{i}]: {e}"))?;
+        let header = HeaderName::from_bytes(c.header.as_bytes())
+            .map_err(|_| format!("credentials[{i}]: invalid header name {:?}", c.header))?;
+        let mut value = HeaderValue::from_str(&format!("{}{value}", c.prefix)).map_err(|_| {
+            format!(
+                "credentials[{i}]: the value in {} is not a valid header value (control characters?)",
+                c.value_file.display()
+            )
+        })?;
+        value.set_sensitive(true);
+        out.push(Credential {
+            host: c.host.clone(),
+            header,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The credentials for `host` (normalized).
+pub fn for_host<'a>(
+    creds: &'a [Credential],
+    host: &'a str,
+) -> impl Iterator<Item = &'a Credential> + 'a {
+    creds.iter().filter(move |c| c.host.is_match(host))
+}
+
+/// Sets every matching credential's header (replacing what the build sent)
+/// and returns the header names, for the log.
+pub fn inject(creds: &[Credential], host: &str, headers: &mut HeaderMap) -> Vec<String> {
+    let mut names = Vec::new();
+    for c in for_host(creds, host) {
+        headers.insert(c.header.clone(), c.value.clone());
+        names.push(c.header.as_str().to_owned());
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_file_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_value_file(&p).unwrap_err();
+        assert!(e.contains("mode 0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_value_file(&p).unwrap(), "s3cret");
+        assert!(read_value_file(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn injection_replaces_and_hides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        std::fs::write(&p, "s3cret").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let spec = CredentialSpec {
+            host_src: "api\\.example".into(),
+            host: Regex::new("^(?:api\\.example)$").unwrap(),
+            header: "Authorization".into(),
+            value_file: p,
+            prefix: "Bearer ".into(),
+        };
+        let creds = load(&[spec]).unwrap();
+        assert!(!format!("{creds:?}").contains("s3cret"));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer forged"));
+        assert_eq!(inject(&creds, "api.example", &mut h), vec!["authorization"]);
+        assert_eq!(h["authorization"], "Bearer s3cret");
+        assert!(h["authorization"].is_sensitive());
+        let mut h = HeaderMap::new();
+        assert!(inject(&creds, "other.example", &mut h).is_empty());
+        assert!(h.is_empty());
+    }
+}

@@ -1,0 +1,312 @@
+//! HTTP forwarding: requests from the jail (absolute-form `GET http://…`,
+//! or origin-form inside an intercepted TLS connection) are judged by the
+//! policy, get their credentials, and are sent upstream over a connection
+//! the proxy makes from the host's network. Bodies stream both ways.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use super::audit::{shown, Decision};
+use super::credentials;
+use super::rules::{normalize_host, Verdict};
+use super::server::Shared;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Header on every answer the proxy makes itself, saying why.
+pub const REASON_HEADER: &str = "x-nix-hatch-proxy";
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// An answer from the proxy itself: `status`, the reason in
+/// [`REASON_HEADER`] and as the body.
+pub fn answer(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("nix-hatch proxy: {reason}\n")));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert(REASON_HEADER, v);
+    }
+    r
+}
+
+/// Where requests go: the upstream origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Normalized (what rules see and what is connected to).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Origin {
+    fn default_port(&self) -> u16 {
+        if self.tls {
+            443
+        } else {
+            80
+        }
+    }
+
+    /// The Host header value.
+    fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == self.default_port() {
+            h
+        } else {
+            format!("{h}:{}", self.port)
+        }
+    }
+}
+
+/// One kept-alive upstream connection per client connection (a build
+/// fetching many files from one server reuses it).
+#[derive(Default)]
+pub struct UpstreamCache {
+    conn: Mutex<Option<(Origin, SendRequest<Body>)>>,
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) and proxy-only ones: never forwarded.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in listed {
+        h.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+}
+
+/// An absolute-form request (`GET http://host/path`) from the jail.
+pub async fn plain(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    cache: Arc<UpstreamCache>,
+) -> Result<Response<Body>, Infallible> {
+    let uri = req.uri().clone();
+    let origin = match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(host)) => Origin {
+            host: normalize_host(host),
+            port: uri.port_u16().unwrap_or(80),
+            tls: false,
+        },
+        (Some(s), Some(_)) => {
+            let reason = format!("cannot forward {s}:// URLs; use CONNECT (https_proxy) for https");
+            shared
+                .events
+                .line(&format!("error: {} {uri}: {reason}", req.method()));
+            return Ok(answer(StatusCode::BAD_REQUEST, &reason));
+        }
+        _ => {
+            let reason = "this is a proxy: send absolute http:// URLs or CONNECT";
+            shared.events.line(&format!(
+                "error: {} {}: {reason}",
+                req.method(),
+                clip(&uri.to_string())
+            ));
+            return Ok(answer(StatusCode::BAD_REQUEST, reason));
+        }
+    };
+    Ok(judge_and_send(req, &origin, &shared, &cache, "forward").await)
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+/// Judges one request to `origin` and, if allowed, sends it upstream.
+pub async fn judge_and_send(
+    mut req: Request<Incoming>,
+    origin: &Origin,
+    shared: &Shared,
+    cache: &UpstreamCache,
+    mode: &str,
+) -> Response<Body> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let scheme = if origin.tls { "https" } else { "http" };
+    let where_ = shown(&origin.host, origin.port, origin.default_port(), &path);
+    let where_ = if origin.tls {
+        format!("https://{where_}")
+    } else {
+        where_
+    };
+    let verdict = shared.policy.request(&method, &origin.host, &path);
+    let mut d = Decision {
+        decision: "allow",
+        method: &method,
+        scheme,
+        host: &origin.host,
+        port: origin.port,
+        path: Some(&path),
+        query: query.as_deref(),
+        rule: None,
+        reason: None,
+        mode: Some(mode),
+        credentials: &[],
+    };
+    let rule = match verdict {
+        Verdict::Deny { reason } => {
+            d.decision = "deny";
+            d.reason = Some(&reason);
+            shared
+                .events
+                .decision(&format!("deny {method} {where_} ({reason})"), &d);
+            return answer(
+                StatusCode::FORBIDDEN,
+                &format!("denied {method} {where_} ({reason})"),
+            );
+        }
+        Verdict::Allow { rule } => rule,
+    };
+    // Upstream request: origin-form URI, our Host, no hop-by-hop headers.
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    *req.uri_mut() = match pq.parse::<Uri>() {
+        Ok(u) => u,
+        Err(_) => return answer(StatusCode::BAD_REQUEST, "unusable request target"),
+    };
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    if let Ok(v) = HeaderValue::from_str(&origin.host_header()) {
+        headers.insert(header::HOST, v);
+    }
+    let injected = credentials::inject(&shared.credentials, &origin.host, headers);
+    d.rule = Some(rule + 1);
+    d.credentials = &injected;
+    let suffix = if injected.is_empty() {
+        String::new()
+    } else {
+        format!(" (credential: {})", injected.join(", "))
+    };
+    shared
+        .events
+        .decision(&format!("allow {method} {where_}{suffix}"), &d);
+    let req = req.map(|b| b.boxed());
+    match send(req, origin, shared, cache).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            let reason = format!("upstream {}: {e}", origin.host_header());
+            let d = Decision {
+                decision: "error",
+                reason: Some(&reason),
+                credentials: &[],
+                ..d
+            };
+            shared
+                .events
+                .decision(&format!("error: {method} {where_}: {reason}"), &d);
+            answer(StatusCode::BAD_GATEWAY, &reason)
+        }
+    }
+}
+
+/// Sends over the cached connection when it goes to the same origin and
+/// is still usable, else over a new one.
+async fn send(
+    req: Request<Body>,
+    origin: &Origin,
+    shared: &Shared,
+    cache: &UpstreamCache,
+) -> Result<Response<Incoming>, String> {
+    let mut slot = cache.conn.lock().await;
+    let cached = match slot.take() {
+        Some((o, mut s)) if &o == origin => s.ready().await.ok().map(|_| s),
+        _ => None,
+    };
+    let mut sender = match cached {
+        Some(s) => s,
+        None => connect(origin, shared).await?,
+    };
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    *slot = Some((origin.clone(), sender));
+    Ok(resp)
+}
+
+/// A new upstream HTTP/1.1 connection (TLS verified against the upstream
+/// trust store when `origin.tls`).
+async fn connect(origin: &Origin, shared: &Shared) -> Result<SendRequest<Body>, String> {
+    let tcp = connect_tcp(&origin.host, origin.port).await?;
+    if origin.tls {
+        let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
+            .map_err(|e| format!("{}: {e}", origin.host))?;
+        let tls = tokio_rustls::TlsConnector::from(shared.upstream_tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        handshake(TokioIo::new(tls)).await
+    } else {
+        handshake(TokioIo::new(tcp)).await
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<SendRequest<Body>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// A TCP connection from the host's network, with a time limit.
+pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no connection within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
+}

@@ -1,0 +1,278 @@
+//! The policy: ordered `allow` rules, first match wins, default deny.
+//!
+//! A rule's `host` regex must match the whole host name (it is compiled as
+//! `^(?:host)$`, so `github\.com` cannot be widened to
+//! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
+//! (unanchored) regex over the path without the query; `methods` lists the
+//! allowed methods. The port is not part of the match.
+
+use regex::Regex;
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// As the admin wrote it (for messages).
+    pub host_src: String,
+    pub host: Regex,
+    pub path: Option<Regex>,
+    /// Upper-case method names; `None` = any.
+    pub methods: Option<Vec<String>>,
+}
+
+impl Rule {
+    /// Compiles one rule; errors are one line.
+    pub fn new(
+        host: &str,
+        path: Option<&str>,
+        methods: Option<Vec<String>>,
+    ) -> Result<Rule, String> {
+        let host_re = compile(&format!("^(?:{host})$"), host)?;
+        let path = match path {
+            Some(p) => Some(compile(p, p)?),
+            None => None,
+        };
+        let methods = match methods {
+            Some(ms) => {
+                let mut out = Vec::new();
+                for m in ms {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                        return Err(format!("{m:?} is not an HTTP method"));
+                    }
+                    out.push(m.to_ascii_uppercase());
+                }
+                Some(out)
+            }
+            None => None,
+        };
+        Ok(Rule {
+            host_src: host.to_owned(),
+            host: host_re,
+            path,
+            methods,
+        })
+    }
+
+    /// Whether the rule only decides on the host (so a CONNECT tunnel can be
+    /// allowed without looking inside).
+    fn host_only(&self) -> bool {
+        self.path.is_none() && self.methods.is_none()
+    }
+}
+
+/// Compiles `pattern`; a syntax error becomes one line naming `shown`.
+pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
+    Regex::new(pattern).map_err(|e| {
+        let detail = match &e {
+            regex::Error::Syntax(s) => s
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("syntax error")
+                .trim()
+                .trim_start_matches("error: ")
+                .to_owned(),
+            other => other.to_string(),
+        };
+        format!("invalid regex {shown:?}: {detail}")
+    })
+}
+
+/// What to do with one HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed by rule `rule` (0-based).
+    Allow {
+        rule: usize,
+    },
+    Deny {
+        reason: String,
+    },
+}
+
+/// What to do with a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectVerdict {
+    /// A blind tunnel, allowed by rule `rule` (0-based).
+    Tunnel {
+        rule: usize,
+    },
+    /// The requests inside must be seen: terminate TLS with the per-build
+    /// CA and judge each request.
+    Intercept {
+        why: String,
+    },
+    Deny {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+}
+
+/// Lower-case, without a trailing dot or IPv6 brackets: the form rules see.
+pub fn normalize_host(host: &str) -> String {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    let h = h.strip_suffix('.').unwrap_or(h);
+    h.to_ascii_lowercase()
+}
+
+impl Policy {
+    /// `host` normalized, `path` without the query.
+    pub fn request(&self, method: &str, host: &str, path: &str) -> Verdict {
+        let mut host_seen = false;
+        for (i, r) in self.rules.iter().enumerate() {
+            if !r.host.is_match(host) {
+                continue;
+            }
+            host_seen = true;
+            if r.path.as_ref().is_some_and(|p| !p.is_match(path)) {
+                continue;
+            }
+            if r.methods
+                .as_ref()
+                .is_some_and(|ms| !ms.iter().any(|m| m == method))
+            {
+                continue;
+            }
+            return Verdict::Allow { rule: i };
+        }
+        Verdict::Deny {
+            reason: if host_seen {
+                "no rule for this path or method".into()
+            } else {
+                "no rule".into()
+            },
+        }
+    }
+
+    /// A CONNECT to `host` (normalized). `needs_inside` is set when
+    /// something other than the rules (a credential) must see the requests.
+    pub fn connect(&self, host: &str, needs_inside: Option<String>) -> ConnectVerdict {
+        let Some((i, r)) = self
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.host.is_match(host))
+        else {
+            return ConnectVerdict::Deny {
+                reason: "no rule".into(),
+            };
+        };
+        if let Some(why) = needs_inside {
+            return ConnectVerdict::Intercept { why };
+        }
+        if r.host_only() {
+            ConnectVerdict::Tunnel { rule: i }
+        } else {
+            ConnectVerdict::Intercept {
+                why: format!("rule {} restricts paths or methods", i + 1),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Spec<'a> = (&'a str, Option<&'a str>, Option<&'a [&'a str]>);
+
+    fn policy(rules: &[Spec]) -> Policy {
+        Policy {
+            rules: rules
+                .iter()
+                .map(|(h, p, m)| {
+                    Rule::new(h, *p, m.map(|m| m.iter().map(|s| s.to_string()).collect())).unwrap()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_deny() {
+        let p = policy(&[
+            (r"example\.org", Some("^/pub/"), None),
+            (r"github\.com", None, Some(&["get", "HEAD"])),
+        ]);
+        assert_eq!(
+            p.request("GET", "example.org", "/pub/a"),
+            Verdict::Allow { rule: 0 }
+        );
+        assert!(
+            matches!(p.request("GET", "example.org", "/priv"), Verdict::Deny { reason } if reason.contains("path"))
+        );
+        assert_eq!(
+            p.request("HEAD", "github.com", "/x"),
+            Verdict::Allow { rule: 1 }
+        );
+        assert!(matches!(
+            p.request("POST", "github.com", "/x"),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            p.request("GET", "evil.example", "/"),
+            Verdict::Deny {
+                reason: "no rule".into()
+            }
+        );
+    }
+
+    #[test]
+    fn host_regex_matches_the_whole_host() {
+        let p = policy(&[(r"github\.com", None, None)]);
+        assert!(matches!(
+            p.request("GET", "github.com.evil.example", "/"),
+            Verdict::Deny { .. }
+        ));
+        assert!(matches!(
+            p.request("GET", "xgithub.com", "/"),
+            Verdict::Deny { .. }
+        ));
+        let p = policy(&[(r"^(.*\.)?github\.com$", None, None)]);
+        assert_eq!(
+            p.request("GET", "api.github.com", "/"),
+            Verdict::Allow { rule: 0 }
+        );
+    }
+
+    #[test]
+    fn connect_tunnels_or_intercepts() {
+        let p = policy(&[
+            (r"a\.example", None, None),
+            (r"b\.example", Some("^/x"), None),
+        ]);
+        assert_eq!(
+            p.connect("a.example", None),
+            ConnectVerdict::Tunnel { rule: 0 }
+        );
+        assert!(matches!(
+            p.connect("b.example", None),
+            ConnectVerdict::Intercept { .. }
+        ));
+        assert!(matches!(
+            p.connect("a.example", Some("credential".into())),
+            ConnectVerdict::Intercept { .. }
+        ));
+        assert_eq!(
+            p.connect("c.example", Some("credential".into())),
+            ConnectVerdict::Deny {
+                reason: "no rule".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_regex_is_one_line() {
+        let e = Rule::new("(abc", None, None).unwrap_err();
+        assert!(e.starts_with("invalid regex \"(abc\""), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(Rule::new("a", None, Some(vec!["G ET".into()])).is_err());
+    }
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Example.ORG."), "example.org");
+        assert_eq!(normalize_host("[::1]"), "::1");
+    }
+}

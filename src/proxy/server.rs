@@ -1,0 +1,122 @@
+//! The accept loop: one task per client connection, HTTP/1.1 by hyper,
+//! with limits that keep one bad client from hurting the others — a time
+//! limit for the request header (slow clients), a size limit for it, a cap
+//! on open connections. A connection that breaks a limit or sends
+//! something that is not HTTP is closed with one error line in the build
+//! log; the other connections keep being served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::Method;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::audit::Events;
+use super::ca::Authority;
+use super::credentials::Credential;
+use super::forward::{self, UpstreamCache};
+use super::rules::Policy;
+use super::tunnel;
+
+/// A client must send its whole request header within this time (also
+/// the limit for an idle kept-alive connection and a TLS handshake).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header accepted.
+pub const MAX_HEADER: usize = 64 * 1024;
+/// Open client connections at most; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// What every connection of one build's proxy shares.
+pub struct Shared {
+    pub policy: Policy,
+    pub credentials: Vec<Credential>,
+    pub ca: Authority,
+    pub upstream_tls: Arc<ClientConfig>,
+    pub events: Events,
+}
+
+/// The HTTP/1.1 server settings for connections from the build.
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER)
+        .keep_alive(true);
+    b
+}
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                shared
+                    .events
+                    .line(&format!("error: accepting a connection: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.events.line(&format!(
+                "error: more than {MAX_CONNECTIONS} open connections from the build; closing the new one"
+            ));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            client(stream, shared).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
+    let cache = Arc::new(UpstreamCache::default());
+    let s2 = shared.clone();
+    let svc = service_fn(move |req| {
+        let (shared, cache) = (s2.clone(), cache.clone());
+        async move {
+            if req.method() == Method::CONNECT {
+                Ok(tunnel::connect(req, shared).await)
+            } else {
+                forward::plain(req, shared, cache).await
+            }
+        }
+    });
+    let conn = http1()
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        report(&shared, &e, "a connection from the build");
+    }
+}
+
+/// One error line for a connection hyper gave up on.
+pub fn report(shared: &Shared, e: &hyper::Error, what: &str) {
+    let why = if e.is_timeout() {
+        format!(
+            "no complete request header within {}s (slow or idle client)",
+            HEADER_TIMEOUT.as_secs()
+        )
+    } else if e.is_parse_too_large() {
+        format!("request header larger than {MAX_HEADER} bytes")
+    } else if e.is_parse() {
+        format!("malformed request ({e})")
+    } else if e.is_incomplete_message() {
+        "the client closed it in the middle of a request".to_owned()
+    } else if e.is_canceled() || e.is_closed() {
+        return;
+    } else {
+        e.to_string()
+    };
+    shared
+        .events
+        .line(&format!("error: {what}: {why}; connection closed"));
+}
