@@ -29,7 +29,17 @@
 //!   `--option substituters ""` or it first retries cache.nixos.org.
 //! - Nix prints ANSI colour codes even when stderr is a pipe (errors), so
 //!   [`Output::stderr`] has them stripped.
+//!
+//! And about Nix 2.26 (Debian 13), where they differ:
+//! - `build-hook` is a list; `--option build-hook "prog arg…"` splits it on
+//!   whitespace. Nix 2.25 … 2.33 ignore `build-hook` from the system
+//!   nix.conf (see [`nix_conf_build_hook_ignored`]); [`Daemon`] then also
+//!   passes it in `NIX_CONFIG`.
+//! - Everything else above holds (daemon socket variable, `nix log`
+//!   spelling, "builder for '…' failed" and "is required to build" texts).
 #![allow(dead_code)]
+
+pub mod sshd;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
