@@ -196,3 +196,24 @@ fn check_accepts_a_working_jail() {
         "{out}"
     );
 }
+
+#[test]
+fn check_prints_the_nix_version_on_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", "");
+    let version = Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .expect("nix-store --version");
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    let want = format!("nix: {version} (tested: 2.8 … 2.26)");
+    assert_eq!(out.lines().next(), Some(want.as_str()), "{out}");
+    // Both versions the suite runs on are in the tested range.
+    assert!(!out.contains("outside"), "{out}");
+    // A config error still comes with the version.
+    let (code, out) = run(&["check", "--config", "/nonexistent/c.toml"]);
+    assert_eq!(code, 1);
+    assert!(out.starts_with("nix: "), "{out}");
+}

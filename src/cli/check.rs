@@ -106,6 +106,10 @@ fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec
 }
 
 pub fn run(path: &Path) -> i32 {
+    // Informational: the Nix version never changes the exit status.
+    for line in super::nix_version::check_lines() {
+        println!("{line}");
+    }
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(problems) => {

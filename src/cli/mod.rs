@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod check;
 pub mod explain;
+pub mod nix_version;
 
 use std::path::PathBuf;
 
