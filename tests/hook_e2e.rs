@@ -1227,6 +1227,54 @@ fn fallback_hook_gets_derivations_nix_hatch_does_not_route() {
     assert_eq!(read(env.out_path(&expr, "p")), "plain\n");
 }
 
+/// `fallback = "auto"` with `builders` set: derivations nix-hatch does not
+/// route go to Nix's own build-remote (`libexec/nix/build-remote` on 2.8 and
+/// Debian's 2.26, else `nix __build-remote`), which tries the builder (an
+/// ssh connection refused at once); escape derivations in the same run are
+/// still nix-hatch's.
+#[test]
+fn fallback_auto_hands_other_derivations_to_nix_build_remote() {
+    let env = TestEnv::new("fbauto");
+    let text = env
+        .standard_config()
+        .render(&env.state_dir())
+        .replace("fallback = \"decline\"", "fallback = \"auto\"");
+    env.write_config(&text);
+    let expr = env.write_expr(
+        "fbauto.nix",
+        r#"{
+  x = escape { name = "fbauto-x"; script = ''echo "$NIX_HATCH_EXECUTOR" > "$out"''; };
+  r = plain { name = "fbauto-remote"; script = "echo never > $out";
+    attrs = { requiredSystemFeatures = [ "remote-only" ]; }; };
+}"#,
+    );
+    let builders = format!(
+        "ssh://root@127.0.0.1 {}-linux - 1 1 remote-only",
+        std::env::consts::ARCH
+    );
+    // (Two runs: Nix aborts the whole run, even with --keep-going, when no
+    // machine can build a derivation.)
+    let build = |attr: &str| {
+        let mut c = nix_cmd("nix-build");
+        c.arg("--no-out-link")
+            .args(["--option", "substituters", ""])
+            .args(["--option", "builders", &builders]);
+        env.use_hook(&mut c, &env.config_path());
+        c.arg(&expr).args(["-A", attr]).env("NIX_SSHOPTS", "-p 1");
+        run(&mut c, NIX_LIMIT)
+    };
+    build("x").assert_ok();
+    assert_eq!(read(env.out_path(&expr, "x")), "hostx\n");
+    let out = build("r");
+    out.assert_failed();
+    out.assert_stderr_contains("cannot build on 'ssh://root@127.0.0.1'");
+    out.assert_stderr_contains(&format!(
+        "is required to build '{}'",
+        env.drv_path(&expr, "r")
+    ));
+    assert!(!is_valid(&env.out_path(&expr, "r")));
+}
+
 /// The command is pid 1 of its own pid namespace, and /proc agrees: it sees
 /// its own processes, not the host's.
 #[test]
