@@ -66,7 +66,11 @@ pub fn maybe_run() -> Option<i32> {
 /// The command line the executor spawns to run `spec_path`.
 pub fn command(spec_path: &std::path::Path) -> Result<Command> {
     let exe = std::env::current_exe().context("locating the nix-hatch binary")?;
-    let mut c = Command::new(exe);
+    // Exec /proc/self/exe, the very binary running now: the path
+    // current_exe() names is gone (ENOENT) or holds another version once the
+    // file has been replaced while the hook runs (an upgrade, a rebuild).
+    let mut c = Command::new("/proc/self/exe");
+    std::os::unix::process::CommandExt::arg0(&mut c, exe);
     c.arg(RUNNER_ARG).arg(spec_path);
     c.env_clear();
     Ok(c)
