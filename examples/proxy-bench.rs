@@ -1,0 +1,170 @@
+//! Benchmark fixture for `scripts/bench proxy`: an HTTPS server on the
+//! loopback serving `/big` (`--size` bytes), and two nix-hatch proxies in
+//! the host's network namespace (the code a jailed build talks to): one
+//! whose rule lets `localhost` through as a blind CONNECT tunnel, one whose
+//! path rule makes it intercept (TLS terminated with the per-build CA and
+//! re-encrypted upstream).
+//!
+//! Prints one line of shell assignments (ports and CA files) and serves
+//! until its standard input ends.
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Frame};
+use hyper::service::service_fn;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use nix_hatch::proxy::{self, audit::Events, rules::Rule, ProxySettings};
+
+const CHUNK: usize = 1024 * 1024;
+
+struct Big {
+    left: usize,
+    chunk: Bytes,
+}
+
+impl hyper::body::Body for Big {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(CHUNK);
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left as u64)
+    }
+}
+
+fn main() {
+    let mut size: usize = 256 << 20;
+    let mut dir = std::env::temp_dir();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--size" => {
+                size = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--size BYTES")
+            }
+            "--dir" => dir = args.next().expect("--dir DIR").into(),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    // Upstream CA and server certificate.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "proxy-bench upstream CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_file = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let tls = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap(),
+    );
+
+    // The server gets its own runtime, like a separate process would.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let server_port = {
+        let _g = server_rt.enter();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        server_rt.spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                let (tls, chunk) = (tls.clone(), chunk.clone());
+                tokio::spawn(async move {
+                    let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(s).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |_req| {
+                        let chunk = chunk.clone();
+                        async move {
+                            Ok::<_, Infallible>(Response::new(Big { left: size, chunk }.boxed()))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    };
+
+    // The two proxies, on the runtime a build's proxy uses.
+    let rt = proxy::runtime().unwrap();
+    let mut line = format!(
+        "SERVER_PORT={server_port} UPSTREAM_CA={}",
+        ca_file.display()
+    );
+    for (name, rule) in [
+        ("TUNNEL", Rule::new("localhost", None, None).unwrap()),
+        (
+            "INTERCEPT",
+            Rule::new("localhost", Some("^/"), None).unwrap(),
+        ),
+    ] {
+        let settings = ProxySettings {
+            rules: vec![rule],
+            credentials: Vec::new(),
+            upstream_ca: Some(ca_file.clone()),
+        };
+        let (shared, bundle) = proxy::shared(&settings, Events::log_only(None), "bench").unwrap();
+        let bundle_file = dir.join(format!("{}-ca.pem", name.to_lowercase()));
+        std::fs::write(&bundle_file, bundle).unwrap();
+        let _g = rt.enter();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        rt.spawn(proxy::server::serve(l, Arc::new(shared)));
+        line.push_str(&format!(
+            " {name}_PORT={port} {name}_CA={}",
+            bundle_file.display()
+        ));
+    }
+    println!("{line}");
+    // Serve until stdin ends.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
