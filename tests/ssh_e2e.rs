@@ -602,6 +602,63 @@ fn connection_lost_mid_transfer_fails_cleanly() {
     remote.assert_clean();
 }
 
+/// The agent itself is stopped mid-transfer (SIGTERM: it notices even while
+/// blocked sending; SIGKILL: its janitor process removes the temp dir): the
+/// build fails, nothing is registered, nothing is left on either side.
+#[test]
+fn agent_killed_mid_transfer_fails_cleanly() {
+    for sig in ["TERM", "KILL"] {
+        let env = TestEnv::new(&format!("ssh-agent-{}", sig.to_lowercase()));
+        let remote = Remote::start(&env);
+        let stalled = env.path("stalled");
+        let pidfile = env.path("agent.pid");
+        // The agent runs in the background so its pid is known; after 300 kB
+        // nobody reads its stdout until it is gone.
+        let agent = env.write_script(
+            "agent-pid.sh",
+            &format!(
+                "#!/bin/sh\nexport TMPDIR={tmp}\nexec 3<&0\n\
+                 {{ {cli} \"$@\" <&3 & echo $! > {pid}; wait; }} | \
+                 {{ head -c 300000; : > {st}; while [ ! -s {pid} ]; do :; done; \
+                 tail --pid=\"$(cat {pid})\" -f /dev/null; }}\n",
+                tmp = remote.tmp.display(),
+                cli = CLI,
+                pid = pidfile.display(),
+                st = stalled.display(),
+            ),
+        );
+        remote.good_config(&env, &agent);
+        let e = expr(
+            &env,
+            "kill.nix",
+            &format!(
+                "{{ d = {}; }}",
+                remote_drv("ssh-agent-kill", "head -c 8000000 /dev/urandom > $out")
+            ),
+        );
+        let out_path = env.out_path(&e, "d");
+        let env_ref = &env;
+        std::thread::scope(|s| {
+            let build = s.spawn(move || env_ref.nix_build(&e, &["d"], &[]));
+            assert!(
+                wait_until(Duration::from_secs(120), || stalled.exists()),
+                "the transfer never started"
+            );
+            let pid = fs::read_to_string(&pidfile).unwrap();
+            let st = Command::new("kill")
+                .args([&format!("-{sig}"), pid.trim()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let out = build.join().unwrap();
+            out.assert_failed();
+            out.assert_stderr_contains("nothing imported");
+        });
+        assert_nothing_registered(&env, &out_path);
+        remote.assert_clean();
+    }
+}
+
 /// `timeout` is enforced on the far side: the command and what it left
 /// running in the background are killed, and the build fails as timed out.
 #[test]

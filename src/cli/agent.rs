@@ -42,7 +42,7 @@ pub fn run() -> i32 {
     // SAFETY: fds 0 and 1 are the SSH channel; this process owns them from
     // here on (nothing else in the agent uses stdin/stdout).
     let stdin = unsafe { File::from_raw_fd(0) };
-    let stdout = unsafe { File::from_raw_fd(1) };
+    let stdout = Stdout(unsafe { File::from_raw_fd(1) });
     let mut out = HashingWriter::new(stdout);
     match agent(stdin, &mut out) {
         Ok(()) => 0,
@@ -79,17 +79,19 @@ fn gone(e: io::Error) -> AgentError {
     AgentError::Gone(format!("writing to the executor: {e}"))
 }
 
-fn agent(mut stdin: File, out: &mut HashingWriter<File>) -> Result<(), AgentError> {
+fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentError> {
     let req = read_request(&mut stdin).map_err(|e| report(format!("reading the request: {e}")))?;
     let signals = SignalPipe::install().map_err(|e| report(format!("signal handlers: {e}")))?;
     // Orphans of the command are re-parented to us, so we can kill them.
     let _ = nix::sys::prctl::set_child_subreaper(true);
+    let temp = TempDir::create().map_err(|e| report(format!("creating a temporary dir: {e}")))?;
+    let janitor = temp
+        .janitor()
+        .map_err(|e| report(format!("starting the temp dir janitor: {e}")))?;
     // As root: the command becomes pid 1 of a new pid namespace; when it
     // dies (or we kill it) the kernel kills everything it left behind.
     let pid_ns = nix::unistd::geteuid().is_root()
         && nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).is_ok();
-
-    let temp = TempDir::create().map_err(|e| report(format!("creating a temporary dir: {e}")))?;
     let build = temp.path.join("build");
     let outputs_dir = temp.path.join("outputs");
     for d in [&build, &outputs_dir] {
@@ -112,7 +114,7 @@ fn agent(mut stdin: File, out: &mut HashingWriter<File>) -> Result<(), AgentErro
         &mut stdin,
         out,
         &signals,
-        pid_ns,
+        Tree { pid_ns, janitor },
     )?;
     let mut tar_bytes = 0;
     if status.success() {
@@ -196,6 +198,14 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
     env
 }
 
+/// How the command's process tree is contained.
+struct Tree {
+    /// The command is pid 1 of its own pid namespace.
+    pid_ns: bool,
+    /// Our temp dir janitor: a child that must survive the cleanup.
+    janitor: Pid,
+}
+
 /// Runs the command with its output streamed as `Log` frames; returns how
 /// it ended. Aborts (killing it) when stdin ends or a signal arrives.
 fn run_command(
@@ -203,10 +213,11 @@ fn run_command(
     build: &Path,
     outputs_dir: &Path,
     stdin: &mut File,
-    out: &mut HashingWriter<File>,
+    out: &mut HashingWriter<Stdout>,
     signals: &SignalPipe,
-    pid_ns: bool,
+    tree: Tree,
 ) -> Result<Status, AgentError> {
+    let Tree { pid_ns, janitor } = tree;
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| report(format!("pipe: {e}")))?;
     let write2 = write
@@ -364,7 +375,7 @@ fn run_command(
             };
         }
     };
-    kill_orphans();
+    kill_orphans(janitor);
     // What the command wrote last is still in the pipe (every writer is dead now).
     if pipe_open && ended.is_ok() {
         drain(&mut read, out).map_err(gone)?;
@@ -372,7 +383,7 @@ fn run_command(
     ended
 }
 
-fn drain(read: &mut File, out: &mut HashingWriter<File>) -> io::Result<()> {
+fn drain(read: &mut File, out: &mut HashingWriter<Stdout>) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_LOG as usize];
     let end = Instant::now() + Duration::from_secs(5);
     loop {
@@ -394,8 +405,8 @@ fn drain(read: &mut File, out: &mut HashingWriter<File>) -> io::Result<()> {
 }
 
 /// Kills and reaps every remaining child of this process (the command's
-/// orphans, re-parented to us as subreaper).
-fn kill_orphans() {
+/// orphans, re-parented to us as subreaper), except the temp dir janitor.
+fn kill_orphans(janitor: Pid) {
     let me = std::process::id().to_string();
     let end = Instant::now() + Duration::from_secs(10);
     loop {
@@ -412,7 +423,7 @@ fn kill_orphans() {
                 let ppid = stat
                     .rsplit_once(')')
                     .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-                if ppid == Some(me.as_str()) {
+                if ppid == Some(me.as_str()) && pid != janitor.as_raw() {
                     any = true;
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
@@ -422,7 +433,7 @@ fn kill_orphans() {
         while let Ok(s) =
             nix::sys::wait::waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
         {
-            if s == nix::sys::wait::WaitStatus::StillAlive {
+            if s == nix::sys::wait::WaitStatus::StillAlive || s.pid() == Some(janitor) {
                 break;
             }
         }
@@ -435,7 +446,7 @@ fn kill_orphans() {
 
 /// Chunks the tar stream into `Data` frames.
 struct DataWriter<'a> {
-    out: &'a mut HashingWriter<File>,
+    out: &'a mut HashingWriter<Stdout>,
     buf: Vec<u8>,
     bytes: u64,
     signals: &'a SignalPipe,
@@ -568,12 +579,96 @@ fn append<W: Write>(
     Ok(())
 }
 
+/// The channel (fd 1). A write interrupted by SIGHUP/SIGTERM/SIGINT fails
+/// instead of being retried, so a stop request is obeyed even while the
+/// agent is blocked sending.
+struct Stdout(File);
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if SIGNALLED.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(io::Error::other("terminated by a signal"));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// The agent's private directory, removed on drop.
 struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
+    /// Starts a janitor process that removes the directory once the agent
+    /// is gone, however it ended (even SIGKILL): it waits for the end of a
+    /// pipe only this process holds. Must run while the agent has no other
+    /// threads (it forks without exec) and before the pid namespace.
+    fn janitor(&self) -> io::Result<Pid> {
+        use nix::unistd::{fork, ForkResult};
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let path = self.path.clone();
+        // SAFETY: the agent is single-threaded here; the child only reads,
+        // removes files and exits.
+        match unsafe { fork() }.map_err(io::Error::from)? {
+            ForkResult::Child => {
+                drop(write);
+                // Off the channel (sshd must not wait for us), immune to the
+                // session's end, in a process group of its own.
+                if let Ok(null) = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
+                    for fd in 0..3 {
+                        // SAFETY: dup2 onto the standard descriptors.
+                        unsafe { nix::libc::dup2(null.as_raw_fd(), fd) };
+                    }
+                }
+                let _ = nix::unistd::setsid();
+                // SAFETY: SIG_IGN / SIG_DFL are always sound; the agent's
+                // handlers would write into its signal pipe.
+                unsafe {
+                    use nix::sys::signal::{signal, SigHandler};
+                    let _ = signal(Signal::SIGHUP, SigHandler::SigIgn);
+                    let _ = signal(Signal::SIGTERM, SigHandler::SigDfl);
+                    let _ = signal(Signal::SIGINT, SigHandler::SigDfl);
+                }
+                let mut f = File::from(read);
+                let mut b = [0u8; 16];
+                loop {
+                    match f.read(&mut b) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = crate::store::remove_tree(&path);
+                // SAFETY: ends the forked child without running the parent's
+                // destructors or atexit handlers.
+                unsafe { nix::libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop(read);
+                // Held until this process ends (CLOEXEC: the command never
+                // gets it).
+                std::mem::forget(write);
+                Ok(child)
+            }
+        }
+    }
+
     fn create() -> io::Result<TempDir> {
         let base = std::env::var_os("TMPDIR")
             .filter(|t| Path::new(t).is_absolute())
@@ -603,8 +698,10 @@ struct SignalPipe {
 }
 
 static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_signal(_: nix::libc::c_int) {
+    SIGNALLED.store(true, std::sync::atomic::Ordering::Relaxed);
     let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::Relaxed);
     if fd >= 0 {
         // SAFETY: write(2) is async-signal-safe; the fd is never closed.
@@ -613,6 +710,8 @@ extern "C" fn on_signal(_: nix::libc::c_int) {
         }
     }
 }
+
+extern "C" fn on_tick(_: nix::libc::c_int) {}
 
 impl SignalPipe {
     fn install() -> io::Result<SignalPipe> {
@@ -624,12 +723,39 @@ impl SignalPipe {
         std::mem::forget(write);
         let action = SigAction::new(
             SigHandler::Handler(on_signal),
-            SaFlags::SA_RESTART,
+            // No SA_RESTART: a write blocked on a stalled channel returns
+            // EINTR, and `Stdout` turns that into an error.
+            SaFlags::empty(),
             SigSet::empty(),
         );
         for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
             // SAFETY: the handler only calls write(2).
             unsafe { sigaction(sig, &action) }.map_err(io::Error::from)?;
+        }
+        // A stop signal that lands just before a blocking write would not
+        // interrupt it: a periodic no-op SIGALRM (no SA_RESTART either)
+        // makes every blocked write return, and `Stdout` then looks at the
+        // flag. Interval timers are not inherited by children.
+        let tick = SigAction::new(
+            SigHandler::Handler(on_tick),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing.
+        unsafe { sigaction(Signal::SIGALRM, &tick) }.map_err(io::Error::from)?;
+        let period = nix::libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        let timer = nix::libc::itimerval {
+            it_interval: period,
+            it_value: period,
+        };
+        // SAFETY: plain syscall with valid pointers.
+        if unsafe { nix::libc::setitimer(nix::libc::ITIMER_REAL, &timer, std::ptr::null_mut()) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
         }
         Ok(SignalPipe {
             read: File::from(read),
