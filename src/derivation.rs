@@ -5,84 +5,18 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::store::StoreLocation;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix_derivation::{CAHash, Derivation, Output, StoreDir};
 use sha2::{Digest, Sha256};
 
-/// Where the store is, logically and on disk.
-#[derive(Debug, Clone)]
-pub struct Store {
-    /// Logical store dir, as paths are spelled (`/nix/store`).
-    pub dir: String,
-    /// On-disk location of `dir` (differs for `local?root=/x`).
-    pub real_dir: PathBuf,
-    /// Nix's `store` setting when it names a specific store.
-    pub uri: Option<String>,
-}
-
-impl Store {
-    /// From Nix's `store` setting (`auto`, `local`, `daemon`, `/root`,
-    /// `local?root=/root`, …) and `NIX_STORE_DIR`.
-    pub fn from_setting(setting: Option<&str>) -> Store {
-        let dir = std::env::var("NIX_STORE_DIR")
-            .ok()
-            .filter(|d| d.starts_with('/'))
-            .unwrap_or_else(|| "/nix/store".to_owned());
-        let setting = setting.unwrap_or("auto").trim();
-        let mut root: Option<String> = None;
-        let mut uri = None;
-        if setting.starts_with('/') {
-            root = Some(setting.to_owned());
-            uri = Some(setting.to_owned());
-        } else if let Some(rest) = setting.strip_prefix("local") {
-            if let Some(query) = rest.strip_prefix('?') {
-                for kv in query.split('&') {
-                    if let Some(r) = kv.strip_prefix("root=") {
-                        root = Some(r.to_owned());
-                    }
-                }
-                uri = Some(setting.to_owned());
-            }
-        }
-        let real_dir = match &root {
-            Some(r) => PathBuf::from(format!("{}{}", r.trim_end_matches('/'), dir)),
-            None => PathBuf::from(&dir),
-        };
-        Store { dir, real_dir, uri }
-    }
-
-    /// The same store as `crate::store` addresses it (nix-store from PATH).
-    pub fn location(&self) -> crate::store::StoreLocation {
-        crate::store::StoreLocation {
-            store_dir: self.dir.clone(),
-            real_store_dir: self.real_dir.clone(),
-            store_uri: self.uri.clone(),
-            nix_store: PathBuf::from("nix-store"),
-        }
-    }
-
-    /// The on-disk location of a logical store path.
-    pub fn real_path(&self, path: &str) -> PathBuf {
-        match path.strip_prefix(&self.dir) {
-            Some(rest) => {
-                let mut p = self.real_dir.clone();
-                p.push(rest.trim_start_matches('/'));
-                p
-            }
-            None => PathBuf::from(path),
-        }
-    }
-
-    pub fn store_dir(&self) -> Result<StoreDir> {
-        StoreDir::new(self.dir.clone()).map_err(|e| anyhow!("store dir {}: {e}", self.dir))
-    }
-
-    /// The `<hash>-<name>` part of a path in this store.
-    pub fn base_name<'a>(&self, path: &'a str) -> Option<&'a str> {
-        path.strip_prefix(&self.dir)?.strip_prefix('/')
-    }
+fn logical_dir(store: &StoreLocation) -> Result<StoreDir> {
+    store
+        .logical_dir()
+        .map_err(|e| anyhow!("store dir {}: {e}", store.store_dir))
 }
 
 #[derive(Debug, Clone)]
@@ -101,24 +35,24 @@ pub struct Drv {
 }
 
 impl Drv {
-    pub fn load(store: &Store, drv_path: &str) -> Result<Drv> {
+    pub fn load(store: &StoreLocation, drv_path: &str) -> Result<Drv> {
         let base = store
             .base_name(drv_path)
-            .ok_or_else(|| anyhow!("{drv_path} is not in the store {}", store.dir))?;
+            .ok_or_else(|| anyhow!("{drv_path} is not in the store {}", store.store_dir))?;
         let name = base
             .split_once('-')
             .map(|(_, n)| n)
             .and_then(|n| n.strip_suffix(".drv"))
             .ok_or_else(|| anyhow!("{drv_path} is not a derivation path"))?;
-        let real = store.real_path(drv_path);
+        let real = store.real_path(drv_path)?;
         let bytes = std::fs::read(&real).with_context(|| format!("reading {}", real.display()))?;
         Drv::parse(store, drv_path, name, &bytes)
     }
 
-    pub fn parse(store: &Store, drv_path: &str, name: &str, bytes: &[u8]) -> Result<Drv> {
-        let drv = Derivation::from_aterm_bytes_in(bytes, name, store.store_dir()?)
+    pub fn parse(store: &StoreLocation, drv_path: &str, name: &str, bytes: &[u8]) -> Result<Drv> {
+        let drv = Derivation::from_aterm_bytes_in(bytes, name, logical_dir(store)?)
             .map_err(|e| anyhow!("cannot parse {drv_path}: {e}"))?;
-        let store_dir = store.store_dir()?;
+        let store_dir = logical_dir(store)?;
         let mut outputs = BTreeMap::new();
         let mut unsupported = None;
         for (out_name, output) in drv.outputs() {
@@ -294,27 +228,4 @@ pub fn write_build_files(dir: &Path, files: &BuildFiles) -> Result<()> {
         std::fs::write(&p, contents).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_from_settings() {
-        let s = Store::from_setting(Some("auto"));
-        assert_eq!(s.real_dir, Path::new("/nix/store"));
-        assert!(s.uri.is_none());
-        let s = Store::from_setting(Some("local?root=/tmp/r"));
-        assert_eq!(s.real_dir, Path::new("/tmp/r/nix/store"));
-        assert_eq!(s.uri.as_deref(), Some("local?root=/tmp/r"));
-        assert_eq!(
-            s.real_path("/nix/store/abc-x/bin"),
-            Path::new("/tmp/r/nix/store/abc-x/bin")
-        );
-        let s = Store::from_setting(Some("/tmp/q"));
-        assert_eq!(s.real_dir, Path::new("/tmp/q/nix/store"));
-        assert_eq!(s.base_name("/nix/store/abc-x"), Some("abc-x"));
-        assert_eq!(s.base_name("/nix/storeabc"), None);
-    }
 }

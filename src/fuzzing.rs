@@ -6,9 +6,10 @@ use std::io::BufReader;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::derivation::{builder_env, Drv, EnvContext, Store};
+use crate::derivation::{builder_env, Drv, EnvContext};
 use crate::hook::{self, Accepted, Builder};
 use crate::protocol::{hatch, wire};
+use crate::store::StoreLocation;
 
 /// Nix's primitives: numbers, strings, string lists in any order.
 pub fn wire(data: &[u8]) {
@@ -56,7 +57,7 @@ pub fn hook_stream(data: &[u8]) {
 /// A .drv (ATerm) parsed and turned into a builder environment, as the
 /// hook does for an accepted derivation.
 pub fn drv_env(data: &[u8]) {
-    let store = Store::from_setting(Some("auto"));
+    let store = StoreLocation::from_setting(Some("auto"));
     let Ok(drv) = Drv::parse(
         &store,
         "/nix/store/00000000000000000000000000000000-fuzz.drv",

@@ -4,12 +4,13 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::derivation::{Drv, Store};
+use crate::derivation::Drv;
 use crate::hook::route::{local_systems, route, Route};
 use crate::protocol::hook::TryRequest;
+use crate::store::StoreLocation;
 
 pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
-    let store = Store::from_setting(store);
+    let store = StoreLocation::from_setting(store);
     let drv = match Drv::load(&store, drv_path) {
         Ok(d) => d,
         Err(e) => {

@@ -34,7 +34,7 @@ pub fn run(
         let (env, files) = builder_env(
             req.drv,
             &EnvContext {
-                store_dir: &req.store.dir,
+                store_dir: &req.store.store_dir,
                 build_dir: &build_dir,
                 cores: &req.cores,
             },
@@ -65,7 +65,7 @@ pub fn run(
     prepare_dirs(staging, &account).map_err(Failure::Internal)?;
     let spec = RunSpec {
         overlay: Some(Overlay {
-            lower: req.store.real_dir.clone(),
+            lower: req.store.real_store_dir.clone(),
             upper: staging.store.clone(),
             work: staging.work.clone(),
         }),
@@ -91,7 +91,7 @@ pub fn run(
         .iter()
         .filter_map(|(_, p)| req.store.base_name(p))
         .collect();
-    match crate::store::adopt_added_paths(&req.store.location(), &staging.store, &outputs) {
+    match crate::store::adopt_added_paths(req.store, &staging.store, &outputs) {
         Ok(moved) => {
             for p in moved {
                 log.line(&format!(
@@ -152,7 +152,7 @@ fn admin_env(
     set("PATH", HOST_PATH);
     set("HOME", &account.home);
     set("USER", &account.name);
-    set("NIX_STORE", &req.store.dir);
+    set("NIX_STORE", &req.store.store_dir);
     set("NIX_BUILD_CORES", &req.cores);
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         set(k, build_dir);

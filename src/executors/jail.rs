@@ -65,7 +65,7 @@ pub fn run(
     let (mut env, files) = builder_env(
         req.drv,
         &EnvContext {
-            store_dir: &req.store.dir,
+            store_dir: &req.store.store_dir,
             build_dir: BUILD_DIR,
             cores: &req.cores,
         },
@@ -197,9 +197,15 @@ fn bwrap_args(
         &"--perms", &"0755", &"--dir", &"/nix", &"--perms", &"0755", &"--dir", &"/etc",
     ]);
     // The store: staging (outputs are created here), inputs bound read-only.
-    push(&[&"--bind", &req.staging.store, &req.store.dir]);
+    push(&[&"--bind", &req.staging.store, &req.store.store_dir]);
     for input in req.inputs {
-        push(&[&"--ro-bind", &req.store.real_path(input), input]);
+        push(&[
+            &"--ro-bind",
+            &req.store
+                .real_path(input)
+                .unwrap_or_else(|_| std::path::PathBuf::from(input)),
+            input,
+        ]);
     }
     push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
     push(&[&"--bind", &tmp, &"/tmp"]);

@@ -13,8 +13,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::config::{Executor, ExecutorKind};
-use crate::derivation::{Drv, Store};
+use crate::derivation::Drv;
 use crate::hook::buildlog::BuildLog;
+use crate::store::StoreLocation;
 use staging::Staging;
 use supervise::Cancel;
 
@@ -22,7 +23,7 @@ use supervise::Cancel;
 pub struct BuildRequest<'a> {
     pub drv: &'a Drv,
     pub executor: &'a Executor,
-    pub store: &'a Store,
+    pub store: &'a StoreLocation,
     /// The input closure Nix sent.
     pub inputs: &'a [String],
     /// Wanted outputs: (name, store path).

@@ -61,7 +61,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
     let cancel =
         Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
     let outputs = wanted_outputs(a)?;
-    let location = a.store.location();
+    let location = a.store.clone();
     // Started now so its start-up cost overlaps the build.
     let registrar = Registrar::spawn(&location).map_err(|e| internal(e.to_string()))?;
 

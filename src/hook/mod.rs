@@ -17,16 +17,17 @@ use std::collections::HashSet;
 use std::io::{self, BufRead, Write};
 
 use crate::config::{Config, Fallback};
-use crate::derivation::{Drv, Store};
+use crate::derivation::Drv;
 use crate::protocol::hook::{self, AcceptedJob, CommandReader, Reply, Settings, TryRequest};
 use crate::protocol::log::{msg_line, Level};
+use crate::store::StoreLocation;
 use route::Route;
 
 /// Everything the build phase needs once Nix's `# accept` handshake is done.
 pub struct Accepted<'a> {
     pub config: &'a Config,
     pub settings: &'a Settings,
-    pub store: &'a Store,
+    pub store: &'a StoreLocation,
     pub executor: &'a crate::config::Executor,
     pub drv: Drv,
     pub job: AcceptedJob,
@@ -91,7 +92,7 @@ pub fn run(
         // Staging left by a hook that was killed (one readdir when clean).
         crate::executors::staging::remove_stale(&cfg.state_dir);
     }
-    let store = Store::from_setting(settings.get("store"));
+    let store = StoreLocation::from_setting(settings.get("store"));
     let local_systems =
         route::local_systems(settings.get("system"), settings.get("extra-platforms"));
     let mut reader = CommandReader::default();
@@ -273,7 +274,7 @@ fn tell(replies: &mut impl Write, msg: &str) {
 fn accept(
     config: &Config,
     settings: &Settings,
-    store: &Store,
+    store: &StoreLocation,
     executor: &crate::config::Executor,
     drv: Drv,
     slot: slots::Slot,

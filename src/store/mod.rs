@@ -96,6 +96,50 @@ impl StoreLocation {
         let parsed = parse_store_path(self.dir(), path)?;
         Ok(self.real_store_dir.join(parsed.base_name))
     }
+
+    /// The store Nix's `store` setting names (`auto`, `local`, `daemon`,
+    /// `/root`, `local?root=/root`, …), with the logical store dir from
+    /// `NIX_STORE_DIR` (default `/nix/store`).
+    pub fn from_setting(setting: Option<&str>) -> Self {
+        let store_dir = std::env::var("NIX_STORE_DIR")
+            .ok()
+            .filter(|d| d.starts_with('/'))
+            .unwrap_or_else(|| "/nix/store".to_owned());
+        let setting = setting.unwrap_or("auto").trim();
+        let mut root: Option<&str> = None;
+        let mut store_uri = None;
+        if setting.starts_with('/') {
+            root = Some(setting);
+            store_uri = Some(setting.to_owned());
+        } else if let Some(query) = setting.strip_prefix("local?") {
+            root = query.split('&').find_map(|kv| kv.strip_prefix("root="));
+            store_uri = Some(setting.to_owned());
+        }
+        let real_store_dir = match root {
+            Some(r) => PathBuf::from(format!("{}{store_dir}", r.trim_end_matches('/'))),
+            None => PathBuf::from(&store_dir),
+        };
+        StoreLocation {
+            store_dir,
+            real_store_dir,
+            store_uri,
+            nix_store: PathBuf::from("nix-store"),
+        }
+    }
+
+    /// The `<hash>-<name>` part of a path directly in this store.
+    pub fn base_name<'a>(&self, path: &'a str) -> Option<&'a str> {
+        path.strip_prefix(self.dir())?
+            .strip_prefix('/')
+            .filter(|b| !b.is_empty() && !b.contains('/'))
+    }
+
+    /// The store dir as nix-derivation needs it.
+    pub fn logical_dir(
+        &self,
+    ) -> Result<nix_derivation::StoreDir, nix_derivation::store_path::Error> {
+        nix_derivation::StoreDir::new(self.store_dir.clone())
+    }
 }
 
 /// One output as the executor left it.

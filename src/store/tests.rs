@@ -1060,3 +1060,18 @@ fn flat_extra_range_only_covers_contents() {
         }
     }
 }
+
+#[test]
+fn location_from_nix_store_setting() {
+    let s = StoreLocation::from_setting(Some("auto"));
+    assert_eq!(s.real_store_dir, Path::new("/nix/store"));
+    assert!(s.store_uri.is_none());
+    let s = StoreLocation::from_setting(Some("local?root=/tmp/r"));
+    assert_eq!(s.real_store_dir, Path::new("/tmp/r/nix/store"));
+    assert_eq!(s.store_uri.as_deref(), Some("local?root=/tmp/r"));
+    let s = StoreLocation::from_setting(Some("/tmp/q"));
+    assert_eq!(s.real_store_dir, Path::new("/tmp/q/nix/store"));
+    assert_eq!(s.base_name("/nix/store/abc-x"), Some("abc-x"));
+    assert_eq!(s.base_name("/nix/store/abc-x/bin"), None);
+    assert_eq!(s.base_name("/nix/storeabc"), None);
+}

@@ -180,7 +180,7 @@ fn build_request(req: &BuildRequest, ssh: &SshExecutor) -> Request {
     );
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut set = |k: &str, v: &[u8]| env.push((k.as_bytes().to_vec(), v.to_vec()));
-    set("NIX_STORE", req.store.dir.as_bytes());
+    set("NIX_STORE", req.store.store_dir.as_bytes());
     set("NIX_BUILD_CORES", req.cores.as_bytes());
     set("NIX_HATCH_DRV", req.drv.path.as_bytes());
     set("NIX_HATCH_EXECUTOR", req.executor.name.as_bytes());
