@@ -11,151 +11,30 @@
 
 mod common;
 
+use common::sshd::{keygen, Sshd};
 use common::*;
 use std::fmt::Write as _;
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const SSH_FEATURE: &str = "escape-s";
-const SSHD: &str = "/usr/sbin/sshd";
 
-/// A private sshd on 127.0.0.1.
-struct Sshd {
-    child: Child,
-    port: u16,
-    /// The user key authorized for root.
-    identity: PathBuf,
-    /// `[127.0.0.1]:port <host key>`: a correct known_hosts line.
-    known_hosts_line: String,
-}
-
-fn keygen(path: &Path) {
-    let out = run(
-        Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "nix-hatch-test",
-                "-f",
-            ])
-            .arg(path),
-        Duration::from_secs(30),
-    );
-    out.assert_ok();
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Sshd {
-    fn start(env: &TestEnv) -> Sshd {
-        assert!(
-            Path::new(SSHD).exists(),
-            "{SSHD} missing: apt-get install openssh-server"
-        );
-        // sshd insists on its privilege-separation directory.
-        fs::create_dir_all("/run/sshd").unwrap();
-        let dir = env.path("sshd");
-        fs::create_dir_all(&dir).unwrap();
-        let host_key = dir.join("host_key");
-        let identity = dir.join("id_user");
-        keygen(&host_key);
-        keygen(&identity);
-        fs::copy(dir.join("id_user.pub"), dir.join("authorized_keys")).unwrap();
-        let host_pub = fs::read_to_string(dir.join("host_key.pub")).unwrap();
-        let host_pub: Vec<&str> = host_pub.split_whitespace().take(2).collect();
-        for attempt in 0..5 {
-            let port = free_port();
-            let config = dir.join("sshd_config");
-            fs::write(
-                &config,
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
-                     AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                     StrictModes no\nPrintMotd no\nLogLevel VERBOSE\nMaxStartups 50\n",
-                    hk = host_key.display(),
-                    d = dir.display()
-                ),
-            )
-            .unwrap();
-            let log = fs::File::create(dir.join(format!("sshd.{attempt}.log"))).unwrap();
-            let mut child = Command::new(SSHD)
-                .args(["-D", "-e", "-f"])
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start sshd");
-            let up = wait_until(Duration::from_secs(20), || {
-                matches!(child.try_wait(), Ok(Some(_)))
-                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            if up && child.try_wait().ok().flatten().is_none() {
-                return Sshd {
-                    child,
-                    port,
-                    identity,
-                    known_hosts_line: format!(
-                        "[127.0.0.1]:{port} {} {}\n",
-                        host_pub[0], host_pub[1]
-                    ),
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("sshd did not come up; logs in {}", dir.display());
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILLs every per-connection sshd process (the listener stays):
-    /// the connection drops as if the far machine had vanished.
-    fn kill_sessions(&self) -> usize {
-        let mut killed = 0;
-        for pid in descendants(self.pid()) {
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "sshd" {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-                killed += 1;
-            }
-        }
-        killed
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let pid = self.child.id();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let stopped = wait_until(Duration::from_secs(10), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if !stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+/// SIGKILLs every per-connection sshd process (the listener stays):
+/// the connection drops as if the far machine had vanished.
+fn kill_sessions(sshd: &Sshd) -> usize {
+    let mut killed = 0;
+    for pid in descendants(sshd.pid()) {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "sshd" {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            killed += 1;
         }
     }
+    killed
 }
 
 /// All pids below `root` (by the ppid field of /proc/*/stat).
@@ -588,7 +467,7 @@ fn connection_lost_mid_transfer_fails_cleanly() {
             wait_until(Duration::from_secs(120), || stalled.exists()),
             "the transfer never started"
         );
-        assert!(remote.sshd.kill_sessions() > 0, "no sshd session to kill");
+        assert!(kill_sessions(&remote.sshd) > 0, "no sshd session to kill");
         let out = build.join().unwrap();
         out.assert_failed();
         assert!(
