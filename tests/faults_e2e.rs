@@ -36,21 +36,8 @@ const REFS: &str = r#"{
 }"#;
 
 fn nix_build_with(env: &TestEnv, expr: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let mut cmd = nix_cmd("nix-build");
-    cmd.args([
-        "--no-out-link",
-        "--option",
-        "substituters",
-        "",
-        "--option",
-        "builders",
-        "",
-    ]);
-    env.use_hook(&mut cmd, &env.config_path());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    cmd.arg(expr).args(args);
+    let mut cmd = env.nix_build_command(expr, &[], args);
+    cmd.envs(vars.iter().copied());
     run(&mut cmd, NIX_LIMIT)
 }
 
@@ -137,19 +124,8 @@ fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
   ''; }; }"#,
     );
     let want = env.out_path(&expr, "e");
-    let mut cmd = nix_cmd("nix-build");
-    cmd.args([
-        "--no-out-link",
-        "--option",
-        "substituters",
-        "",
-        "--option",
-        "builders",
-        "",
-    ]);
-    env.use_hook(&mut cmd, &env.config_path());
-    cmd.arg(&expr)
-        .stdin(Stdio::null())
+    let mut cmd = env.nix_build_command(&expr, &[], &[]);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();

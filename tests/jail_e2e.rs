@@ -465,20 +465,8 @@ fn sigkill_of_the_hook_leaves_no_process_and_staging_is_cleaned_next_time() {
 }}"#
         ),
     );
-    let mut cmd = nix_cmd("nix-build");
-    cmd.args([
-        "--no-out-link",
-        "--option",
-        "substituters",
-        "",
-        "--option",
-        "builders",
-        "",
-    ]);
-    env.use_hook(&mut cmd, &env.config_path());
-    cmd.arg(&e)
-        .args(["-A", "victim"])
-        .stdout(std::process::Stdio::null())
+    let mut cmd = env.nix_build_command(&e, &["victim"], &[]);
+    cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut build = cmd.spawn().unwrap();
     assert!(

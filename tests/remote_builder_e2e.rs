@@ -47,18 +47,13 @@ fn nix_build_remote(
     attrs: &[&str],
     builders: &str,
 ) -> Output {
-    let mut cmd = nix_cmd("nix-build");
-    cmd.args([
-        "--no-out-link",
-        "--option",
-        "substituters",
-        "",
-        "--option",
-        "builders",
-        builders,
-    ])
-    .args(["--option", "max-jobs", "0", "-j", "0"]);
-    env.use_hook(&mut cmd, &env.config_path());
+    let mut cmd = env.nix_build_command(
+        expr,
+        attrs,
+        &[
+            "--option", "builders", builders, "--option", "max-jobs", "0", "-j", "0",
+        ],
+    );
     cmd.env(
         "NIX_SSHOPTS",
         format!(
@@ -67,10 +62,6 @@ fn nix_build_remote(
             sshd.known_hosts().display()
         ),
     );
-    cmd.arg(expr);
-    for a in attrs {
-        cmd.args(["-A", a]);
-    }
     run(&mut cmd, NIX_LIMIT)
 }
 

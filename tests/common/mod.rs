@@ -807,6 +807,14 @@ impl TestEnv {
         run(&mut c, NIX_LIMIT)
     }
 
+    /// The command [`TestEnv::nix_build`] runs, for tests that spawn it
+    /// themselves (to signal it, or to add environment variables).
+    pub fn nix_build_command(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
+        let mut c = self.nix_build_cmd(expr, attrs, extra);
+        self.use_hook(&mut c, &self.config_path());
+        c
+    }
+
     fn nix_build_cmd(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
         let mut c = nix_cmd("nix-build");
         c.args([
@@ -985,17 +993,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let pid = self.child.id();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let stopped = wait_until(Duration::from_secs(10), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if !stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        stop(&mut self.child);
+    }
+}
+
+/// Stops a server the test started: SIGTERM, then SIGKILL after 10 s.
+pub fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let stopped = wait_until(Duration::from_secs(10), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !stopped {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
