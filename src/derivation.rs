@@ -91,6 +91,14 @@ impl Drv {
         })
     }
 
+    /// `program` (words) followed by the derivation's `args`, as the argv
+    /// an executor runs.
+    pub fn argv_with<'a>(&self, program: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+        let mut argv: Vec<Vec<u8>> = program.into_iter().map(|a| a.as_bytes().to_vec()).collect();
+        argv.extend(self.drv.arguments().iter().map(|a| a.as_bytes().to_vec()));
+        argv
+    }
+
     pub fn is_fixed_output(&self) -> bool {
         self.outputs.values().any(|o| o.fixed.is_some())
     }

@@ -125,3 +125,19 @@ pub fn fault_point(name: &str) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// A pidfd for `pid` (close-on-exec), so a process's exit can be polled for
+/// even while a descendant holds its output pipe open. `None` on kernels
+/// without pidfd_open.
+pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open returns a new descriptor or -1; PIDFD_NONBLOCK is
+    // not asked for, and the descriptor is close-on-exec by definition.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    if fd < 0 {
+        None
+    } else {
+        // SAFETY: the kernel just gave us this descriptor.
+        Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    }
+}

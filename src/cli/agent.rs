@@ -19,7 +19,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -263,7 +263,7 @@ fn run_command(
             let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
         }
     };
-    let pidfd = pidfd_open(child.id());
+    let pidfd = crate::util::pidfd_open(child.id());
     let mut read = File::from(read);
     let start = Instant::now();
     let mut last_output = start;
@@ -765,21 +765,5 @@ impl SignalPipe {
     fn fired(&self) -> bool {
         let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-    }
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
-    if fd < 0 {
-        None
-    } else {
-        // SAFETY: the kernel just gave us this descriptor.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let _ = nix::fcntl::fcntl(
-            &owned,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
-        Some(owned)
     }
 }

@@ -42,24 +42,9 @@ pub fn run(
         .map_err(|e| Failure::Internal(format!("{e:#}")))?;
         write_build_files(&staging.build, &files)
             .map_err(|e| Failure::Internal(format!("{e:#}")))?;
-        let mut argv = vec![req.drv.drv.builder().as_bytes().to_vec()];
-        argv.extend(
-            req.drv
-                .drv
-                .arguments()
-                .iter()
-                .map(|a| a.as_bytes().to_vec()),
-        );
-        (argv, env)
+        (req.drv.argv_with([req.drv.drv.builder()]), env)
     } else {
-        let mut argv: Vec<Vec<u8>> = host.command.iter().map(|a| a.as_bytes().to_vec()).collect();
-        argv.extend(
-            req.drv
-                .drv
-                .arguments()
-                .iter()
-                .map(|a| a.as_bytes().to_vec()),
-        );
+        let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))
     };
     prepare_dirs(staging, &account).map_err(Failure::Internal)?;

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -123,7 +123,7 @@ pub fn run_logged_with(
     let mut child = cmd.spawn()?;
     // Drop our copies of the write end (they live inside `cmd`).
     drop(cmd);
-    let pidfd = pidfd_open(child.id());
+    let pidfd = crate::util::pidfd_open(child.id());
     let mut read = File::from(read);
     let start = Instant::now();
     let mut last_output = start;
@@ -265,24 +265,6 @@ fn drain(read: &mut File, log: &mut BuildLog, pipe_open: bool, limit: Duration) 
             Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return,
         }
-    }
-}
-
-/// A pidfd for `pid`, so exit is noticed even while a descendant holds the
-/// output pipe open. `None` on kernels without pidfd_open (EOF then decides).
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
-    if fd < 0 {
-        None
-    } else {
-        // SAFETY: the kernel just gave us this descriptor.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let _ = nix::fcntl::fcntl(
-            &owned,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
-        Some(owned)
     }
 }
 

@@ -170,14 +170,7 @@ fn interpret(
 /// variables an admin command sees (as for `host`), minus what only makes
 /// sense locally.
 fn build_request(req: &BuildRequest, ssh: &SshExecutor) -> Request {
-    let mut argv: Vec<Vec<u8>> = ssh.command.iter().map(|a| a.as_bytes().to_vec()).collect();
-    argv.extend(
-        req.drv
-            .drv
-            .arguments()
-            .iter()
-            .map(|a| a.as_bytes().to_vec()),
-    );
+    let argv = req.drv.argv_with(ssh.command.iter().map(String::as_str));
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut set = |k: &str, v: &[u8]| env.push((k.as_bytes().to_vec(), v.to_vec()));
     set("NIX_STORE", req.store.store_dir.as_bytes());
