@@ -27,7 +27,8 @@ fn kill_sessions(sshd: &Sshd) -> usize {
     let mut killed = 0;
     for pid in descendants(sshd.pid()) {
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "sshd" {
+        // OpenSSH >= 9.8 (Debian 13) names them sshd-session.
+        if matches!(comm.trim(), "sshd" | "sshd-session") {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
