@@ -90,7 +90,10 @@ fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec
         "/",
         "/",
         "--",
-        "/bin/true",
+        // /bin/sh is the one program NixOS has under /bin as well.
+        "/bin/sh",
+        "-c",
+        "exit 0",
     ])
     .stdin(std::process::Stdio::null());
     crate::util::run_as(&mut cmd, &account);
