@@ -1,0 +1,203 @@
+# NixOS module: services.nix-hatch (the build hook on this machine) and
+# services.nix-hatch.agent (the far side of other machines' `ssh` executors).
+#
+#   services.nix-hatch = {
+#     enable = true;
+#     settings = {
+#       routes.escape-sign = "signer";
+#       executors.signer = { kind = "host"; command = [ "${signScript}" ]; };
+#     };
+#   };
+#
+# The rendering and the checks are pure functions in ./render.nix (tested
+# without nixpkgs by tests/nix_module.rs).
+{ config, lib, pkgs, ... }:
+
+let
+  inherit (lib) mkDefault mkEnableOption mkIf mkMerge mkOption literalExpression types;
+
+  render = import ./render.nix;
+  cfg = config.services.nix-hatch;
+  settingsFormat = pkgs.formats.toml { };
+
+  settings = render.complete {
+    settings = cfg.settings;
+    bwrap = "${cfg.bubblewrap}/bin/bwrap";
+  };
+  configFile = pkgs.writeText "nix-hatch-config.toml" (render.toTOML settings);
+  stateDir = render.stateDir settings;
+  localUsers = render.localUsers settings;
+
+  nixPackage = config.nix.package;
+  nixId = { pname = nixPackage.pname or "nix"; version = nixPackage.version or "0"; };
+
+  systemFeatures =
+    let s = config.nix.settings; in
+    lib.toList (s.system-features or [ ]) ++ lib.toList (s.extra-system-features or [ ]);
+
+  # The far side runs this for every login with the agent's key. It runs
+  # the agent whatever the client asked for, except `… --version` (what
+  # `nix-hatch check --connect` runs), which only prints the version.
+  agentCommand = pkgs.writeShellScript "nix-hatch-agent-ssh" ''
+    case "''${SSH_ORIGINAL_COMMAND:-}" in
+      *" --version") exec ${cfg.agent.package}/bin/nix-hatch --version ;;
+      *) exec ${cfg.agent.package}/bin/nix-hatch agent ;;
+    esac
+  '';
+in
+{
+  options.services.nix-hatch = {
+    enable = mkEnableOption ''
+      nix-hatch as this machine's Nix build hook: derivations whose
+      `requiredSystemFeatures` name an escape feature routed in
+      `settings.routes` are built by the executor it names, everything else
+      goes where it would without nix-hatch'';
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./nix/package.nix { }";
+      description = "The nix-hatch package (provides `nix-hatch` and `nix-hatch-hook`).";
+    };
+
+    bubblewrap = mkOption {
+      type = types.package;
+      default = pkgs.bubblewrap;
+      defaultText = literalExpression "pkgs.bubblewrap";
+      description = "bubblewrap for `jail` executors; set as their `bwrap` unless they name one.";
+    };
+
+    settings = mkOption {
+      type = settingsFormat.type;
+      default = { };
+      description = ''
+        The contents of /etc/nix-hatch/config.toml (see the README's
+        configuration reference). Secrets (`identity`, a credential's
+        `value-file`) are given as strings naming files on this machine:
+        they are never copied into the store.
+      '';
+      example = literalExpression ''
+        {
+          routes.escape-sign = "signer";
+          routes.escape-fetch = "fetcher";
+          executors.signer = {
+            kind = "host";
+            command = [ "''${signScript}" ];
+            max-jobs = 1;
+            timeout = 600;
+          };
+          executors.fetcher = {
+            kind = "jail";
+            user = "nix-hatch-jail";
+            network = "proxy";
+            allow = [ { host = "github\\.com"; } ];
+            credentials = [ { host = "api\\.example\\.com"; header = "Authorization";
+                              value-file = "/run/keys/example-token"; prefix = "Bearer "; } ];
+          };
+        }
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      default = configFile;
+      defaultText = literalExpression "the rendered settings";
+      description = "The rendered config.toml (installed as /etc/nix-hatch/config.toml).";
+    };
+
+    buildHook = mkOption {
+      type = types.either types.str (types.listOf types.str);
+      default = render.hookSetting { hatch = cfg.package; nix = nixId; };
+      defaultText = literalExpression ''
+        [ "''${package}/bin/nix-hatch" "hook" ]   # Nix >= 2.19
+        "''${package}/bin/nix-hatch-hook"          # older Nix, and Lix
+      '';
+      description = "The value of `nix.settings.build-hook`.";
+    };
+
+    createUsers = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Create the accounts `host` and `jail` executors run as (their `user`
+        keys, except root and nobody) as system users in group nix-hatch.
+        An account defined elsewhere keeps its definition.
+      '';
+    };
+
+    agent = {
+      enable = mkEnableOption ''
+        the far side of `ssh` executors: an account whose authorized keys
+        may only run `nix-hatch agent` (forced command, `restrict`)'';
+
+      package = mkOption {
+        type = types.package;
+        default = cfg.package;
+        defaultText = literalExpression "config.services.nix-hatch.package";
+        description = "The nix-hatch package whose `nix-hatch agent` runs.";
+      };
+
+      user = mkOption {
+        type = types.str;
+        default = "nix-hatch";
+        description = "The account the agent (and so the executors' `command`) runs as; the ssh executor's `user`.";
+      };
+
+      authorizedKeys = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "ssh-ed25519 AAAAC3Nza… root@builder" ];
+        description = "Public keys of the machines whose `ssh` executors build here (their `identity`).";
+      };
+    };
+  };
+
+  config = mkMerge [
+    (mkIf cfg.enable {
+      assertions = map
+        (message: { assertion = false; message = "services.nix-hatch: ${message}"; })
+        (render.problems { settings = cfg.settings; inherit systemFeatures; });
+
+      environment.etc."nix-hatch/config.toml".source = configFile;
+      environment.systemPackages = [ cfg.package ];
+
+      nix.settings.build-hook = cfg.buildHook;
+
+      # Nix 2.25 … 2.33 ignore build-hook from nix.conf; the daemon reads
+      # NIX_CONFIG after it (the hook inherits the daemon's environment).
+      systemd.services.nix-daemon.environment = mkIf (render.hookIgnoredInNixConf nixId) {
+        NIX_CONFIG = "build-hook = ${render.confValue cfg.buildHook}";
+      };
+
+      # Staging dirs, slot locks and the proxy audit log. The hook runs as
+      # root (under the daemon); jailed builders reach their own staging dir.
+      systemd.tmpfiles.rules = [ "d ${stateDir} 0755 root root - -" ];
+
+      users.users = mkIf cfg.createUsers (lib.genAttrs localUsers (name: {
+        isSystemUser = mkDefault (!config.users.users.${name}.isNormalUser);
+        group = mkDefault "nix-hatch";
+        # Weaker than a default: the agent's account may be the same one.
+        description = lib.mkOverride 1100 "nix-hatch executor account";
+      }));
+      users.groups = mkIf (cfg.createUsers && localUsers != [ ]) { nix-hatch = { }; };
+    })
+
+    (mkIf cfg.agent.enable {
+      services.openssh.enable = mkDefault true;
+      users.users.${cfg.agent.user} = {
+        isSystemUser = mkDefault true;
+        group = mkDefault "nix-hatch";
+        description = mkDefault "nix-hatch agent (far side of ssh executors)";
+        # sshd runs the forced command through the account's shell.
+        useDefaultShell = mkDefault true;
+        home = mkDefault "/var/lib/nix-hatch-agent";
+        createHome = mkDefault true;
+        openssh.authorizedKeys.keys = map (render.restrictKey agentCommand) cfg.agent.authorizedKeys;
+      };
+      users.groups.nix-hatch = { };
+      warnings = lib.optional (cfg.agent.authorizedKeys == [ ])
+        "services.nix-hatch.agent is enabled without authorizedKeys: no executor can log in.";
+    })
+  ];
+}

@@ -1,0 +1,471 @@
+//! The Nix side that can run without nixpkgs: every `.nix` file parses;
+//! nix/render.nix (the NixOS module's settings → config.toml rendering and
+//! its assertions) evaluated by the Nix on this machine produces TOML that
+//! `nix-hatch check` accepts and that reads back as the settings; and
+//! derivations made with nix/lib.nix build through the hook with a config
+//! rendered by nix/render.nix. The NixOS VM tests themselves
+//! (tests/nixos-vm) need nixpkgs and KVM: `nix flake check`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn render_nix() -> String {
+    format!("{REPO}/nix/render.nix")
+}
+
+fn lib_nix() -> String {
+    format!("{REPO}/nix/lib.nix")
+}
+
+/// `nix-instantiate --eval --strict --json -E expr`.
+fn eval_cmd(expr: &str) -> Output {
+    run(
+        nix_cmd("nix-instantiate")
+            .args(["--eval", "--strict", "--json", "-E"])
+            .arg(expr),
+        Duration::from_secs(120),
+    )
+}
+
+#[track_caller]
+fn eval_json(expr: &str) -> serde_json::Value {
+    let out = eval_cmd(expr);
+    out.assert_ok();
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", out.describe()))
+}
+
+/// `r` is nix/render.nix in `expr`.
+#[track_caller]
+fn eval_render(expr: &str) -> serde_json::Value {
+    eval_json(&format!("let r = import {}; in {expr}", render_nix()))
+}
+
+/// The problems (future NixOS assertions) for `settings` (a Nix expression).
+#[track_caller]
+fn problems(settings: &str, system_features: &str) -> Vec<String> {
+    let v = eval_render(&format!(
+        "r.problems {{ settings = {settings}; systemFeatures = {system_features}; }}"
+    ));
+    serde_json::from_value(v).unwrap()
+}
+
+fn nix_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p.is_dir() {
+            if !matches!(name.as_str(), "target" | ".git" | "corpus" | "artifacts") {
+                nix_files(&p, out);
+            }
+        } else if name.ends_with(".nix") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_nix_file_parses() {
+    let mut files = Vec::new();
+    nix_files(Path::new(REPO), &mut files);
+    files.sort();
+    for want in [
+        "flake.nix",
+        "nix/lib.nix",
+        "nix/render.nix",
+        "nix/package.nix",
+        "nix/nixos-module.nix",
+        "tests/nixos-vm/default.nix",
+        "tests/nixos-vm/common.nix",
+        "tests/nixos-vm/drvs.nix",
+        "tests/nixos-vm/host.nix",
+        "tests/nixos-vm/jail-proxy.nix",
+        "tests/nixos-vm/ssh.nix",
+    ] {
+        assert!(
+            files.contains(&Path::new(REPO).join(want)),
+            "{want} not found among {files:#?}"
+        );
+    }
+    for f in &files {
+        run(
+            nix_cmd("nix-instantiate").arg("--parse").arg(f),
+            Duration::from_secs(60),
+        )
+        .assert_ok();
+    }
+}
+
+/// Sample settings as a NixOS user writes them: a host, a jail with proxy
+/// rules and a credential, an ssh executor. Files the check reads live in
+/// `dir`.
+fn sample_settings(dir: &Path) -> String {
+    let d = dir.to_string_lossy();
+    format!(
+        r#"{{
+  state-dir = "{d}/state";
+  fallback = "auto";
+  routes = {{ escape-sign = "signer"; escape-fetch = "fetcher"; escape-render = "gpu"; }};
+  executors.signer = {{
+    kind = "host";
+    command = [ "/bin/true" "--key" "/root/key with space" ];
+    user = "root";
+    max-jobs = 2;
+    timeout = 600;
+    pass-env = [ "scene" ];
+  }};
+  executors.fetcher = {{
+    kind = "jail";
+    user = "nobody";
+    network = "proxy";
+    allow = [
+      {{ host = "github\\.com"; }}
+      {{ host = "^example\\.org$"; path = "^/pub/"; methods = [ "GET" "HEAD" ]; }}
+    ];
+    credentials = [
+      {{ host = "api\\.example\\.com"; header = "Authorization"; value-file = "{d}/token"; prefix = "Bearer "; }}
+    ];
+    ro-binds = [ "/etc/ssl/certs" ];
+    max-jobs = 4;
+    max-silent-time = 30;
+  }};
+  executors.gpu = {{
+    kind = "ssh";
+    host = "gpu-box";
+    port = 2222;
+    user = "builder";
+    identity = "{d}/id_ed25519";
+    known-hosts = "{d}/known_hosts";
+    command = [ "/opt/render/bin/render" ];
+    connect-timeout = 10;
+    unused = null;
+  }};
+}}"#
+    )
+}
+
+fn toml_as_json(text: &str) -> serde_json::Value {
+    let v: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("rendered TOML does not parse: {e}\n{text}"));
+    serde_json::to_value(v).unwrap()
+}
+
+#[test]
+fn rendered_settings_pass_nix_hatch_check() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(d.join("token"), "s3cret").unwrap();
+    fs::set_permissions(d.join("token"), fs::Permissions::from_mode(0o600)).unwrap();
+    sshd::keygen(&d.join("id_ed25519"));
+    let host_pub = fs::read_to_string(d.join("id_ed25519.pub")).unwrap();
+    fs::write(d.join("known_hosts"), format!("[gpu-box]:2222 {host_pub}")).unwrap();
+
+    let settings = sample_settings(d);
+    let v = eval_render(&format!(
+        r#"let settings = {settings}; in {{
+             toml = r.toTOML (r.complete {{ inherit settings; bwrap = "/usr/bin/bwrap"; }});
+             problems = r.problems {{ inherit settings; systemFeatures = [ "kvm" "big-parallel" ]; }};
+             users = r.localUsers settings;
+           }}"#
+    ));
+    assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["users"], serde_json::json!([]), "root and nobody exist");
+    let text = v["toml"].as_str().unwrap();
+    // Regexes come out as literal strings, as one would write them.
+    assert!(text.contains(r"host = 'github\.com'"), "{text}");
+    assert!(text.contains("[[executors.fetcher.credentials]]"), "{text}");
+    assert!(
+        !text.contains("unused"),
+        "null values are left out:\n{text}"
+    );
+
+    // What the Rust side reads is what the Nix side meant, plus bwrap.
+    let mut want = eval_json(&format!("builtins.fromJSON (builtins.toJSON ({settings}))"));
+    want["executors"]["gpu"]
+        .as_object_mut()
+        .unwrap()
+        .remove("unused");
+    want["executors"]["fetcher"]["bwrap"] = "/usr/bin/bwrap".into();
+    assert_eq!(toml_as_json(text), want, "{text}");
+
+    let cfg = d.join("config.toml");
+    fs::write(&cfg, text).unwrap();
+    let out = run(
+        Command::new(CLI).arg("check").arg("--config").arg(&cfg),
+        Duration::from_secs(60),
+    );
+    assert!(out.success(), "{text}\n{}", out.describe());
+    for want in [
+        "route: escape-sign -> signer (kind host, user root, max-jobs 2)",
+        "route: escape-fetch -> fetcher (kind jail, user nobody, max-jobs 4)",
+        "route: escape-render -> gpu (kind ssh, user builder, max-jobs 1)",
+    ] {
+        assert!(out.stdout.contains(want), "{want:?}:\n{}", out.describe());
+    }
+}
+
+#[test]
+fn toml_rendering_round_trips_awkward_values() {
+    let v = eval_render(
+        r#"let
+             ctl = builtins.fromJSON "\"bell\\u0007 esc\\u001b del\\u007f\"";
+             s = {
+               "key with space" = "a \"quoted\" \\ backslash";
+               "dotted.key" = "new\nline\ttab\rcr";
+               "ünï" = "snowman ☃ and 'single' quotes";
+               both = "it's a \\d+ regex";
+               control = ctl;
+               empty = "";
+               int = -42;
+               big = 9007199254740993;
+               yes = true;
+               no = false;
+               half = 0.5;
+               list = [ 1 2 3 ];
+               mixed = [ 1 "two" { three = 3; } [ true ] ];
+               nested = [ [ "a" ] [ ] ];
+               inline = [ "x" { a = { b = [ 1 ]; }; } ];
+               emptyList = [ ];
+               emptyTable = { };
+               gone = null;
+               t.sub.subsub = { x = 1; };
+               t.plain = "p";
+               aot = [ { n = 1; inner.k = "v"; deeper = [ { m = 2; } ]; } { n = 2; } ];
+             };
+           in {
+             toml = r.toTOML s;
+             json = builtins.toJSON (removeAttrs s [ "gone" ]);
+           }"#,
+    );
+    let text = v["toml"].as_str().unwrap();
+    let want: serde_json::Value = serde_json::from_str(v["json"].as_str().unwrap()).unwrap();
+    assert_eq!(toml_as_json(text), want, "{text}");
+    assert!(
+        text.contains(r#"both = "it's a \\d+ regex""#),
+        "no literal string when there is a quote inside: {text}"
+    );
+    assert!(
+        text.contains(r#"control = "bell\u0007 esc\u001B del\u007F""#),
+        "{text}"
+    );
+
+    // Floats stay floats, even whole ones.
+    let v = eval_render(r#"r.toTOML { f = 3.0; g = -1.25; }"#);
+    let t: toml::Table = v.as_str().unwrap().parse().unwrap();
+    assert_eq!(t["f"].as_float(), Some(3.0));
+    assert_eq!(t["g"].as_float(), Some(-1.25));
+}
+
+#[test]
+fn rendering_refuses_nix_paths() {
+    let out = eval_cmd(&format!(
+        "(import {}).toTOML {{ executors.x.command = [ /etc/sign.sh ]; }}",
+        render_nix()
+    ));
+    out.assert_failed();
+    out.assert_stderr_contains("executors.x.command[0] is a Nix path (/etc/sign.sh)");
+}
+
+#[test]
+fn assertions_fire_for_admin_mistakes() {
+    let good = r#"{ routes.escape-a = "a"; executors.a = { kind = "host"; command = [ "/bin/true" ]; }; }"#;
+    assert_eq!(problems(good, r#"[ "kvm" ]"#), Vec::<String>::new());
+
+    // A route to an executor that does not exist.
+    let p = problems(
+        r#"{ routes.escape-a = "a"; routes.escape-b = "typo"; executors.a = { kind = "host"; command = [ "/bin/true" ]; }; }"#,
+        "[ ]",
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].starts_with(
+            r#"settings.routes.escape-b = "typo", but there is no executor "typo" in settings.executors (defined: a)"#
+        ),
+        "{p:#?}"
+    );
+
+    // An escape feature Nix also claims, as a list and as nix.conf's string.
+    for features in [r#"[ "kvm" "escape-a" ]"#, r#""kvm  escape-a big-parallel""#] {
+        let p = problems(good, features);
+        assert_eq!(p.len(), 1, "{features}: {p:#?}");
+        assert!(
+            p[0].starts_with(r#"escape feature "escape-a" is routed by nix-hatch (settings.routes) and also in nix.settings.system-features"#),
+            "{p:#?}"
+        );
+    }
+
+    // Secrets: never a Nix path, never in the store.
+    let p = problems(
+        r#"{
+          executors.j = { kind = "jail"; network = "proxy";
+            credentials = [ { host = "a"; header = "X"; value-file = /etc/token; }
+                            { host = "b"; header = "Y"; value-file = "/nix/store/00000000000000000000000000000000-token"; } ]; };
+          executors.s = { kind = "ssh"; host = "h"; command = [ "/x" ]; identity = /root/id; };
+        }"#,
+        "[ ]",
+    );
+    let want = [
+        "settings.executors.j.credentials[0].value-file is a Nix path (/etc/token): it would be copied into the world-readable Nix store",
+        "settings.executors.j.credentials[1].value-file points into the Nix store",
+        "settings.executors.s.identity is a Nix path (/root/id)",
+    ];
+    assert_eq!(p.len(), want.len(), "{p:#?}");
+    for w in want {
+        assert!(p.iter().any(|l| l.starts_with(w)), "{w:?} not in {p:#?}");
+    }
+
+    // Other mistakes the hook would only report at build time.
+    let p = problems(
+        r#"{
+          routes.escape-a = 3;
+          executors.root-jail = { kind = "jail"; user = "root"; };
+          executors.nokind = { command = [ "/bin/true" ]; };
+          executors.h = { kind = "host"; command = [ /etc/sign.sh ]; };
+        }"#,
+        "[ ]",
+    );
+    let want = [
+        "settings.routes.escape-a must name an executor (a string)",
+        "settings.executors.root-jail.user: a jail never runs its builder as root",
+        "settings.executors.nokind.kind must be \"host\", \"jail\" or \"ssh\" (got nothing)",
+        "settings.executors.h.command[0] is a Nix path (/etc/sign.sh)",
+    ];
+    assert_eq!(p.len(), want.len(), "{p:#?}");
+    for w in want {
+        assert!(p.iter().any(|l| l.starts_with(w)), "{w:?} not in {p:#?}");
+    }
+}
+
+#[test]
+fn module_helpers_users_defaults_and_hook_setting() {
+    let v = eval_render(
+        r#"let s = {
+             executors.h = { kind = "host"; command = [ "/x" ]; user = "signer"; };
+             executors.h2 = { kind = "host"; command = [ "/x" ]; };
+             executors.j = { kind = "jail"; user = "nix-hatch-jail"; };
+             executors.j2 = { kind = "jail"; bwrap = "/opt/bwrap"; };
+             executors.j3 = { kind = "jail"; user = "signer"; };
+             executors.s = { kind = "ssh"; host = "h"; user = "far-away"; command = [ "/x" ]; };
+           };
+           c = (r.complete { settings = s; bwrap = "/nix/store/b/bin/bwrap"; }).executors;
+           hook = version: r.hookSetting { hatch = "/H"; nix = { pname = "nix"; inherit version; }; };
+           ignored = version: r.hookIgnoredInNixConf { pname = "nix"; inherit version; };
+         in {
+           users = r.localUsers s;
+           bwrap = [ (c.j.bwrap or null) (c.j2.bwrap or null) (c.h.bwrap or null) ];
+           stateDir = [ (r.stateDir { }) (r.stateDir { state-dir = "/srv/h"; }) ];
+           hooks = map hook [ "2.8.0" "2.18.9" "2.19.0" "2.28.3" "2.34.1" ];
+           lix = r.hookSetting { hatch = "/H"; nix = { pname = "lix"; version = "2.93.0"; }; };
+           ignored = map ignored [ "2.18.1" "2.24.9" "2.25.0" "2.31.2" "2.33.9" "2.34.0" ];
+           conf = r.confValue [ "/H/bin/nix-hatch" "hook" ];
+           key = r.restrictKey "/nix/store/w-agent" "ssh-ed25519 AAAA k";
+         }"#,
+    );
+    assert_eq!(
+        v["users"],
+        serde_json::json!(["signer", "nix-hatch-jail"]),
+        "{v:#}"
+    );
+    assert_eq!(
+        v["bwrap"],
+        serde_json::json!(["/nix/store/b/bin/bwrap", "/opt/bwrap", null])
+    );
+    assert_eq!(
+        v["stateDir"],
+        serde_json::json!(["/var/lib/nix-hatch", "/srv/h"])
+    );
+    let list = serde_json::json!(["/H/bin/nix-hatch", "hook"]);
+    assert_eq!(
+        v["hooks"],
+        serde_json::json!([
+            "/H/bin/nix-hatch-hook",
+            "/H/bin/nix-hatch-hook",
+            list,
+            list,
+            list
+        ])
+    );
+    assert_eq!(v["lix"], "/H/bin/nix-hatch-hook");
+    assert_eq!(
+        v["ignored"],
+        serde_json::json!([false, false, true, true, true, false])
+    );
+    assert_eq!(v["conf"], "/H/bin/nix-hatch hook");
+    assert_eq!(
+        v["key"],
+        r#"command="/nix/store/w-agent",restrict ssh-ed25519 AAAA k"#
+    );
+}
+
+/// The config for [`lib_nix_derivations_build_through_the_hook`], rendered
+/// by nix/render.nix as the NixOS module renders it.
+fn rendered_config(env: &TestEnv) -> String {
+    let v = eval_render(&format!(
+        r#"r.toTOML (r.complete {{
+             bwrap = "/usr/bin/bwrap";
+             settings = {{
+               state-dir = {state};
+               fallback = "decline";
+               routes = {{ {FEATURE} = "hostx"; escape-j = "jx"; }};
+               executors.hostx = {{ kind = "host"; command = [ {run} ]; timeout = 60; }};
+               executors.jx = {{ kind = "jail"; user = "nobody"; timeout = 120; }};
+             }};
+           }})"#,
+        state = nix_str(&env.state_dir().to_string_lossy()),
+        run = nix_str(&env.run_script().to_string_lossy()),
+    ));
+    v.as_str().unwrap().to_owned()
+}
+
+#[test]
+fn lib_nix_derivations_build_through_the_hook() {
+    let env = TestEnv::new("nix-lib");
+    env.write_config(&rendered_config(&env));
+    let expr = env.write_expr(
+        "lib.nix",
+        &format!(
+            r#"let hatch = import {lib} {{ }}; in {{
+  # host executor: the admin's run.sh evals the first argument.
+  signed = hatch.makeRunner "{FEATURE}" {{ env = {{ inherit nonce; }}; }} "lib-runner" [ "echo made-by-makeRunner > $out" ];
+  # jail executor: the derivation's own builder, in bubblewrap.
+  jailed = hatch.escape {{
+    feature = "escape-j";
+    name = "lib-jailed";
+    builder = "${{bb}}/bin/busybox";
+    args = [ "sh" "-c" "echo jailed as $(id -u) > $out; echo out >> $dev" ];
+    outputs = [ "out" "dev" ];
+    env = {{ inherit nonce; }};
+  }};
+}}"#,
+            lib = lib_nix()
+        ),
+    );
+    let out = env.nix_build(&expr, &["signed"], &[]);
+    out.assert_ok();
+    let paths = out.store_paths();
+    assert_eq!(paths.len(), 1, "{}", out.describe());
+    assert_eq!(
+        fs::read_to_string(&paths[0]).unwrap(),
+        "made-by-makeRunner\n"
+    );
+    assert_eq!(deriver(&paths[0]), env.drv_path(&expr, "signed"));
+
+    let out = env.nix_build(&expr, &["jailed.out", "jailed.dev"], &[]);
+    out.assert_ok();
+    let paths = out.store_paths();
+    assert_eq!(paths.len(), 2, "{}", out.describe());
+    assert_eq!(fs::read_to_string(&paths[0]).unwrap(), "jailed as 1000\n");
+    assert_eq!(fs::read_to_string(&paths[1]).unwrap(), "out\n");
+}
