@@ -176,7 +176,8 @@ in
 
       users.users = mkIf cfg.createUsers (lib.genAttrs localUsers (name: {
         isSystemUser = mkDefault (!config.users.users.${name}.isNormalUser);
-        group = mkDefault "nix-hatch";
+        # Weaker than a default: NixOS gives normal users group "users".
+        group = lib.mkOverride 1100 "nix-hatch";
         # Weaker than a default: the agent's account may be the same one.
         description = lib.mkOverride 1100 "nix-hatch executor account";
       }));
@@ -187,7 +188,7 @@ in
       services.openssh.enable = mkDefault true;
       users.users.${cfg.agent.user} = {
         isSystemUser = mkDefault true;
-        group = mkDefault "nix-hatch";
+        group = lib.mkOverride 1100 "nix-hatch";
         description = mkDefault "nix-hatch agent (far side of ssh executors)";
         # sshd runs the forced command through the account's shell.
         useDefaultShell = mkDefault true;

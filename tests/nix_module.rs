@@ -90,6 +90,7 @@ fn every_nix_file_parses() {
         "tests/nixos-vm/host.nix",
         "tests/nixos-vm/jail-proxy.nix",
         "tests/nixos-vm/ssh.nix",
+        "tests/nixos-module-eval.nix",
     ] {
         assert!(
             files.contains(&Path::new(REPO).join(want)),
@@ -468,4 +469,106 @@ fn lib_nix_derivations_build_through_the_hook() {
     assert_eq!(paths.len(), 2, "{}", out.describe());
     assert_eq!(fs::read_to_string(&paths[0]).unwrap(), "jailed as 1000\n");
     assert_eq!(fs::read_to_string(&paths[1]).unwrap(), "out\n");
+}
+
+/// The module itself through nixpkgs' module system (lib only, stub NixOS
+/// options: tests/nixos-module-eval.nix). Runs when NIX_HATCH_NIXPKGS_LIB
+/// names a nixpkgs `lib` directory (e.g. from nix-community/nixpkgs.lib);
+/// CI has none, so it is skipped there.
+#[test]
+fn module_evaluates_with_nixpkgs_lib() {
+    let Some(nixpkgs_lib) = std::env::var_os("NIX_HATCH_NIXPKGS_LIB") else {
+        eprintln!("skipped: set NIX_HATCH_NIXPKGS_LIB to a nixpkgs lib/ directory");
+        return;
+    };
+    let eval = |config: &str, version: &str| -> serde_json::Value {
+        let out = run(
+            nix_cmd("nix-instantiate")
+                .args(["--read-write-mode", "--eval", "--strict", "--json", "-E"])
+                .arg(format!(
+                    r#"import {REPO}/tests/nixos-module-eval.nix {{
+                         nixpkgsLib = {lib};
+                         configuration = {{ lib, ... }}: {config};
+                         nixVersion = "{version}";
+                       }}"#,
+                    lib = nix_str(&nixpkgs_lib.to_string_lossy()),
+                )),
+            Duration::from_secs(120),
+        );
+        out.assert_ok();
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    };
+    let pkg = r#"{ type = "derivation"; outPath = "/nix/store/11111111111111111111111111111111-nix-hatch"; name = "nix-hatch"; }"#;
+    let v = eval(
+        &format!(
+            r#"{{
+              users.users.signer.isNormalUser = true;
+              services.nix-hatch.enable = true;
+              services.nix-hatch.package = {pkg};
+              services.nix-hatch.settings = {{
+                routes.escape-sign = "signer";
+                executors.signer = {{ kind = "host"; command = [ "/run/sign" ]; user = "signer"; }};
+                executors.j = {{ kind = "jail"; user = "nix-hatch-jail"; }};
+              }};
+              services.nix-hatch.agent = {{ enable = true; authorizedKeys = [ "ssh-ed25519 AAAA k" ]; }};
+            }}"#
+        ),
+        "2.28.3",
+    );
+    assert_eq!(v["failed"], serde_json::json!([]), "{v:#}");
+    let h = "/nix/store/11111111111111111111111111111111-nix-hatch/bin/nix-hatch";
+    assert_eq!(v["hook"], serde_json::json!([h, "hook"]), "{v:#}");
+    assert_eq!(
+        v["daemonEnv"]["NIX_CONFIG"],
+        format!("build-hook = {h} hook"),
+        "{v:#}"
+    );
+    let toml = v["config"].as_str().unwrap();
+    assert!(
+        toml.contains(
+            "bwrap = \"/nix/store/00000000000000000000000000000000-bubblewrap/bin/bwrap\""
+        ),
+        "{toml}"
+    );
+    // A normal user stays one; the jail account is a system user.
+    assert_eq!(v["users"]["signer"]["isSystemUser"], false, "{v:#}");
+    assert_eq!(v["users"]["nix-hatch-jail"]["isSystemUser"], true, "{v:#}");
+    assert_eq!(v["users"]["nix-hatch-jail"]["group"], "nix-hatch", "{v:#}");
+    let key = v["users"]["nix-hatch"]["keys"][0].as_str().unwrap();
+    assert!(
+        key.starts_with("command=\"/nix/store/")
+            && key.ends_with("-nix-hatch-agent-ssh\",restrict ssh-ed25519 AAAA k"),
+        "{key}"
+    );
+    assert_eq!(v["sshd"], true);
+
+    let v = eval(
+        &format!(
+            r#"{{
+              nix.settings.extra-system-features = [ "escape-sign" ];
+              services.nix-hatch.enable = true;
+              services.nix-hatch.package = {pkg};
+              services.nix-hatch.settings = {{
+                routes.escape-sign = "signer";
+                routes.escape-typo = "signr";
+                executors.signer = {{ kind = "host"; command = [ "/run/sign" ]; }};
+              }};
+            }}"#
+        ),
+        "2.18.1",
+    );
+    let failed: Vec<String> = serde_json::from_value(v["failed"].clone()).unwrap();
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+    assert!(
+        failed[0].starts_with(
+            "services.nix-hatch: settings.routes.escape-typo = \"signr\", but there is no executor"
+        ),
+        "{failed:#?}"
+    );
+    assert!(
+        failed[1].starts_with("services.nix-hatch: escape feature \"escape-sign\" is routed"),
+        "{failed:#?}"
+    );
+    assert_eq!(v["hook"], format!("{h}-hook"), "{v:#}");
+    assert_eq!(v["daemonEnv"], serde_json::json!({}), "{v:#}");
 }
