@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn read(p: impl AsRef<Path>) -> String {
@@ -114,25 +114,7 @@ fn hooks_of(env: &TestEnv) -> Vec<u32> {
 fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
     let env = TestEnv::new("sigterm");
     env.write_host_config(&env.standard_config());
-    std::os::unix::fs::symlink("/bin/sleep", env.path("term-sleep")).unwrap();
-    let expr = env.write_expr(
-        "term.nix",
-        r#"{ e = escape { name = "terminated"; script = ''
-    touch "@DIR@/started"
-    "@DIR@/term-sleep" 600
-    echo late > "$out"
-  ''; }; }"#,
-    );
-    let want = env.out_path(&expr, "e");
-    let mut cmd = env.nix_build_command(&expr, &[], &[]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || env.path("started").exists()),
-        "the command never started"
-    );
+    let (mut child, want) = env.spawn_sleeping_build();
     let hooks = hooks_of(&env);
     assert!(!hooks.is_empty(), "no hook process found");
     for h in &hooks {
@@ -142,7 +124,7 @@ fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
     }
     let status = child.wait().unwrap();
     assert!(!status.success());
-    let sleeper = env.path("term-sleep").to_string_lossy().into_owned();
+    let sleeper = env.root().to_string_lossy().into_owned();
     assert!(
         wait_until(Duration::from_secs(10), || processes_mentioning(&sleeper)
             .is_empty()),

@@ -956,29 +956,7 @@ fn escape_output_can_be_the_input_of_another_escape() {
 fn interrupting_nix_build_stops_the_command() {
     let env = TestEnv::new("interrupt");
     env.write_host_config(&env.standard_config());
-    std::os::unix::fs::symlink("/bin/sleep", env.path("int-sleep")).unwrap();
-    let expr = env.write_expr(
-        "interrupt.nix",
-        r#"{ s = escape { name = "interrupted"; script = ''
-    touch "@DIR@/started"
-    "@DIR@/int-sleep" 600
-    echo late > "$out"
-  ''; }; }"#,
-    );
-    let want = env.out_path(&expr, "s");
-    let mut cmd = nix_cmd("nix-build");
-    cmd.args(["--no-out-link", "--option", "substituters", ""]);
-    env.use_hook(&mut cmd, &env.config_path());
-    cmd.arg(&expr)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let started = wait_until(Duration::from_secs(60), || env.path("started").exists());
-    if !started {
-        let _ = child.kill();
-        panic!("the command never started");
-    }
+    let (mut child, want) = env.spawn_sleeping_build();
     // What Ctrl-C does.
     std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])

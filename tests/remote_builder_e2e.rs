@@ -40,6 +40,24 @@ fn remote_program(env: &TestEnv, features: &str) {
     );
 }
 
+/// A test env whose config routes `escape-x` to the host executor with
+/// `fallback = "auto"`, a private sshd, and the remote store's root (whose
+/// nix-store accepts `features`).
+fn remote_setup(name: &str, features: &str) -> (TestEnv, Sshd, std::path::PathBuf) {
+    let env = TestEnv::new(name);
+    env.write_host_config(&env.standard_config());
+    // fallback = "auto" (the default): Nix's build-remote gets the rest.
+    let text = fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace("fallback = \"decline\"\n", "");
+    env.write_config(&text);
+    let sshd = Sshd::start(&env);
+    let root = env.path("remote/root");
+    fs::create_dir_all(&root).unwrap();
+    remote_program(&env, features);
+    (env, sshd, root)
+}
+
 fn nix_build_remote(
     env: &TestEnv,
     sshd: &Sshd,
@@ -67,19 +85,7 @@ fn nix_build_remote(
 
 #[test]
 fn plain_goes_to_nix_remote_builder_and_escape_to_nix_hatch_in_one_build() {
-    let env = TestEnv::new("remote");
-    let mut cfg = env.standard_config();
-    cfg.extra = String::new();
-    env.write_host_config(&cfg);
-    // fallback = "auto" (the default): Nix's build-remote gets the rest.
-    let text = fs::read_to_string(env.config_path())
-        .unwrap()
-        .replace("fallback = \"decline\"\n", "");
-    env.write_config(&text);
-    let sshd = Sshd::start(&env);
-    let root = env.path("remote/root");
-    fs::create_dir_all(&root).unwrap();
-    remote_program(&env, "benchmark big-parallel");
+    let (env, sshd, root) = remote_setup("remote", "benchmark big-parallel");
     let expr = env.write_expr(
         "remote.nix",
         r#"{
@@ -118,16 +124,7 @@ fn plain_goes_to_nix_remote_builder_and_escape_to_nix_hatch_in_one_build() {
 
 #[test]
 fn unrouted_escape_feature_goes_to_a_remote_builder_that_advertises_it() {
-    let env = TestEnv::new("remote-feature");
-    env.write_host_config(&env.standard_config());
-    let text = fs::read_to_string(env.config_path())
-        .unwrap()
-        .replace("fallback = \"decline\"\n", "");
-    env.write_config(&text);
-    let sshd = Sshd::start(&env);
-    let root = env.path("remote/root");
-    fs::create_dir_all(&root).unwrap();
-    remote_program(&env, "escape-gpu");
+    let (env, sshd, root) = remote_setup("remote-feature", "escape-gpu");
     let expr = env.write_expr(
         "feature.nix",
         r#"{ gpu = plain { name = "remote-gpu"; script = "echo on-the-gpu-box > $out"; attrs = { requiredSystemFeatures = [ "escape-gpu" ]; }; }; }"#,

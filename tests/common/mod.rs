@@ -815,6 +815,34 @@ impl TestEnv {
         c
     }
 
+    /// Starts (in the background) a hooked nix-build of one escape build
+    /// whose command signals that it started and then sleeps for ten
+    /// minutes, and waits until it has started. Returns the nix-build
+    /// process and the output path. Every process of the build mentions
+    /// this env's dir on its command line (see [`processes_mentioning`]).
+    pub fn spawn_sleeping_build(&self) -> (Child, String) {
+        std::os::unix::fs::symlink("/bin/sleep", self.path("long-sleep")).unwrap();
+        let expr = self.write_expr(
+            "sleeping.nix",
+            r#"{ s = escape { name = "sleeping"; script = ''
+    touch "@DIR@/started"
+    "@DIR@/long-sleep" 600
+    echo late > "$out"
+  ''; }; }"#,
+        );
+        let want = self.out_path(&expr, "s");
+        let mut cmd = self.nix_build_command(&expr, &[], &[]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        if !wait_until(Duration::from_secs(60), || self.path("started").exists()) {
+            let _ = child.kill();
+            panic!("the command never started");
+        }
+        (child, want)
+    }
+
     fn nix_build_cmd(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
         let mut c = nix_cmd("nix-build");
         c.args([
