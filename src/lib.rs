@@ -16,4 +16,6 @@ pub mod hook;
 pub mod protocol;
 pub mod proxy;
 pub mod store;
+#[doc(hidden)]
+pub mod timing;
 pub mod util;

@@ -101,7 +101,10 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         staging: &staging,
     };
     crate::util::fault_point("before-build");
-    if let Err(f) = executors::run(&req, log, &cancel) {
+    crate::timing::mark("prepare");
+    let ran = executors::run(&req, log, &cancel);
+    crate::timing::mark("executor");
+    if let Err(f) = ran {
         if a.settings.get("keep-failed") == Some("true") && !matches!(f, Failure::Cancelled) {
             match staging.keep() {
                 Ok(p) => log.line(&format!("keeping build directory {}", p.display())),
@@ -141,6 +144,9 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
             r.nar_size,
             r.references.len()
         ));
+    }
+    if let Some(t) = crate::timing::report() {
+        log.line(&format!("timing: {t}"));
     }
     Ok(())
 }

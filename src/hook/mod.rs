@@ -41,6 +41,7 @@ pub trait Builder {
 
 /// The hook process: `nix-hatch-hook` and `nix-hatch hook` end up here.
 pub fn main() -> i32 {
+    crate::timing::init();
     crate::util::cloexec_from(3);
     let path = crate::config::default_path();
     let config = Config::load(&path).map_err(|problems| {
@@ -132,26 +133,27 @@ pub fn run(
                     config_reported = true;
                     tell(replies, reason);
                 }
-                match pass_on(&req, input, replies) {
+                match pass_on(req, input, replies) {
                     Ok(r) => r,
                     Err(code) => return code,
                 }
             }
-            Ok(cfg) => match route::route(cfg, &req, &local_systems) {
-                Route::NotOurs => match pass_on(&req, input, replies) {
+            Ok(cfg) => match route::route(cfg, req, &local_systems) {
+                Route::NotOurs => match pass_on(req, input, replies) {
                     Ok(r) => r,
                     Err(code) => return code,
                 },
                 Route::Refuse(reason) => {
-                    if reported.insert(req.drv_path.clone()) {
+                    if first_report(&mut reported, &req.drv_path) {
                         tell(replies, &format!("nix-hatch: declining: {reason}"));
                     }
-                    match pass_on(&req, input, replies) {
+                    match pass_on(req, input, replies) {
                         Ok(r) => r,
                         Err(code) => return code,
                     }
                 }
                 Route::Executor(executor) => {
+                    crate::timing::mark("wait");
                     let drv = match Drv::load(&store, &req.drv_path) {
                         Ok(d) => d,
                         Err(e) => {
@@ -161,8 +163,9 @@ pub fn run(
                             return 1;
                         }
                     };
+                    crate::timing::mark("drv-parse");
                     if let Some(reason) = &drv.unsupported {
-                        if reported.insert(req.drv_path.clone()) {
+                        if first_report(&mut reported, &req.drv_path) {
                             tell(replies, &format!("nix-hatch: declining: {reason}"));
                         }
                         let _ = hook::write_reply(replies, Reply::Decline);
@@ -171,7 +174,7 @@ pub fn run(
                     match slots::try_acquire(&cfg.state_dir, &executor.name, executor.max_jobs) {
                         Ok(None) => Reply::Postpone,
                         Err(e) => {
-                            if reported.insert(req.drv_path.clone()) {
+                            if first_report(&mut reported, &req.drv_path) {
                                 tell(
                                     replies,
                                     &format!(
@@ -264,6 +267,11 @@ impl Delegation {
     }
 }
 
+/// Whether `drv` is reported for the first time (allocates only then).
+fn first_report(reported: &mut HashSet<String>, drv: &str) -> bool {
+    !reported.contains(drv) && reported.insert(drv.to_owned())
+}
+
 /// A message Nix shows the user before the reply. `@nix` lines reach the
 /// client even when the hook runs under nix-daemon, plain stderr does not.
 fn tell(replies: &mut impl Write, msg: &str) {
@@ -292,7 +300,10 @@ fn accept(
         return 1;
     }
     let job = match hook::read_accepted_job(input) {
-        Ok(j) => j,
+        Ok(j) => {
+            crate::timing::mark("accept");
+            j
+        }
         Err(e) => {
             let _ =
                 replies.write_all(msg_line(Level::Error, &format!("nix-hatch: {e}")).as_bytes());

@@ -87,7 +87,7 @@ pub fn read_settings(r: &mut impl Read) -> Result<Settings, ProtocolError> {
 }
 
 /// One `try` from Nix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TryRequest {
     /// Whether Nix could build it locally right now (a free local slot).
     pub am_willing: bool,
@@ -96,16 +96,19 @@ pub struct TryRequest {
     pub required_features: Vec<String>,
 }
 
-/// Reusable buffers for reading `try` requests without allocating per
-/// message beyond what the message itself needs.
+/// Reusable buffers for reading `try` requests: after the first few
+/// messages, reading one allocates nothing.
 #[derive(Default)]
 pub struct CommandReader {
     word: Vec<u8>,
+    req: TryRequest,
+    spare: Vec<String>,
 }
 
 impl CommandReader {
     /// The next `try`, or `None` when Nix closed the stream between commands.
-    pub fn next(&mut self, r: &mut impl Read) -> Result<Option<TryRequest>, ProtocolError> {
+    /// The request borrows the reader's buffers until the next call.
+    pub fn next(&mut self, r: &mut impl Read) -> Result<Option<&TryRequest>, ProtocolError> {
         let Some(len) = wire::read_u64_or_eof(r, "a command")? else {
             return Ok(None);
         };
@@ -135,16 +138,17 @@ impl CommandReader {
                 String::from_utf8_lossy(word).into_owned(),
             ));
         }
-        let am_willing = wire::read_u64(r, "am-willing")? != 0;
-        let system = wire::read_string(r, "the system")?;
-        let drv_path = wire::read_string(r, "the derivation path")?;
-        let required_features = wire::read_string_list(r, "the required features")?;
-        Ok(Some(TryRequest {
-            am_willing,
-            system,
-            drv_path,
-            required_features,
-        }))
+        let req = &mut self.req;
+        req.am_willing = wire::read_u64(r, "am-willing")? != 0;
+        wire::read_string_into(r, &mut req.system, "the system")?;
+        wire::read_string_into(r, &mut req.drv_path, "the derivation path")?;
+        wire::read_string_list_into(
+            r,
+            &mut req.required_features,
+            &mut self.spare,
+            "the required features",
+        )?;
+        Ok(Some(&self.req))
     }
 }
 
@@ -256,8 +260,29 @@ mod tests {
         assert_eq!(s.get("builders"), Some(""));
         assert_eq!(s.u64_or_zero("timeout"), 0);
         let mut cr = CommandReader::default();
-        assert_eq!(cr.next(&mut r).unwrap(), Some(sample_try()));
-        assert_eq!(cr.next(&mut r).unwrap(), Some(sample_try()));
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&sample_try()));
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&sample_try()));
+        assert_eq!(cr.next(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn reused_buffers_hold_only_the_current_request() {
+        let mut buf = Vec::new();
+        let mut small = sample_try();
+        small.system = "i686-linux".into();
+        small.drv_path = "/nix/store/x.drv".into();
+        small.required_features = vec!["f".into()];
+        let mut none = sample_try();
+        none.required_features.clear();
+        for req in [&sample_try(), &small, &none, &sample_try()] {
+            encode::try_request(&mut buf, req).unwrap();
+        }
+        let mut r = &buf[..];
+        let mut cr = CommandReader::default();
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&sample_try()));
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&small));
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&none));
+        assert_eq!(cr.next(&mut r).unwrap(), Some(&sample_try()));
         assert_eq!(cr.next(&mut r).unwrap(), None);
     }
 

@@ -91,13 +91,14 @@ pub fn read_bytes_into(
     }
     out.clear();
     // Grow as data arrives: a huge length prefix on a short stream must not
-    // allocate up front.
+    // allocate up front. Read straight into `out` (this is on the per-`try`
+    // path: no bounce buffer to zero).
     let mut remaining = len;
-    let mut chunk = [0u8; 4096];
     while remaining > 0 {
-        let n = remaining.min(chunk.len() as u64) as usize;
-        read_exact_or(r, &mut chunk[..n], what)?;
-        out.extend_from_slice(&chunk[..n]);
+        let n = remaining.min(64 * 1024) as usize;
+        let start = out.len();
+        out.resize(start + n, 0);
+        read_exact_or(r, &mut out[start..], what)?;
         remaining -= n as u64;
     }
     let pad = padding(len);
@@ -120,6 +121,43 @@ pub fn read_bytes(r: &mut impl Read, max: u64, what: &'static str) -> Result<Vec
 pub fn read_string(r: &mut impl Read, what: &'static str) -> Result<String, WireError> {
     let bytes = read_bytes(r, MAX_STRING, what)?;
     String::from_utf8(bytes).map_err(|_| WireError::NotUtf8(what))
+}
+
+/// Reads a string into `out`, reusing its buffer.
+pub fn read_string_into(
+    r: &mut impl Read,
+    out: &mut String,
+    what: &'static str,
+) -> Result<(), WireError> {
+    let mut bytes = std::mem::take(out).into_bytes();
+    read_bytes_into(r, &mut bytes, MAX_STRING, what)?;
+    *out = String::from_utf8(bytes).map_err(|_| WireError::NotUtf8(what))?;
+    Ok(())
+}
+
+/// Reads a string list into `out`, reusing its strings; strings it no
+/// longer needs go to `spare` and are reused from there.
+pub fn read_string_list_into(
+    r: &mut impl Read,
+    out: &mut Vec<String>,
+    spare: &mut Vec<String>,
+    what: &'static str,
+) -> Result<(), WireError> {
+    let n = read_u64(r, what)?;
+    if n > MAX_LIST {
+        return Err(WireError::TooLong { what, len: n });
+    }
+    let n = n as usize;
+    while out.len() > n {
+        spare.extend(out.pop());
+    }
+    for i in 0..n {
+        if i == out.len() {
+            out.push(spare.pop().unwrap_or_default());
+        }
+        read_string_into(r, &mut out[i], what)?;
+    }
+    Ok(())
 }
 
 pub fn read_string_list(r: &mut impl Read, what: &'static str) -> Result<Vec<String>, WireError> {

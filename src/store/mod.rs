@@ -704,7 +704,9 @@ pub fn import<'a>(
             references,
         });
     }
+    crate::timing::mark("import");
     registrar.register(records.as_bytes())?;
+    crate::timing::mark("register");
     Ok(registered)
 }
 
