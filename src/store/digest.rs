@@ -79,10 +79,16 @@ pub struct PipelineConfig {
 }
 
 impl Default for PipelineConfig {
+    /// Small enough that the chunks in flight (768 KiB) stay in cache
+    /// between the walker writing them and the hashing thread reading them:
+    /// SHA-256 over cached data runs ~1.7 GB/s here, over data fetched from
+    /// memory ~1.45 GB/s. A 1 GiB / 10,000-file import (`scripts/bench
+    /// import`, digest pass alone): 0.78 s with 4 × 4 MiB, 0.70 s with
+    /// 3 × 256 KiB; 2 buffers starve the hasher, more or larger ones spill.
     fn default() -> Self {
         PipelineConfig {
-            chunk_size: 4 << 20,
-            buffers: 4,
+            chunk_size: 256 << 10,
+            buffers: 3,
             threaded: true,
         }
     }
