@@ -141,3 +141,16 @@ pub fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
         Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
     }
 }
+
+/// Opens (creating, mode 0600, close-on-exec) a lock file, for `flock`.
+pub fn open_lock_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))
+}

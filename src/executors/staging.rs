@@ -38,14 +38,7 @@ impl Staging {
         std::fs::create_dir(&root).map_err(|e| with_path(e, "creating", &root))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
         let lock_path = root.join(LOCK);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_CLOEXEC)
-            .open(&lock_path)
-            .map_err(|e| with_path(e, "creating", &lock_path))?;
+        let file = crate::util::open_lock_file(&lock_path)?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| with_path(io::Error::from(e), "locking", &lock_path))?;
         let staging = Staging {

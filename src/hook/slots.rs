@@ -3,9 +3,8 @@
 //! `state-dir/slots`. A slot is held exactly as long as its file
 //! descriptor, so a killed hook frees its slot at once.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
@@ -26,14 +25,7 @@ pub fn try_acquire(state_dir: &Path, executor: &str, max_jobs: u32) -> io::Resul
     }
     for index in 0..max_jobs {
         let path = dir.join(format!("{executor}.{index}"));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
+        let file = crate::util::open_lock_file(&path)?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(Some(Slot { _lock: lock, index })),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
