@@ -8,6 +8,9 @@
 //! Prints one line of shell assignments (ports and CA files) and serves
 //! until its standard input ends.
 
+#[path = "../tests/common/tls.rs"]
+mod tls;
+
 use std::convert::Infallible;
 use std::io::Read;
 use std::sync::Arc;
@@ -62,34 +65,10 @@ fn main() {
         }
     }
     // Upstream CA and server certificate.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "proxy-bench upstream CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let ca_file = dir.join("upstream-ca.pem");
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
-    let tls = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap(),
+    let (ca_file, tls) = tls::upstream_tls(
+        &dir.join("upstream-ca.pem"),
+        "proxy-bench upstream CA",
+        &["localhost"],
     );
 
     // The server gets its own runtime, like a separate process would.

@@ -150,40 +150,10 @@ fn start_servers(env: &TestEnv, secret: &str) -> Servers {
         .build()
         .unwrap();
     // Test CA and a server certificate for the loopback names.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "nix-hatch test upstream CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_params = rcgen::CertificateParams::new(vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "127.0.0.2".to_owned(),
-    ])
-    .unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-    let ca_file = env.path("upstream-ca.pem");
-    fs::write(&ca_file, ca_cert.pem()).unwrap();
-    let tls = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap(),
+    let (ca_file, tls) = common::tls::upstream_tls(
+        &env.path("upstream-ca.pem"),
+        "nix-hatch test upstream CA",
+        &["localhost", "127.0.0.1", "127.0.0.2"],
     );
     let seen = Arc::new(Mutex::new(Vec::new()));
     let secret = Arc::new(secret.to_owned());

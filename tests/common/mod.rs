@@ -40,6 +40,7 @@
 #![allow(dead_code)]
 
 pub mod sshd;
+pub mod tls;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
