@@ -19,11 +19,12 @@ rustPlatform.buildRustPackage {
   # Only what cargo needs: editing docs, tests or nix/ does not rebuild.
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [ ../Cargo.toml ../Cargo.lock ../src ];
+    fileset = lib.fileset.unions [ ../Cargo.toml ../Cargo.lock ../src ../vendor ];
   };
   cargoLock.lockFile = ../Cargo.lock;
 
-  # ssh2 → libssh2-sys links OpenSSL and zlib (found with pkg-config).
+  # ssh2 → libssh2-sys (vendored and patched, vendor/libssh2-sys) links
+  # OpenSSL and zlib (found with pkg-config).
   nativeBuildInputs = [ pkg-config makeBinaryWrapper ];
   buildInputs = [ openssl zlib ];
 

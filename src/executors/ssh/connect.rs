@@ -20,7 +20,15 @@ pub struct Connection {
     pub target: String,
     /// `ED25519 SHA256:…`
     pub host_key: String,
+    /// The cipher negotiated for the server-to-client direction.
+    pub cipher: String,
 }
+
+/// Ciphers in our order of preference. chacha20-poly1305 first: the
+/// vendored libssh2 (vendor/libssh2-sys/NIX-HATCH.md) runs it on libcrypto
+/// and decrypts whole packets, while its AES modes call the cipher once
+/// per 16-byte block and are several times slower for bulk data.
+const CIPHERS: &str = "chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr";
 
 pub fn target(s: &SshExecutor, user: &str) -> String {
     format!("{user}@{}", host_port(s))
@@ -78,9 +86,11 @@ pub fn connect(s: &SshExecutor, user: &str) -> Result<Connection, String> {
     if let Some(prefs) = host_key_prefs(&s.known_hosts, s) {
         let _ = session.method_pref(MethodType::HostKey, &prefs);
     }
-    // Ciphers: libssh2's own order (chacha20-poly1305 first) is the fastest
-    // for bulk data here: it decrypts whole packets, while its AES modes
-    // call the cipher once per 16-byte block.
+    for dir in [MethodType::CryptCs, MethodType::CryptSc] {
+        session
+            .method_pref(dir, CIPHERS)
+            .map_err(|e| format!("ssh {target}: libssh2: cipher preferences: {e}"))?;
+    }
     session
         .handshake()
         .map_err(|e| format!("ssh {target}: SSH handshake failed: {}", e.message()))?;
@@ -136,11 +146,16 @@ pub fn connect(s: &SshExecutor, user: &str) -> Result<Connection, String> {
             s.identity.display()
         ));
     }
+    let cipher = session
+        .methods(MethodType::CryptSc)
+        .unwrap_or("unknown")
+        .to_owned();
     Ok(Connection {
         session,
         socket,
         target,
         host_key: fingerprint,
+        cipher,
     })
 }
 

@@ -39,6 +39,11 @@ const GRACE: Duration = Duration::from_secs(15);
 const KEEPALIVE_SECS: u32 = 10;
 const DEAD_AFTER: Duration = Duration::from_secs(45);
 
+/// Receive window and largest packet offered for the agent's channel
+/// (libssh2 takes packets of at most 40,000 bytes; OpenSSH sends 32 KiB).
+const CHANNEL_WINDOW: u32 = 16 << 20;
+const CHANNEL_PACKET: u32 = 32 << 10;
+
 pub fn run(
     req: &BuildRequest,
     ssh: &SshExecutor,
@@ -52,14 +57,17 @@ pub fn run(
     let started = Instant::now();
     let conn = connect::connect(ssh, &req.executor.user).map_err(Failure::Internal)?;
     log.line(&format!(
-        "connected to {} (host key {}); running {} agent",
+        "connected to {} (host key {}, cipher {}); running {} agent",
         conn.target,
         conn.host_key,
+        conn.cipher,
         shell_quote(&ssh.agent)
     ));
+    // A receive window of 16 MiB instead of libssh2's 2 MiB: the far side
+    // keeps streaming while this side is busy unpacking a burst.
     let mut channel = conn
         .session
-        .channel_session()
+        .channel_open("session", CHANNEL_WINDOW, CHANNEL_PACKET, None)
         .map_err(|e| Failure::Internal(format!("ssh {target}: opening a channel: {e}")))?;
     let remote = format!("{} agent", shell_quote(&ssh.agent));
     channel
