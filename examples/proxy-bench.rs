@@ -1,18 +1,20 @@
 //! Benchmark fixture for `scripts/bench proxy`: an HTTPS server on the
-//! loopback serving `/big` (`--size` bytes), and two nix-hatch proxies in
-//! the host's network namespace (the code a jailed build talks to): one
-//! whose rule lets `localhost` through as a blind CONNECT tunnel, one whose
-//! path rule makes it intercept (TLS terminated with the per-build CA and
-//! re-encrypted upstream).
+//! loopback serving `/big` (`--size` bytes), and two nix-hatch proxies as a
+//! jailed build meets them (each in a network namespace of its own, on
+//! 127.0.0.1:3128): one whose rule lets `localhost` through as a blind
+//! CONNECT tunnel, one whose path rule makes it intercept (TLS terminated
+//! with the per-build CA and re-encrypted upstream).
 //!
-//! Prints one line of shell assignments (ports and CA files) and serves
-//! until its standard input ends.
+//! Prints one line of shell assignments (server port, CA files, each
+//! proxy's namespace as a `/proc/PID/fd/N` path for `nsenter --net=`) and
+//! serves until its standard input ends. Needs root (namespaces).
 
 #[path = "../tests/common/tls.rs"]
 mod tls;
 
 use std::convert::Infallible;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
@@ -110,12 +112,16 @@ fn main() {
         port
     };
 
-    // The two proxies, on the runtime a build's proxy uses.
+    // The two proxies, on the runtime a build's proxy uses, each listening
+    // where a jailed build finds it: 127.0.0.1:3128 in a network namespace
+    // of its own made as the hook makes it (proxy::netns), connecting
+    // upstream from this one.
     let rt = proxy::runtime().unwrap();
     let mut line = format!(
         "SERVER_PORT={server_port} UPSTREAM_CA={}",
         ca_file.display()
     );
+    let mut namespaces = Vec::new();
     for (name, rule) in [
         ("TUNNEL", Rule::new("localhost", None, None).unwrap()),
         (
@@ -131,16 +137,18 @@ fn main() {
         let (shared, bundle) = proxy::shared(&settings, Events::log_only(None), "bench").unwrap();
         let bundle_file = dir.join(format!("{}-ca.pem", name.to_lowercase()));
         std::fs::write(&bundle_file, bundle).unwrap();
+        let net = proxy::netns::JailNet::create(proxy::PORT).unwrap();
         let _g = rt.enter();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let l = tokio::net::TcpListener::from_std(net.listener.try_clone().unwrap()).unwrap();
         rt.spawn(proxy::server::serve(l, Arc::new(shared)));
         line.push_str(&format!(
-            " {name}_PORT={port} {name}_CA={}",
+            " {name}_NS=/proc/{}/fd/{} {name}_PORT={} {name}_CA={}",
+            std::process::id(),
+            net.ns_fd().as_raw_fd(),
+            proxy::PORT,
             bundle_file.display()
         ));
+        namespaces.push(net);
     }
     println!("{line}");
     // Serve until stdin ends.

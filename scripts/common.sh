@@ -13,6 +13,7 @@ MIN_RUST="1.85.0"
 DEB_PACKAGES=(
   nix-bin nix-setup-systemd bubblewrap busybox-static openssh-server
   build-essential pkg-config ca-certificates curl git openssl util-linux procps
+  iproute2 # the jail-loopback test reads `ip -d link`
   libssl-dev zlib1g-dev # openssl-sys / libssh2-sys / libz-sys (the ssh2 crate)
 )
 

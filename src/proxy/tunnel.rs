@@ -19,7 +19,8 @@ use super::rules::{normalize_host, ConnectVerdict};
 use super::server::Shared;
 use super::{credentials, intercept};
 
-/// Copy buffer per direction: large, so a bulk download costs few syscalls.
+/// Copy buffer per direction: large, so a bulk download costs few syscalls
+/// and each write fills big segments.
 const TUNNEL_BUF: usize = 256 * 1024;
 
 pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
@@ -133,18 +134,28 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Bo
     }
 }
 
-/// Relays both ways until both sides are done.
+/// Relays both ways until both sides are done. When hyper hands back the
+/// plain socket (always, for our listener) the copy runs on it directly.
+///
+/// Copying, not splice(2): splicing moves the data as 4 KiB page
+/// fragments, so the socket into the jail sends skbs of at most 17 pages,
+/// while copied data is packed into the large (BIG TCP, see `netns`)
+/// segments the jail's loopback takes. Measured on a 256 MiB download:
+/// splice 1.59, copy into 512 KiB segments 1.25 times the direct time.
 async fn relay(up: Upgraded, mut upstream: TcpStream) -> std::io::Result<()> {
     match up.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
-            let client = parts.io.into_inner();
+            let mut client = parts.io.into_inner();
             if !parts.read_buf.is_empty() {
                 upstream.write_all(&parts.read_buf).await?;
             }
-            tokio::try_join!(
-                splice::one_way(&client, &upstream),
-                splice::one_way(&upstream, &client)
-            )?;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream,
+                TUNNEL_BUF,
+                TUNNEL_BUF,
+            )
+            .await?;
         }
         Err(up) => {
             let mut client = TokioIo::new(up);
@@ -158,79 +169,4 @@ async fn relay(up: Upgraded, mut upstream: TcpStream) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Zero-copy relaying between two sockets: splice(2) moves the data
-/// socket → pipe → socket inside the kernel, so a bulk download through
-/// the tunnel costs the proxy a few syscalls per MiB and no copying.
-mod splice {
-    use std::io;
-    use std::os::fd::{AsRawFd, OwnedFd};
-
-    use tokio::io::Interest;
-    use tokio::net::TcpStream;
-
-    /// Pipe capacity asked for (the default max of pipe-max-size).
-    const PIPE_SIZE: usize = 1024 * 1024;
-
-    fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
-        let flags = nix::libc::SPLICE_F_MOVE | nix::libc::SPLICE_F_NONBLOCK;
-        // SAFETY: plain syscall on descriptors we own; null offsets.
-        let n = unsafe {
-            nix::libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                flags,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-
-    /// Copies `src` to `dst` until `src` ends, then shuts down `dst`'s
-    /// write side (so half-closed connections work).
-    pub async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-        let (pr, pw): (OwnedFd, OwnedFd) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-                .map_err(io::Error::from)?;
-        let cap = nix::fcntl::fcntl(&pw, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
-            .map(|c| c as usize)
-            .unwrap_or(64 * 1024);
-        let mut total = 0u64;
-        loop {
-            let n = loop {
-                src.readable().await?;
-                match src.try_io(Interest::READABLE, || {
-                    splice(src.as_raw_fd(), pw.as_raw_fd(), cap)
-                }) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            };
-            if n == 0 {
-                // SAFETY: shutdown(2) on a socket we hold.
-                unsafe { nix::libc::shutdown(dst.as_raw_fd(), nix::libc::SHUT_WR) };
-                return Ok(total);
-            }
-            let mut left = n;
-            while left > 0 {
-                dst.writable().await?;
-                match dst.try_io(Interest::WRITABLE, || {
-                    splice(pr.as_raw_fd(), dst.as_raw_fd(), left)
-                }) {
-                    Ok(m) => left -= m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            total += n as u64;
-        }
-    }
 }
