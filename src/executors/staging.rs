@@ -23,6 +23,8 @@ pub struct Staging {
 }
 
 const LOCK: &str = "lock";
+/// Name prefix of a staging dir still being set up (see `create`).
+const NEW_PREFIX: &str = ".new-";
 
 impl Staging {
     /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
@@ -30,17 +32,26 @@ impl Staging {
         let parent = state_dir.join("staging");
         std::fs::create_dir_all(&parent).map_err(|e| with_path(e, "creating", &parent))?;
         let stem = drv_base.strip_suffix(".drv").unwrap_or(drv_base);
-        let root = parent.join(format!("{stem}.{}", std::process::id()));
-        if root.exists() {
-            // A previous hook with our pid died: its lock is free.
-            crate::store::remove_tree(&root).map_err(|e| with_path(e, "removing", &root))?;
+        let name = format!("{stem}.{}", std::process::id());
+        let root = parent.join(&name);
+        // The directory is made and locked under a name the cleanup of
+        // other hooks leaves alone, and appears under its own name only
+        // once locked: a lock file that exists but isn't locked yet would
+        // look like a dead hook's.
+        let fresh = parent.join(format!("{NEW_PREFIX}{name}"));
+        for old in [&root, &fresh] {
+            if old.exists() {
+                // A previous hook with our pid died: its lock is free.
+                crate::store::remove_tree(old).map_err(|e| with_path(e, "removing", old))?;
+            }
         }
-        std::fs::create_dir(&root).map_err(|e| with_path(e, "creating", &root))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
-        let lock_path = root.join(LOCK);
+        std::fs::create_dir(&fresh).map_err(|e| with_path(e, "creating", &fresh))?;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755))?;
+        let lock_path = fresh.join(LOCK);
         let file = crate::util::open_lock_file(&lock_path)?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| with_path(io::Error::from(e), "locking", &lock_path))?;
+        std::fs::rename(&fresh, &root).map_err(|e| with_path(e, "renaming", &fresh))?;
         let staging = Staging {
             store: root.join("store"),
             work: root.join("work"),
@@ -95,6 +106,13 @@ pub fn remove_stale(state_dir: &Path) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(NEW_PREFIX) {
+            // Being set up by a live hook, or left by one that died then.
+            if is_older_than(&path, 60) && crate::store::remove_tree(&path).is_ok() {
+                removed += 1;
+            }
+            continue;
+        }
         let lock_path = path.join(LOCK);
         let Ok(file) = OpenOptions::new()
             .write(true)
@@ -149,5 +167,41 @@ mod tests {
         let root = live.root.clone();
         drop(live);
         assert!(!root.exists());
+    }
+
+    /// Many hooks start at once (`nix-build -j 8`): each one's cleanup must
+    /// never take a directory another is setting up.
+    #[test]
+    fn cleanup_racing_creation_never_takes_a_live_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    remove_stale(dir.path());
+                }
+            });
+            let creators: Vec<_> = (0..3)
+                .map(|t| {
+                    let dir = dir.path();
+                    s.spawn(move || {
+                        for i in 0..300 {
+                            let st = Staging::create(dir, &format!("abc-{t}-{i}.drv"))
+                                .unwrap_or_else(|e| panic!("creation {t}/{i}: {e}"));
+                            std::fs::write(st.build.join("f"), "x")
+                                .unwrap_or_else(|e| panic!("dir {t}/{i} taken: {e}"));
+                        }
+                    })
+                })
+                .collect();
+            let results: Vec<_> = creators.into_iter().map(|c| c.join()).collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(results.iter().all(Result::is_ok), "a creation failed");
+        });
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
