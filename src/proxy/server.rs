@@ -90,12 +90,51 @@ async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
             }
         }
     });
+    // A second descriptor of the socket, for a lingering close (below).
+    let spare = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
     let conn = http1()
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
         report(&shared, &e, "a connection from the build");
+        if e.is_parse() || e.is_parse_too_large() {
+            if let Some(fd) = spare {
+                linger(fd).await;
+            }
+        }
     }
+}
+
+/// How long, and how much, a rejected client's remaining input is drained.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes a connection whose request was rejected (400, 431) so that the
+/// client gets the answer: closing a socket with unread input sends a
+/// reset, which can destroy the answer in flight (e.g. the rest of a
+/// 100 KB header). So: end our side, then read and discard what the client
+/// still sends, for a bounded time and amount, then close.
+async fn linger(fd: std::os::fd::OwnedFd) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let std = std::net::TcpStream::from(fd);
+    if std.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(mut s) = tokio::net::TcpStream::from_std(std) else {
+        return;
+    };
+    let _ = s.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// One error line for a connection hyper gave up on.
