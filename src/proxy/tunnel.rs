@@ -149,24 +149,16 @@ async fn relay(up: Upgraded, mut upstream: TcpStream) -> std::io::Result<()> {
             if !parts.read_buf.is_empty() {
                 upstream.write_all(&parts.read_buf).await?;
             }
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                TUNNEL_BUF,
-                TUNNEL_BUF,
-            )
-            .await?;
+            copy_both(&mut client, &mut upstream).await
         }
-        Err(up) => {
-            let mut client = TokioIo::new(up);
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                TUNNEL_BUF,
-                TUNNEL_BUF,
-            )
-            .await?;
-        }
+        Err(up) => copy_both(&mut TokioIo::new(up), &mut upstream).await,
     }
+}
+
+async fn copy_both<C>(client: &mut C, upstream: &mut TcpStream) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, TUNNEL_BUF, TUNNEL_BUF).await?;
     Ok(())
 }
