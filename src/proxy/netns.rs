@@ -211,6 +211,18 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("UP"), "{text}");
+        // Kernels before BIG TCP (loopback tso_max_size 64 KiB) keep the
+        // old sizes; the namespace works all the same.
+        let tso_max = text
+            .split_whitespace()
+            .skip_while(|w| *w != "tso_max_size")
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        if tso_max < BIG_TCP_SIZE {
+            eprintln!("kernel without BIG TCP on loopback: sizes not checked");
+            return;
+        }
         for key in ["gso_max_size", "gro_max_size"] {
             assert!(
                 text.contains(&format!("{key} {BIG_TCP_SIZE}")),
