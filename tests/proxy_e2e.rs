@@ -317,7 +317,10 @@ fn allowed_denied_and_path_rules_over_http_and_https() {
     proxy_config(
         &env,
         &srv,
-        "allow = [ { host = 'localhost' }, { host = '127\\.0\\.0\\.1', path = '^/pub/' } ]\n",
+        &format!(
+            "allow = [ {{ host = 'localhost', ports = [{}, {}] }}, {{ host = '127\\.0\\.0\\.1', path = '^/pub/' }} ]\n",
+            srv.http, srv.https
+        ),
     );
     let (h, s) = (srv.http, srv.https);
     let e = probe_expr(
@@ -332,6 +335,8 @@ fn allowed_denied_and_path_rules_over_http_and_https() {
     r {CURL} https://127.0.0.2:{s}/pub/a > $out/https-denied-host
     r {CURL} https://127.0.0.1:{s}/pub/a > $out/https-path-allowed
     r {CURL} https://127.0.0.1:{s}/priv/b > $out/https-path-denied
+    r wget -q -O - http://localhost:1/x > $out/http-denied-port
+    r {CURL} https://localhost:1/x > $out/https-denied-port
     r /usr/bin/curl -sS -o /dev/null -w '%{{http_code}} %header{{x-nix-hatch-proxy}}' http://127.0.0.2:{h}/x > $out/reason
     echo "$http_proxy $https_proxy $HTTP_PROXY $HTTPS_PROXY" > $out/env
 "#
@@ -348,6 +353,8 @@ fn allowed_denied_and_path_rules_over_http_and_https() {
     assert_has(&got("https-denied-host"), "403", "denied CONNECT");
     assert_eq!(got("https-path-allowed"), "ok pub-a over https \n");
     assert_has(&got("https-path-denied"), "403", "denied path inside TLS");
+    assert_has(&got("http-denied-port"), "403", "denied port");
+    assert_has(&got("https-denied-port"), "403", "denied CONNECT port");
     assert_eq!(
         got("reason"),
         format!("ok 403 denied GET 127.0.0.2:{h}/x (no rule)\n"),
@@ -366,6 +373,8 @@ fn allowed_denied_and_path_rules_over_http_and_https() {
         format!("nix-hatch proxy: allow CONNECT 127.0.0.1:{s} (intercept; rule 2 restricts paths or methods)"),
         format!("nix-hatch proxy: allow GET https://127.0.0.1:{s}/pub/a"),
         format!("nix-hatch proxy: deny GET https://127.0.0.1:{s}/priv/b (no rule for this path or method)"),
+        "nix-hatch proxy: deny GET localhost:1/x (no rule for this port)".to_owned(),
+        "nix-hatch proxy: deny CONNECT localhost:1 (no rule for this port)".to_owned(),
     ] {
         assert_has(&log, &line, "build log");
     }

@@ -99,10 +99,29 @@ pub(crate) fn parse(
                 }
             },
         };
-        unknown_keys(&at, t, &["host", "path", "methods"], p);
+        let ports = match t.get("ports") {
+            None => None,
+            Some(v) => match v.as_array().and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_integer().and_then(|n| u16::try_from(n).ok()))
+                    .collect::<Option<Vec<_>>>()
+            }) {
+                Some(ps) if !ps.is_empty() && !ps.contains(&0) => Some(ps),
+                _ => {
+                    p.push(format!(
+                        "{at}.ports: expected a non-empty list of port numbers (1-65535)"
+                    ));
+                    None
+                }
+            },
+        };
+        unknown_keys(&at, t, &["host", "path", "methods", "ports"], p);
         if let Some(host) = host {
             match Rule::new(&host, path.as_deref(), methods) {
-                Ok(r) => s.rules.push(r),
+                Ok(r) => s.rules.push(match ports {
+                    Some(ps) => r.with_ports(ps),
+                    None => r,
+                }),
                 Err(e) => p.push(format!("{at}: {e}")),
             }
         }
@@ -252,7 +271,7 @@ mod tests {
 [executors.f]
 kind = "jail"
 network = "proxy"
-allow = [ { host = '^github\.com$' }, { host = 'example\.org', path = '^/pub/', methods = ["get"] } ]
+allow = [ { host = '^github\.com$', ports = [443] }, { host = 'example\.org', path = '^/pub/', methods = ["get"] } ]
 upstream-ca = "/etc/test-ca.pem"
 [[executors.f.credentials]]
 host = 'api\.example'
@@ -268,6 +287,8 @@ prefix = "Bearer "
         assert_eq!(j.network, Network::Proxy);
         let px = j.proxy.as_ref().unwrap();
         assert_eq!(px.rules.len(), 2);
+        assert_eq!(px.rules[0].ports.as_deref(), Some(&[443u16][..]));
+        assert_eq!(px.rules[1].ports, None);
         assert_eq!(
             px.rules[1].methods.as_deref(),
             Some(&["GET".to_owned()][..])
@@ -284,7 +305,7 @@ prefix = "Bearer "
 [executors.f]
 kind = "jail"
 network = "proxy"
-allow = [ { host = '(unclosed' }, { path = '^/x' }, { host = 'a', port = 3 }, "str" ]
+allow = [ { host = '(unclosed' }, { path = '^/x' }, { host = 'a', port = 3 }, "str", { host = 'b', ports = [0] }, { host = 'c', ports = [70000] }, { host = 'd', ports = [] } ]
 [[executors.f.credentials]]
 host = 'api'
 header = "Bad Header"
@@ -300,6 +321,9 @@ allow = [ { host = 'a' } ]
             "executors.f.allow[1]: missing `host`",
             "executors.f.allow[2].port: unknown key",
             "executors.f.allow[3]: expected a table",
+            "executors.f.allow[4].ports: expected a non-empty list of port numbers",
+            "executors.f.allow[5].ports: expected a non-empty list of port numbers",
+            "executors.f.allow[6].ports: expected a non-empty list of port numbers",
             "executors.f.credentials[0].header: \"Bad Header\" is not a valid header name",
             "executors.f.credentials[0].value-file: must be an absolute path",
             "executors.g.allow: only used with network = \"proxy\"",

@@ -167,7 +167,9 @@ pub async fn judge_and_send(
     } else {
         where_
     };
-    let verdict = shared.policy.request(&method, &origin.host, &path);
+    let verdict = shared
+        .policy
+        .request(&method, &origin.host, origin.port, &path);
     let mut d = Decision {
         decision: "allow",
         method: &method,

@@ -4,7 +4,7 @@
 //! `^(?:host)$`, so `github\.com` cannot be widened to
 //! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
 //! (unanchored) regex over the path without the query; `methods` lists the
-//! allowed methods. The port is not part of the match.
+//! allowed methods; `ports` the allowed ports (any when absent).
 
 use regex::Regex;
 
@@ -16,6 +16,8 @@ pub struct Rule {
     pub path: Option<Regex>,
     /// Upper-case method names; `None` = any.
     pub methods: Option<Vec<String>>,
+    /// Ports the rule allows; `None` = any.
+    pub ports: Option<Vec<u16>>,
 }
 
 impl Rule {
@@ -48,7 +50,18 @@ impl Rule {
             host: host_re,
             path,
             methods,
+            ports: None,
         })
+    }
+
+    /// The rule, restricted to `ports`.
+    pub fn with_ports(mut self, ports: Vec<u16>) -> Rule {
+        self.ports = Some(ports);
+        self
+    }
+
+    fn allows_port(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|ps| ps.contains(&port))
     }
 
     /// Whether the rule only decides on the host (so a CONNECT tunnel can be
@@ -119,13 +132,17 @@ pub fn normalize_host(host: &str) -> String {
 
 impl Policy {
     /// `host` normalized, `path` without the query.
-    pub fn request(&self, method: &str, host: &str, path: &str) -> Verdict {
-        let mut host_seen = false;
+    pub fn request(&self, method: &str, host: &str, port: u16, path: &str) -> Verdict {
+        let (mut host_seen, mut port_seen) = (false, false);
         for (i, r) in self.rules.iter().enumerate() {
             if !r.host.is_match(host) {
                 continue;
             }
             host_seen = true;
+            if !r.allows_port(port) {
+                continue;
+            }
+            port_seen = true;
             if r.path.as_ref().is_some_and(|p| !p.is_match(path)) {
                 continue;
             }
@@ -138,25 +155,30 @@ impl Policy {
             return Verdict::Allow { rule: i };
         }
         Verdict::Deny {
-            reason: if host_seen {
-                "no rule for this path or method".into()
-            } else {
-                "no rule".into()
+            reason: match (host_seen, port_seen) {
+                (false, _) => "no rule".into(),
+                (true, false) => "no rule for this port".into(),
+                (true, true) => "no rule for this path or method".into(),
             },
         }
     }
 
-    /// A CONNECT to `host` (normalized). `needs_inside` is set when
+    /// A CONNECT to `host` (normalized):`port`. `needs_inside` is set when
     /// something other than the rules (a credential) must see the requests.
-    pub fn connect(&self, host: &str, needs_inside: Option<String>) -> ConnectVerdict {
-        let Some((i, r)) = self
+    pub fn connect(&self, host: &str, port: u16, needs_inside: Option<String>) -> ConnectVerdict {
+        let mut hosts = self
             .rules
             .iter()
             .enumerate()
-            .find(|(_, r)| r.host.is_match(host))
-        else {
+            .filter(|(_, r)| r.host.is_match(host));
+        let Some((i, r)) = hosts.clone().find(|(_, r)| r.allows_port(port)) else {
+            let reason = if hosts.next().is_some() {
+                "no rule for this port"
+            } else {
+                "no rule"
+            };
             return ConnectVerdict::Deny {
-                reason: "no rule".into(),
+                reason: reason.into(),
             };
         };
         if let Some(why) = needs_inside {
@@ -196,22 +218,22 @@ mod tests {
             (r"github\.com", None, Some(&["get", "HEAD"])),
         ]);
         assert_eq!(
-            p.request("GET", "example.org", "/pub/a"),
+            p.request("GET", "example.org", 443, "/pub/a"),
             Verdict::Allow { rule: 0 }
         );
         assert!(
-            matches!(p.request("GET", "example.org", "/priv"), Verdict::Deny { reason } if reason.contains("path"))
+            matches!(p.request("GET", "example.org", 443, "/priv"), Verdict::Deny { reason } if reason.contains("path"))
         );
         assert_eq!(
-            p.request("HEAD", "github.com", "/x"),
+            p.request("HEAD", "github.com", 443, "/x"),
             Verdict::Allow { rule: 1 }
         );
         assert!(matches!(
-            p.request("POST", "github.com", "/x"),
+            p.request("POST", "github.com", 443, "/x"),
             Verdict::Deny { .. }
         ));
         assert_eq!(
-            p.request("GET", "evil.example", "/"),
+            p.request("GET", "evil.example", 443, "/"),
             Verdict::Deny {
                 reason: "no rule".into()
             }
@@ -222,16 +244,16 @@ mod tests {
     fn host_regex_matches_the_whole_host() {
         let p = policy(&[(r"github\.com", None, None)]);
         assert!(matches!(
-            p.request("GET", "github.com.evil.example", "/"),
+            p.request("GET", "github.com.evil.example", 443, "/"),
             Verdict::Deny { .. }
         ));
         assert!(matches!(
-            p.request("GET", "xgithub.com", "/"),
+            p.request("GET", "xgithub.com", 443, "/"),
             Verdict::Deny { .. }
         ));
         let p = policy(&[(r"^(.*\.)?github\.com$", None, None)]);
         assert_eq!(
-            p.request("GET", "api.github.com", "/"),
+            p.request("GET", "api.github.com", 443, "/"),
             Verdict::Allow { rule: 0 }
         );
     }
@@ -243,22 +265,75 @@ mod tests {
             (r"b\.example", Some("^/x"), None),
         ]);
         assert_eq!(
-            p.connect("a.example", None),
+            p.connect("a.example", 443, None),
             ConnectVerdict::Tunnel { rule: 0 }
         );
         assert!(matches!(
-            p.connect("b.example", None),
+            p.connect("b.example", 443, None),
             ConnectVerdict::Intercept { .. }
         ));
         assert!(matches!(
-            p.connect("a.example", Some("credential".into())),
+            p.connect("a.example", 443, Some("credential".into())),
             ConnectVerdict::Intercept { .. }
         ));
         assert_eq!(
-            p.connect("c.example", Some("credential".into())),
+            p.connect("c.example", 443, Some("credential".into())),
             ConnectVerdict::Deny {
                 reason: "no rule".into()
             }
+        );
+    }
+
+    /// A rule with `ports` only matches those; the next rule for the host
+    /// may still allow another port.
+    #[test]
+    fn ports_restrict_a_rule() {
+        let p = Policy {
+            rules: vec![
+                Rule::new(r"a\.example", None, None)
+                    .unwrap()
+                    .with_ports(vec![443]),
+                Rule::new(r"b\.example", Some("^/x"), None)
+                    .unwrap()
+                    .with_ports(vec![80, 8080]),
+                Rule::new(r"b\.example", None, None)
+                    .unwrap()
+                    .with_ports(vec![9000]),
+            ],
+        };
+        assert_eq!(
+            p.connect("a.example", 443, None),
+            ConnectVerdict::Tunnel { rule: 0 }
+        );
+        assert_eq!(
+            p.connect("a.example", 22, None),
+            ConnectVerdict::Deny {
+                reason: "no rule for this port".into()
+            }
+        );
+        assert_eq!(
+            p.connect("b.example", 9000, None),
+            ConnectVerdict::Tunnel { rule: 2 }
+        );
+        assert_eq!(
+            p.request("GET", "b.example", 8080, "/x"),
+            Verdict::Allow { rule: 1 }
+        );
+        assert_eq!(
+            p.request("GET", "b.example", 81, "/x"),
+            Verdict::Deny {
+                reason: "no rule for this port".into()
+            }
+        );
+        assert_eq!(
+            p.request("GET", "b.example", 8080, "/y"),
+            Verdict::Deny {
+                reason: "no rule for this path or method".into()
+            }
+        );
+        assert_eq!(
+            p.request("GET", "b.example", 9000, "/y"),
+            Verdict::Allow { rule: 2 }
         );
     }
 

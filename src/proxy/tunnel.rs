@@ -57,7 +57,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Bo
         mode: None,
         credentials: &[],
     };
-    match shared.policy.connect(&host, needs_inside) {
+    match shared.policy.connect(&host, port, needs_inside) {
         ConnectVerdict::Deny { reason } => {
             d.decision = "deny";
             d.reason = Some(&reason);
