@@ -83,38 +83,14 @@ pub(crate) fn parse(
         let at = format!("{ctx}.allow[{i}]");
         let host = str_key(&at, t, "host", p, true);
         let path = str_key(&at, t, "path", p, false);
-        let methods = match t.get("methods") {
-            None => None,
-            Some(v) => match v.as_array().and_then(|a| {
-                a.iter()
-                    .map(|x| x.as_str().map(str::to_owned))
-                    .collect::<Option<Vec<_>>>()
-            }) {
-                Some(ms) if !ms.is_empty() => Some(ms),
-                _ => {
-                    p.push(format!(
-                        "{at}.methods: expected a non-empty list of strings"
-                    ));
-                    None
-                }
-            },
-        };
-        let ports = match t.get("ports") {
-            None => None,
-            Some(v) => match v.as_array().and_then(|a| {
-                a.iter()
-                    .map(|x| x.as_integer().and_then(|n| u16::try_from(n).ok()))
-                    .collect::<Option<Vec<_>>>()
-            }) {
-                Some(ps) if !ps.is_empty() && !ps.contains(&0) => Some(ps),
-                _ => {
-                    p.push(format!(
-                        "{at}.ports: expected a non-empty list of port numbers (1-65535)"
-                    ));
-                    None
-                }
-            },
-        };
+        let methods = list_key(&at, t, "methods", "strings", p, |x| {
+            x.as_str().map(str::to_owned)
+        });
+        let ports = list_key(&at, t, "ports", "port numbers (1-65535)", p, |x| {
+            x.as_integer()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|&n| n != 0)
+        });
         unknown_keys(&at, t, &["host", "path", "methods", "ports"], p);
         if let Some(host) = host {
             match Rule::new(&host, path.as_deref(), methods) {
@@ -215,6 +191,29 @@ fn str_key(
             if required {
                 p.push(format!("{at}: missing `{key}`"));
             }
+            None
+        }
+    }
+}
+
+/// An optional non-empty list under `key`, each item converted by `item`;
+/// anything else is one problem line ("expected a non-empty list of `what`").
+fn list_key<T>(
+    at: &str,
+    t: &toml::Table,
+    key: &str,
+    what: &str,
+    p: &mut Problems,
+    item: impl Fn(&Value) -> Option<T>,
+) -> Option<Vec<T>> {
+    let v = t.get(key)?;
+    match v
+        .as_array()
+        .and_then(|a| a.iter().map(&item).collect::<Option<Vec<T>>>())
+    {
+        Some(list) if !list.is_empty() => Some(list),
+        _ => {
+            p.push(format!("{at}.{key}: expected a non-empty list of {what}"));
             None
         }
     }
