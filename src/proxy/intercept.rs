@@ -39,8 +39,11 @@ pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<S
     };
     let cache = Arc::new(UpstreamCache::default());
     let s2 = shared.clone();
+    let requests = server::Requests::default();
+    let counted = requests.clone();
     let svc = service_fn(move |req| {
         let (shared, cache, origin) = (s2.clone(), cache.clone(), origin.clone());
+        counted.one();
         async move {
             if req.method() == Method::CONNECT {
                 let reason = "CONNECT inside an intercepted connection";
@@ -57,6 +60,6 @@ pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<S
         .serve_connection(TokioIo::new(tls), svc)
         .await
     {
-        server::report(&shared, &e, "an intercepted connection");
+        server::report(&shared, &e, "an intercepted connection", &requests);
     }
 }

@@ -81,11 +81,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
     let cache = Arc::new(UpstreamCache::default());
     let s2 = shared.clone();
-    let requests = Arc::new(AtomicUsize::new(0));
+    let requests = Requests::default();
     let counted = requests.clone();
     let svc = service_fn(move |req| {
         let (shared, cache) = (s2.clone(), cache.clone());
-        counted.fetch_add(1, Ordering::Relaxed);
+        counted.one();
         async move {
             if req.method() == Method::CONNECT {
                 Ok(tunnel::connect(req, shared).await)
@@ -100,12 +100,7 @@ async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
-        // hyper's header timeout also ends a kept-alive connection that
-        // stays idle after its requests: routine, not worth a log line.
-        if e.is_timeout() && requests.load(Ordering::Relaxed) > 0 {
-            return;
-        }
-        report(&shared, &e, "a connection from the build");
+        report(&shared, &e, "a connection from the build", &requests);
         if e.is_parse() || e.is_parse_too_large() {
             if let Some(fd) = spare {
                 linger(fd).await;
@@ -146,8 +141,25 @@ async fn linger(fd: std::os::fd::OwnedFd) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
-/// One error line for a connection hyper gave up on.
-pub fn report(shared: &Shared, e: &hyper::Error, what: &str) {
+/// How many requests a connection from the build has made (its service
+/// counts them), so `report` can tell an idle kept-alive connection from a
+/// client that never completes a request.
+#[derive(Clone, Default)]
+pub struct Requests(Arc<AtomicUsize>);
+
+impl Requests {
+    pub fn one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One error line for a connection hyper gave up on. hyper's header
+/// timeout also ends a kept-alive connection that stays idle after its
+/// requests: routine, so no line for that.
+pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests) {
+    if e.is_timeout() && requests.0.load(Ordering::Relaxed) > 0 {
+        return;
+    }
     let why = if e.is_timeout() {
         format!(
             "no complete request header within {}s (slow or idle client)",
