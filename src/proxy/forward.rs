@@ -45,6 +45,20 @@ pub fn answer(status: StatusCode, reason: &str) -> Response<Body> {
     r
 }
 
+/// A request the policy refused: its decision line and record, and a 403
+/// naming `what` (e.g. `GET host/path`) and the reason.
+pub fn deny(shared: &Shared, d: Decision<'_>, what: &str, reason: &str) -> Response<Body> {
+    let d = Decision {
+        decision: "deny",
+        reason: Some(reason),
+        ..d
+    };
+    shared
+        .events
+        .decision(&format!("deny {what} ({reason})"), &d);
+    answer(StatusCode::FORBIDDEN, &format!("denied {what} ({reason})"))
+}
+
 /// Where requests go: the upstream origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
@@ -185,15 +199,7 @@ pub async fn judge_and_send(
     };
     let rule = match verdict {
         Verdict::Deny { reason } => {
-            d.decision = "deny";
-            d.reason = Some(&reason);
-            shared
-                .events
-                .decision(&format!("deny {method} {where_} ({reason})"), &d);
-            return answer(
-                StatusCode::FORBIDDEN,
-                &format!("denied {method} {where_} ({reason})"),
-            );
+            return deny(shared, d, &format!("{method} {where_}"), &reason);
         }
         Verdict::Allow { rule } => rule,
     };

@@ -59,15 +59,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Bo
     };
     match shared.policy.connect(&host, port, needs_inside) {
         ConnectVerdict::Deny { reason } => {
-            d.decision = "deny";
-            d.reason = Some(&reason);
-            shared
-                .events
-                .decision(&format!("deny CONNECT {shown} ({reason})"), &d);
-            answer(
-                StatusCode::FORBIDDEN,
-                &format!("denied CONNECT {shown} ({reason})"),
-            )
+            forward::deny(&shared, d, &format!("CONNECT {shown}"), &reason)
         }
         ConnectVerdict::Tunnel { rule } => {
             let upstream = match forward::connect_tcp(&host, port).await {
