@@ -700,12 +700,9 @@ fn bench_transfer_512mib() {
     let mut build_times = Vec::new();
     let mut session_times = Vec::new();
     // Each timed command writes 512 MiB: flush the previous one's dirty
-    // pages first, so neither side pays for the other's writeback.
-    let settle = || {
-        nix::unistd::sync();
-    };
+    // pages first (sync), so neither side pays for the other's writeback.
     for round in 0..rounds {
-        settle();
+        nix::unistd::sync();
         setup_times.push(ssh("true", &env.path("ssh-true.out")));
         cat_times.push(ssh(&format!("cat {}", data.display()), &sink));
         assert_eq!(fs::metadata(&sink).unwrap().len(), mib << 20);
@@ -721,7 +718,7 @@ fn bench_transfer_512mib() {
                 )
             ),
         );
-        settle();
+        nix::unistd::sync();
         let out = env.nix_build(&e, &["d"], &[]);
         out.assert_ok();
         let p = out.store_paths()[0].clone();
