@@ -69,9 +69,11 @@ fn host_secrets_are_invisible_and_the_store_holds_only_the_closure() {
         "fs.nix",
         r#"rec {
   dep = plain { name = "jail-dep"; script = "echo dep > $out"; };
-  probe = jailed { name = "jail-fs"; attrs = { inherit dep; }; script = ''
+  # An input that is a symlink to / must not bring the host's / along.
+  root = plain { name = "jail-root-link"; script = "${bb}/bin/busybox ln -s / $out"; };
+  probe = jailed { name = "jail-fs"; attrs = { inherit dep root; }; script = ''
     mkdir $out
-    for p in /etc/shadow /root /home /var/lib /var/log @DIR@/config.toml; do
+    for p in /etc/shadow /root /home /var/lib /var/log @DIR@/config.toml $root/etc/shadow $root/root $root/var/lib; do
       if ls $p >/dev/null 2>&1 || cat $p >/dev/null 2>&1; then echo "$p readable"; else echo "$p hidden"; fi
     done > $out/probes
     ls /nix/store > $out/store
@@ -82,7 +84,16 @@ fn host_secrets_are_invisible_and_the_store_holds_only_the_closure() {
     out.assert_ok();
     let p = out.store_paths()[0].clone();
     let probes = read(format!("{p}/probes"));
-    for path in ["/etc/shadow", "/root", "/home", "/var/lib", "/var/log"] {
+    let root = env.out_path(&e, "root");
+    let via_link = [
+        format!("{root}/etc/shadow"),
+        format!("{root}/root"),
+        format!("{root}/var/lib"),
+    ];
+    for path in ["/etc/shadow", "/root", "/home", "/var/lib", "/var/log"]
+        .into_iter()
+        .chain(via_link.iter().map(String::as_str))
+    {
         assert!(
             probes.contains(&format!("{path} hidden")),
             "{path}: {probes}"
@@ -91,7 +102,7 @@ fn host_secrets_are_invisible_and_the_store_holds_only_the_closure() {
     assert!(!probes.contains("readable"), "{probes}");
     // Exactly the input closure (busybox, dep) plus the output.
     let dep = env.out_path(&e, "dep");
-    let want: BTreeSet<String> = [busybox(), dep.as_str(), p.as_str()]
+    let want: BTreeSet<String> = [busybox(), dep.as_str(), root.as_str(), p.as_str()]
         .iter()
         .map(|s| s.trim_start_matches("/nix/store/").to_owned())
         .collect();

@@ -199,13 +199,18 @@ fn bwrap_args(
     // The store: staging (outputs are created here), inputs bound read-only.
     push(&[&"--bind", &req.staging.store, &req.store.store_dir]);
     for input in req.inputs {
-        push(&[
-            &"--ro-bind",
-            &req.store
-                .real_path(input)
-                .unwrap_or_else(|_| std::path::PathBuf::from(input)),
-            input,
-        ]);
+        let real = req
+            .store
+            .real_path(input)
+            .unwrap_or_else(|_| std::path::PathBuf::from(input));
+        // bwrap resolves a bind source's symlinks on the host, so a store
+        // path that is a symlink (`ln -s / $out`) would mount its target —
+        // the host's / — into the jail. Recreate the link instead, as Nix's
+        // sandbox does.
+        match std::fs::read_link(&real) {
+            Ok(target) => push(&[&"--symlink", &target, input]),
+            Err(_) => push(&[&"--ro-bind", &real, input]),
+        }
     }
     push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
     push(&[&"--bind", &tmp, &"/tmp"]);
