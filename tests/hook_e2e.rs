@@ -284,6 +284,46 @@ in {
     assert_eq!(run_out.stdout, "tool\n");
 }
 
+/// Nix asks the hook only for the outputs that are not valid; an output
+/// rebuilt next to a still-valid sibling keeps its reference to it.
+#[test]
+fn partial_rebuild_keeps_the_reference_to_a_valid_sibling() {
+    let env = TestEnv::new("partial");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "partial.nix",
+        r#"{
+  multi = escape { name = "partial-multi"; attrs = { outputs = [ "out" "dev" ]; }; script = ''
+    echo out > "$out"
+    echo "$out" > "$dev"
+  ''; };
+}"#,
+    );
+    env.nix_build(&expr, &["multi", "multi.dev"], &[])
+        .assert_ok();
+    let m_out = env.out_path(&expr, "multi");
+    let m_dev = env.out_path(&expr, "multi.dev");
+    assert_eq!(references(&m_dev), set(&[m_out.as_str()]));
+    run(
+        nix_cmd("nix-store").args(["--delete", &m_dev]),
+        Duration::from_secs(60),
+    )
+    .assert_ok();
+    assert!(!is_valid(&m_dev) && is_valid(&m_out));
+
+    let out = env.nix_build(&expr, &["multi.dev"], &[]);
+    out.assert_ok();
+    assert!(is_valid(&m_dev), "{}", out.describe());
+    assert_eq!(read(&m_dev), format!("{m_out}\n"));
+    assert_eq!(
+        references(&m_dev),
+        set(&[m_out.as_str()]),
+        "references of the rebuilt {m_dev}\n{}",
+        out.describe()
+    );
+    assert_verify_path(&m_dev);
+}
+
 #[test]
 fn failing_command_fails_build_shows_log_tail_and_leaves_no_output() {
     let env = TestEnv::new("fail");

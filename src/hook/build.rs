@@ -117,6 +117,22 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         return Err(Failure::Cancelled);
     }
 
+    // A partial rebuild (some outputs still valid) may refer to the valid
+    // siblings; Nix never lists a derivation's own outputs as inputs.
+    let siblings: Vec<&str> = a
+        .drv
+        .outputs
+        .values()
+        .map(|o| o.path.as_str())
+        .filter(|p| !paths.iter().any(|w| w == p))
+        .collect();
+    let mut candidates = a.job.inputs.clone();
+    if !siblings.is_empty() {
+        candidates.extend(
+            store::valid_siblings(&location, &siblings).map_err(|e| internal(e.to_string()))?,
+        );
+    }
+
     let staged: Vec<StagedOutput> = outputs
         .iter()
         .map(|(name, path)| StagedOutput {
@@ -130,7 +146,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         &ImportRequest {
             location: &location,
             deriver: &a.drv.path,
-            inputs: &a.job.inputs,
+            inputs: &candidates,
             outputs: &staged,
         },
         registrar,

@@ -465,6 +465,22 @@ pub fn remove_stale_outputs(
     Ok(removed)
 }
 
+/// The already-valid outputs of a derivation among `siblings` (logical
+/// store paths of outputs Nix did not ask for): a partial rebuild's outputs
+/// may refer to them, so they are reference candidates like the inputs.
+/// One `nix-store` call, none when `siblings` is empty.
+pub fn valid_siblings(
+    location: &StoreLocation,
+    siblings: &[&str],
+) -> Result<Vec<String>, ImportError> {
+    let invalid = nixstore::invalid_paths(location, siblings)?;
+    Ok(siblings
+        .iter()
+        .filter(|p| !invalid.contains(**p))
+        .map(|p| (*p).to_owned())
+        .collect())
+}
+
 /// Whether two paths name the same existing file (same device and inode).
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
