@@ -118,11 +118,18 @@ pub fn nix_system() -> Option<&'static str> {
 
 /// Fault injection for the fault tests: when `NIX_HATCH_FAULT` names this
 /// point, the process SIGKILLs itself right here, as if Nix or an admin had
-/// killed the hook at exactly this stage. Only consulted after `# accept`
-/// (and once before it, for an escape build), never on the `try` path.
+/// killed the hook at exactly this stage; `panic:<point>` panics there
+/// instead (a bug's path). Only consulted after `# accept` (and once before
+/// it, for an escape build), never on the `try` path.
 pub fn fault_point(name: &str) {
-    if std::env::var_os("NIX_HATCH_FAULT").is_some_and(|v| v == name) {
+    let Some(v) = std::env::var_os("NIX_HATCH_FAULT") else {
+        return;
+    };
+    if v == name {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    if v.as_encoded_bytes().strip_prefix(b"panic:") == Some(name.as_bytes()) {
+        panic!("injected fault at {name}");
     }
 }
 

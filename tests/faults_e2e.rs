@@ -95,6 +95,38 @@ fn hook_killed_at_every_stage_leaves_a_consistent_store() {
 }
 
 /// The hook processes serving this test env (by their NIX_HATCH_CONFIG).
+/// A bug in the hook (a panic) fails the build with a line saying so — in
+/// what nix-build prints and in the build log — not as a "timeout" (Rust's
+/// panic status 101 is Nix's hook status for one).
+#[test]
+fn a_panic_in_the_hook_is_reported_as_an_internal_error() {
+    for stage in ["before-accept", "before-build"] {
+        let env = TestEnv::new(&format!("panic-{stage}"));
+        env.write_host_config(&env.standard_config());
+        let expr = env.write_expr("fault.nix", REFS);
+        let out = nix_build_with(
+            &env,
+            &expr,
+            &["-A", "e"],
+            &[("NIX_HATCH_FAULT", &format!("panic:{stage}"))],
+        );
+        out.assert_failed();
+        let all = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            all.contains("nix-hatch: internal error") && all.contains("injected fault"),
+            "{stage}: {}",
+            out.describe()
+        );
+        assert!(
+            !all.contains("timed out"),
+            "{stage}: a panic reported as a timeout\n{}",
+            out.describe()
+        );
+        // Nothing half-done is left behind: the next build works.
+        nix_build_with(&env, &expr, &["-A", "e"], &[]).assert_ok();
+    }
+}
+
 fn hooks_of(env: &TestEnv) -> Vec<u32> {
     let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
     fs::read_dir("/proc")

@@ -41,7 +41,12 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The smaller non-zero of Nix's setting and the executor's (seconds).
+    /// Longer limits are no limit: `Instant + Duration` must not overflow,
+    /// and untrusted daemon clients may set `timeout` to any 64-bit value.
+    pub const FOREVER: u64 = 100 * 365 * 24 * 3600;
+
+    /// The smaller non-zero of Nix's setting and the executor's (seconds);
+    /// anything at or beyond [`Limits::FOREVER`] means none.
     pub fn combine(
         nix_timeout: u64,
         exec_timeout: u64,
@@ -49,7 +54,8 @@ impl Limits {
         exec_silent: u64,
     ) -> Limits {
         fn min_nonzero(a: u64, b: u64) -> Option<Duration> {
-            match (a, b) {
+            let forever = |x: u64| if x >= Limits::FOREVER { 0 } else { x };
+            match (forever(a), forever(b)) {
                 (0, 0) => None,
                 (0, x) | (x, 0) => Some(Duration::from_secs(x)),
                 (a, b) => Some(Duration::from_secs(a.min(b))),
@@ -118,5 +124,13 @@ mod tests {
         let l = Limits::combine(10, 4, 3, 7);
         assert_eq!(l.timeout, Some(Duration::from_secs(4)));
         assert_eq!(l.max_silent, Some(Duration::from_secs(3)));
+        // `--option timeout 9223372036854775807` must not overflow a deadline.
+        let l = Limits::combine(i64::MAX as u64, 0, u64::MAX, 5);
+        assert!(l.timeout.is_none());
+        assert_eq!(l.max_silent, Some(Duration::from_secs(5)));
+        let start = std::time::Instant::now();
+        let _ = Limits::combine(Limits::FOREVER - 1, 0, 0, 0)
+            .timeout
+            .map(|t| start + t);
     }
 }

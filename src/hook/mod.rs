@@ -39,8 +39,33 @@ pub trait Builder {
     fn build(&self, accepted: Accepted<'_>) -> i32;
 }
 
+/// Set once Nix has accepted our `# accept`: from then on the build log
+/// (fd 4) is where the user looks.
+static ACCEPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The hook process: `nix-hatch-hook` and `nix-hatch hook` end up here.
+///
+/// A panic is a bug, but it must still read as one: Rust's exit status
+/// for a panic (101) is what Nix takes for "timed out", and after accept
+/// Nix drops stderr lines that are not `@nix` messages. So the panic is
+/// reported as an `@nix` error (and in the build log once accepted) and the
+/// hook exits with 1.
 pub fn main() -> i32 {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = format!("nix-hatch: internal error (a bug; please report it): {info}");
+        let msg = msg.replace('\n', " ");
+        let _ = io::stderr().write_all(msg_line(Level::Error, &msg).as_bytes());
+        if ACCEPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: fd 4 is Nix's log pipe for the whole life of the hook
+            // (never closed by us); a plain write of a few bytes.
+            let line = format!("{msg}\n");
+            unsafe { nix::libc::write(4, line.as_ptr().cast(), line.len()) };
+        }
+    }));
+    std::panic::catch_unwind(hook_main).unwrap_or(1)
+}
+
+fn hook_main() -> i32 {
     crate::timing::init();
     crate::util::cloexec_from(3);
     let path = crate::config::default_path();
@@ -157,10 +182,17 @@ pub fn run(
                     let drv = match Drv::load(&store, &req.drv_path) {
                         Ok(d) => d,
                         Err(e) => {
-                            // Nix only asks about valid .drv paths: one we
-                            // can't read means something is badly wrong.
-                            tell(replies, &format!("nix-hatch: {e:#}"));
-                            return 1;
+                            // Nix only asks about valid .drv paths, so this
+                            // is rare (unreadable store, a .drv our parser
+                            // can't take); exiting would abort Nix's whole
+                            // run, declining fails only this derivation.
+                            if first_report(&mut reported, &req.drv_path) {
+                                tell(replies, &format!("nix-hatch: declining: {e:#}"));
+                            }
+                            if hook::write_reply(replies, Reply::Decline).is_err() {
+                                return 1;
+                            }
+                            continue;
                         }
                     };
                     crate::timing::mark("drv-parse");
@@ -301,6 +333,7 @@ fn accept(
     }
     let job = match hook::read_accepted_job(input) {
         Ok(j) => {
+            ACCEPTED.store(true, std::sync::atomic::Ordering::Relaxed);
             crate::timing::mark("accept");
             j
         }

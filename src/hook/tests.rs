@@ -191,16 +191,51 @@ fn broken_config_declines_and_says_why_once() {
     assert!(out.lines().any(|l| l.starts_with("@nix {")), "{out}");
 }
 
+/// Exiting would end Nix's whole run (it reads EOF where it wants a
+/// reply); declining fails only this derivation and the hook goes on.
 #[test]
-fn unreadable_drv_ends_the_hook_with_one_error() {
+fn unreadable_drv_is_declined_with_one_reason() {
     let env = Env::new();
     let mut t = env.try_(&["escape-x"]);
     t.drv_path = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-missing.drv".into();
-    let input = env.stream(&[t], None);
+    let input = env.stream(&[t.clone(), t, env.try_(&[])], None);
     let (code, out) = drive(Ok(env.config(1)), &input, &fake());
-    assert_eq!(code, 1);
-    assert_eq!(out.lines().count(), 1, "{out}");
-    assert!(out.contains("missing.drv"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("missing.drv").count(), 1, "{out}");
+    assert!(out.contains("declining"), "{out}");
+    assert_eq!(out.matches("# decline\n").count(), 3, "{out}");
+}
+
+/// Nix strings are bytes: a setting or feature that is not UTF-8 is read,
+/// not fatal (such a feature just matches no route).
+#[test]
+fn non_utf8_strings_do_not_end_the_conversation() {
+    use crate::protocol::wire::{write_bytes, write_string_list, write_u64};
+    let env = Env::new();
+    let mut input = Vec::new();
+    for (k, v) in &env.settings {
+        write_u64(&mut input, 1).unwrap();
+        write_bytes(&mut input, k.as_bytes()).unwrap();
+        write_bytes(&mut input, v.as_bytes()).unwrap();
+    }
+    write_u64(&mut input, 1).unwrap();
+    write_bytes(&mut input, b"extra-note").unwrap();
+    write_bytes(&mut input, b"caf\xe9").unwrap();
+    write_u64(&mut input, 0).unwrap();
+    write_bytes(&mut input, b"try").unwrap();
+    write_u64(&mut input, 1).unwrap();
+    write_bytes(&mut input, b"x86_64-linux").unwrap();
+    write_bytes(&mut input, env.drv_path.as_bytes()).unwrap();
+    write_string_list(&mut input, &[b"caf\xe9".as_slice()]).unwrap();
+    encode::try_request(&mut input, &env.try_(&["escape-x"])).unwrap();
+    let job = AcceptedJob {
+        inputs: vec![],
+        wanted_outputs: vec!["out".into()],
+    };
+    encode::accepted_job(&mut input, &job).unwrap();
+    let (code, out) = drive(Ok(env.config(1)), &input, &fake());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "# decline\n# accept\nnix-hatch:hx\n");
 }
 
 #[test]

@@ -24,8 +24,6 @@ pub enum WireError {
     },
     /// Padding bytes after a string were not zero.
     BadPadding(&'static str),
-    /// A string that must be text was not UTF-8.
-    NotUtf8(&'static str),
     Io(io::Error),
 }
 
@@ -37,7 +35,6 @@ impl fmt::Display for WireError {
                 write!(f, "{what} is {len} long, more than allowed")
             }
             WireError::BadPadding(what) => write!(f, "non-zero padding after {what}"),
-            WireError::NotUtf8(what) => write!(f, "{what} is not valid UTF-8"),
             WireError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -118,9 +115,16 @@ pub fn read_bytes(r: &mut impl Read, max: u64, what: &'static str) -> Result<Vec
     Ok(out)
 }
 
+/// Nix strings are bytes: ones that are not UTF-8 (a Latin-1 setting, a
+/// feature name from a Latin-1 .nix file) are taken lossily — such a name
+/// can't match a route anyway, and refusing it would end the conversation
+/// and with it Nix's whole run.
+fn utf8_lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 pub fn read_string(r: &mut impl Read, what: &'static str) -> Result<String, WireError> {
-    let bytes = read_bytes(r, MAX_STRING, what)?;
-    String::from_utf8(bytes).map_err(|_| WireError::NotUtf8(what))
+    Ok(utf8_lossy(read_bytes(r, MAX_STRING, what)?))
 }
 
 /// Reads a string into `out`, reusing its buffer.
@@ -131,7 +135,7 @@ pub fn read_string_into(
 ) -> Result<(), WireError> {
     let mut bytes = std::mem::take(out).into_bytes();
     read_bytes_into(r, &mut bytes, MAX_STRING, what)?;
-    *out = String::from_utf8(bytes).map_err(|_| WireError::NotUtf8(what))?;
+    *out = utf8_lossy(bytes);
     Ok(())
 }
 
