@@ -5,6 +5,10 @@
 //! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
 //! (unanchored) regex over the path without the query; `methods` lists the
 //! allowed methods; `ports` the allowed ports (any when absent).
+//!
+//! A `path` regex never matches an *ambiguous* path (see
+//! [`ambiguous_path`]): one a server may resolve to another resource than
+//! the one the regex saw, such as `/pub/../secret`.
 
 use regex::Regex;
 
@@ -130,10 +134,86 @@ pub fn normalize_host(host: &str) -> String {
     h.to_ascii_lowercase()
 }
 
+/// Why the server may take `path` (as sent, without the query) for
+/// another resource than the one a `path` regex sees in it, or `None`.
+///
+/// Ambiguous are: a `.` or `..` segment, also percent-encoded (`%2e%2e`)
+/// or followed by `;params` (which Tomcat and Jetty cut off: `..;`); an
+/// encoded `/` or `\` (`%2f`, `%5c`: some servers decode them into
+/// separators); a raw `\` (a separator on Windows servers); `%00` (it
+/// truncates the path in C servers). The path is checked as sent and after
+/// each of up to [`DECODE_LEVELS`] rounds of percent-decoding, for servers
+/// that decode twice.
+///
+/// Why refuse rather than canonicalise (RFC 3986 §5.2.4) and forward the
+/// canonical form: servers disagree on what these forms mean (nginx
+/// resolves `..` after decoding `%2e`, Tomcat drops `;params`, IIS splits
+/// on `\`, most never split on `%2f`), so no single canonical path means
+/// the same to every server; and well-behaved clients never send them
+/// (curl and wget remove dot segments themselves). Refusing keeps the
+/// request's bytes as they are: the path judged is the path forwarded.
+pub fn ambiguous_path(path: &str) -> Option<&'static str> {
+    if path.contains('\\') {
+        return Some(r#"ambiguous path: a "\""#);
+    }
+    let mut level = path.as_bytes().to_vec();
+    for round in 0..=DECODE_LEVELS {
+        if has_dot_segment(&level) {
+            return Some(r#"ambiguous path: a "." or ".." segment"#);
+        }
+        if round == DECODE_LEVELS {
+            break;
+        }
+        let mut next = Vec::with_capacity(level.len());
+        let mut decoded = false;
+        let mut i = 0;
+        while i < level.len() {
+            let b = level[i];
+            let hex = |j: usize| level.get(j).and_then(|&c| (c as char).to_digit(16));
+            if let (b'%', Some(h), Some(l)) = (b, hex(i + 1), hex(i + 2)) {
+                match (h << 4 | l) as u8 {
+                    0 => return Some("ambiguous path: an encoded NUL (%00)"),
+                    b'/' | b'\\' => {
+                        return Some(r#"ambiguous path: an encoded "/" or "\" (%2f, %5c)"#)
+                    }
+                    c => next.push(c),
+                }
+                decoded = true;
+                i += 3;
+            } else {
+                next.push(b);
+                i += 1;
+            }
+        }
+        if !decoded {
+            return None;
+        }
+        level = next;
+    }
+    None
+}
+
+/// Rounds of percent-decoding [`ambiguous_path`] looks through.
+pub const DECODE_LEVELS: usize = 3;
+
+/// Whether a `/`-separated segment is `.` or `..`, once `;params` are cut.
+fn has_dot_segment(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/').any(|seg| {
+        let seg = seg.split(|&b| b == b';').next().unwrap_or(seg);
+        seg == b"." || seg == b".."
+    })
+}
+
 impl Policy {
-    /// `host` normalized, `path` without the query.
+    /// `host` normalized, `path` without the query. Rules with a `path`
+    /// regex skip an ambiguous path (see [`ambiguous_path`]); a rule
+    /// without one allows any path, so the path's ambiguity cannot matter
+    /// to it.
     pub fn request(&self, method: &str, host: &str, port: u16, path: &str) -> Verdict {
         let (mut host_seen, mut port_seen) = (false, false);
+        // Computed when a path regex is first consulted.
+        let mut ambiguity: Option<Option<&'static str>> = None;
+        let mut skipped_ambiguous: Option<&'static str> = None;
         for (i, r) in self.rules.iter().enumerate() {
             if !r.host.is_match(host) {
                 continue;
@@ -143,8 +223,14 @@ impl Policy {
                 continue;
             }
             port_seen = true;
-            if r.path.as_ref().is_some_and(|p| !p.is_match(path)) {
-                continue;
+            if let Some(p) = &r.path {
+                if let Some(why) = *ambiguity.get_or_insert_with(|| ambiguous_path(path)) {
+                    skipped_ambiguous = Some(why);
+                    continue;
+                }
+                if !p.is_match(path) {
+                    continue;
+                }
             }
             if r.methods
                 .as_ref()
@@ -155,10 +241,11 @@ impl Policy {
             return Verdict::Allow { rule: i };
         }
         Verdict::Deny {
-            reason: match (host_seen, port_seen) {
-                (false, _) => "no rule".into(),
-                (true, false) => "no rule for this port".into(),
-                (true, true) => "no rule for this path or method".into(),
+            reason: match (host_seen, port_seen, skipped_ambiguous) {
+                (false, _, _) => "no rule".into(),
+                (true, false, _) => "no rule for this port".into(),
+                (true, true, Some(why)) => why.into(),
+                (true, true, None) => "no rule for this path or method".into(),
             },
         }
     }
@@ -335,6 +422,88 @@ mod tests {
             p.request("GET", "b.example", 9000, "/y"),
             Verdict::Allow { rule: 2 }
         );
+    }
+
+    /// The review's bypasses of `{ host = 'example\.org', path = '^/pub/' }`:
+    /// each was allowed as sent, and nginx served `/secret`.
+    #[test]
+    fn ambiguous_paths_never_match_a_path_rule() {
+        let p = policy(&[(r"example\.org", Some("^/pub/"), None)]);
+        for path in [
+            "/pub/../secret",
+            "/pub/./../secret",
+            "/pub/..",
+            "/pub/%2e%2e/secret",
+            "/pub/%2E%2e/secret",
+            "/pub/.%2e/secret",
+            "/pub/..%2fsecret",
+            "/pub/..%2Fsecret",
+            "/pub/..;/secret",
+            "/pub/..;x=1/secret",
+            "/pub/.;/x",
+            "/pub/..%3b/secret",
+            "/pub/..\\secret",
+            "/pub/..%5csecret",
+            "/pub/x%00.tar",
+            "/pub/%252e%252e/secret",
+            "/pub/%25252e%25252e/secret",
+            "/pub/a%252fb",
+        ] {
+            let v = p.request("GET", "example.org", 80, path);
+            assert!(
+                matches!(&v, Verdict::Deny { reason } if reason.starts_with("ambiguous path")),
+                "{path}: {v:?}"
+            );
+        }
+        // Ordinary paths, odd but unambiguous ones included.
+        for path in [
+            "/pub/a",
+            "/pub/a%20b",
+            "/pub/.hidden",
+            "/pub/a..b/...",
+            "/pub/%2e%2ex",
+            "/pub/a;v=1",
+            "/pub/100%",
+            "/pub/%zz",
+            "/pub/%2525",
+        ] {
+            assert_eq!(
+                p.request("GET", "example.org", 80, path),
+                Verdict::Allow { rule: 0 },
+                "{path}"
+            );
+        }
+        // Outside the path rule the reason is the usual one.
+        assert_eq!(
+            p.request("GET", "example.org", 80, "/priv"),
+            Verdict::Deny {
+                reason: "no rule for this path or method".into()
+            }
+        );
+    }
+
+    /// A rule without `path` allows every path of its host, so an
+    /// ambiguous path is not refused there.
+    #[test]
+    fn ambiguous_paths_pass_rules_without_a_path() {
+        let p = policy(&[
+            (r"example\.org", Some("^/pub/"), None),
+            (r"example\.org", None, Some(&["HEAD"])),
+            (r"any\.example", None, None),
+        ]);
+        assert_eq!(
+            p.request("HEAD", "example.org", 80, "/pub/../secret"),
+            Verdict::Allow { rule: 1 }
+        );
+        assert_eq!(
+            p.request("GET", "any.example", 80, "/a/%2e%2e/b%2fc"),
+            Verdict::Allow { rule: 2 }
+        );
+        assert_eq!(
+            ambiguous_path("/a/../b"),
+            Some(r#"ambiguous path: a "." or ".." segment"#)
+        );
+        assert_eq!(ambiguous_path("/a/b"), None);
     }
 
     #[test]
