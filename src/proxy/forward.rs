@@ -28,6 +28,9 @@ pub const REASON_HEADER: &str = "x-nix-hatch-proxy";
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Methods whose answer echoes the request (with its injected credentials).
+const ECHO_METHODS: [&str; 2] = ["TRACE", "TRACK"];
+
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
@@ -181,9 +184,6 @@ pub async fn judge_and_send(
     } else {
         where_
     };
-    let verdict = shared
-        .policy
-        .request(&method, &origin.host, origin.port, &path);
     let mut d = Decision {
         decision: "allow",
         method: &method,
@@ -197,6 +197,19 @@ pub async fn judge_and_send(
         mode: Some(mode),
         credentials: &[],
     };
+    // TRACE (and IIS's TRACK) make the server echo the request back,
+    // credentials the proxy added included: never forwarded.
+    if ECHO_METHODS.iter().any(|m| method.eq_ignore_ascii_case(m)) {
+        return deny(
+            shared,
+            d,
+            &format!("{method} {where_}"),
+            "TRACE and TRACK are refused: the server would echo the request back",
+        );
+    }
+    let verdict = shared
+        .policy
+        .request(&method, &origin.host, origin.port, &path);
     let rule = match verdict {
         Verdict::Deny { reason } => {
             return deny(shared, d, &format!("{method} {where_}"), &reason);

@@ -22,6 +22,9 @@ pub mod rules;
 pub mod server;
 pub mod tunnel;
 
+#[cfg(test)]
+mod tests;
+
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,170 @@
+//! In-process tests of the whole proxy: [`server::serve_limited`] on a
+//! loopback port of the host (no namespace), test upstreams on loopback,
+//! raw HTTP/1.1 from the client side. The end-to-end tests with real
+//! jailed builds are in `tests/proxy_e2e.rs`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::audit::Events;
+use super::rules::{Policy, Rule};
+use super::{ca, server};
+
+const T: Duration = Duration::from_secs(10);
+
+struct Proxy {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// A proxy with `rules` and at most `max` connections.
+async fn proxy(rules: Vec<Rule>, max: usize) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca::Authority::generate("test").unwrap();
+    let bundle = dir.path().join("ca.pem");
+    std::fs::write(&bundle, ca.ca_pem()).unwrap();
+    let (upstream_tls, _) = ca::upstream_config(&bundle).unwrap();
+    let shared = server::Shared {
+        policy: Policy { rules },
+        credentials: Vec::new(),
+        ca,
+        upstream_tls,
+        events: Events::log_only(None),
+    };
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::serve_limited(l, Arc::new(shared), max));
+    Proxy { addr, _dir: dir }
+}
+
+/// An HTTP server that answers every request `200 ok` and records its
+/// request line.
+async fn http_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if let Some(line) = head.lines().next() {
+                    seen.lock().unwrap().push(line.to_owned());
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A TCP server that echoes what it gets until EOF, then closes.
+async fn echo_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// Reads up to the end of a header (or EOF); "" when the peer closed
+/// without one.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(T, s.read(&mut b)).await {
+            Ok(Ok(1)) => buf.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// One request on a new connection; the answer's header.
+async fn ask(proxy: SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_head(&mut s).await
+}
+
+fn rule(host: &str, path: Option<&str>) -> Rule {
+    Rule::new(host, path, None).unwrap()
+}
+
+/// TRACE and TRACK are answered by the proxy (403, with the reason), never
+/// forwarded: the server's echo would carry injected credentials back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_and_track_are_refused() {
+    let (up, seen) = http_upstream().await;
+    let p = proxy(vec![rule(r"127\.0\.0\.1", None)], 8).await;
+    for m in ["TRACE", "TRACK", "trace"] {
+        let head = ask(
+            p.addr,
+            &format!("{m} http://127.0.0.1:{up}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{m}: {head}");
+        assert!(
+            head.contains("x-nix-hatch-proxy: denied")
+                && head.contains("TRACE and TRACK are refused"),
+            "{m}: {head}"
+        );
+    }
+    let head = ask(
+        p.addr,
+        &format!("GET http://127.0.0.1:{up}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(*seen.lock().unwrap(), vec!["GET /x HTTP/1.1".to_owned()]);
+}
+
+/// Plain HTTP: an ambiguous path is refused under a path rule, with the
+/// reason; what is allowed goes upstream byte for byte as judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_paths_are_refused_and_allowed_ones_forwarded_as_judged() {
+    let (up, seen) = http_upstream().await;
+    let p = proxy(vec![rule(r"127\.0\.0\.1", Some("^/pub/"))], 8).await;
+    for path in [
+        "/pub/../secret",
+        "/pub/%2e%2e/secret",
+        "/pub/..%2fsecret",
+        "/pub/..;/secret",
+        "/pub/..\\secret",
+        "/pub/a%00",
+    ] {
+        let head = ask(
+            p.addr,
+            &format!("GET http://127.0.0.1:{up}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{path}: {head}");
+        assert!(head.contains("(ambiguous path: "), "{path}: {head}");
+    }
+    let head = ask(
+        p.addr,
+        &format!("GET http://127.0.0.1:{up}/pub/a%20b?q=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec!["GET /pub/a%20b?q=1 HTTP/1.1".to_owned()]
+    );
+}
