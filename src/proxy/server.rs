@@ -14,7 +14,7 @@ use hyper::Method;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::audit::Events;
 use super::ca::Authority;
@@ -28,7 +28,8 @@ use super::tunnel;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request header accepted.
 pub const MAX_HEADER: usize = 64 * 1024;
-/// Open client connections at most; more are closed at once.
+/// Open client connections at most, tunnels and intercepted connections
+/// included; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// What every connection of one build's proxy shares.
@@ -50,8 +51,20 @@ pub fn http1() -> hyper::server::conn::http1::Builder {
     b
 }
 
+/// A connection's place under [`MAX_CONNECTIONS`]. The connection holds it
+/// while hyper serves it, and a tunnel or interception it turns into holds
+/// it until that ends: a CONNECT's upgraded connection outlives hyper's
+/// (which is done once the 200 is sent), and it is what costs descriptors,
+/// an upstream connection and buffers.
+pub type Slot = Arc<OwnedSemaphorePermit>;
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    serve_limited(listener, shared, MAX_CONNECTIONS).await
+}
+
+/// [`serve`] with at most `max` client connections (tunnels included).
+pub async fn serve_limited(listener: TcpListener, shared: Arc<Shared>, max: usize) {
+    let slots = Arc::new(Semaphore::new(max));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -65,30 +78,27 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             shared.events.line(&format!(
-                "error: more than {MAX_CONNECTIONS} open connections from the build; closing the new one"
+                "error: more than {max} open connections from the build (tunnels included); closing the new one"
             ));
             continue;
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        tokio::spawn(async move {
-            client(stream, shared).await;
-            drop(slot);
-        });
+        tokio::spawn(client(stream, shared, Arc::new(slot)));
     }
 }
 
-async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
+async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>, slot: Slot) {
     let cache = Arc::new(UpstreamCache::default());
     let s2 = shared.clone();
     let requests = Requests::default();
     let counted = requests.clone();
     let svc = service_fn(move |req| {
-        let (shared, cache) = (s2.clone(), cache.clone());
+        let (shared, cache, slot) = (s2.clone(), cache.clone(), slot.clone());
         counted.one();
         async move {
             if req.method() == Method::CONNECT {
-                Ok(tunnel::connect(req, shared).await)
+                Ok(tunnel::connect(req, shared, slot).await)
             } else {
                 forward::plain(req, shared, cache).await
             }

@@ -168,3 +168,59 @@ async fn ambiguous_paths_are_refused_and_allowed_ones_forwarded_as_judged() {
         vec!["GET /pub/a%20b?q=1 HTTP/1.1".to_owned()]
     );
 }
+
+/// Opens a tunnel through the proxy to the echo server and checks it
+/// echoes; `None` if the proxy closed the connection instead.
+async fn tunnel(proxy: SocketAddr, echo: u16) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let req = format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\nHost: 127.0.0.1:{echo}\r\n\r\n");
+    // A refused connection may be reset before or after the write.
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return None;
+    }
+    let head = read_head(&mut s).await;
+    if head.is_empty() {
+        return None;
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(T, s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping");
+    Some(s)
+}
+
+/// A tunnel keeps its connection's place under the cap until it ends: with
+/// a cap of 2 and two tunnels open, a third connection is closed at once;
+/// when a tunnel ends, its place is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_count_against_the_connection_cap() {
+    let echo = echo_upstream().await;
+    let p = proxy(vec![rule(r"127\.0\.0\.1", None)], 2).await;
+    let first = tunnel(p.addr, echo).await.expect("first tunnel");
+    let _second = tunnel(p.addr, echo).await.expect("second tunnel");
+    assert!(
+        tunnel(p.addr, echo).await.is_none(),
+        "a third tunnel was opened past the cap of 2"
+    );
+    // An ordinary request is refused too while both places are taken.
+    assert_eq!(
+        ask(p.addr, "GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n").await,
+        ""
+    );
+    drop(first);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if tunnel(p.addr, echo).await.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed tunnel's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -16,14 +16,16 @@ use tokio::net::TcpStream;
 use super::audit::Decision;
 use super::forward::{self, answer, Body, Origin};
 use super::rules::{normalize_host, ConnectVerdict};
-use super::server::Shared;
+use super::server::{Shared, Slot};
 use super::{credentials, intercept};
 
 /// Copy buffer per direction: large, so a bulk download costs few syscalls
 /// and each write fills big segments.
 const TUNNEL_BUF: usize = 256 * 1024;
 
-pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+/// Answers a CONNECT; the tunnel or interception it starts holds `slot`
+/// (the client connection's place under the connection cap) until it ends.
+pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) -> Response<Body> {
     let Some((host, port)) = req
         .uri()
         .authority()
@@ -90,6 +92,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Bo
                     }
                     Err(e) => shared.events.line(&format!("error: CONNECT {shown}: {e}")),
                 }
+                drop(slot);
             });
             Response::new(forward::full(""))
         }
@@ -120,6 +123,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Bo
                     Ok(up) => intercept::serve(up, origin, shared, cfg).await,
                     Err(e) => shared.events.line(&format!("error: CONNECT {shown}: {e}")),
                 }
+                drop(slot);
             });
             Response::new(forward::full(""))
         }
