@@ -100,7 +100,8 @@ pub fn run(
             )
         })
         .collect();
-    let reader = ChannelReader::new(&conn, &mut channel, cancel, req.limits);
+    let cancelled = || cancel.is_cancelled();
+    let reader = ChannelReader::new(&conn, &mut channel, &cancelled, req.limits);
     let mut frames = Frames::new(reader);
     let result = receive(&mut frames, log, roots);
     let stderr_tail = frames.r.stderr_tail();
@@ -281,6 +282,7 @@ fn receive(
             hatch::VERSION
         )));
     }
+    check_temp_dir(&hello.temp_dir).map_err(RecvError::Stream)?;
     let mut digest = Digest::default();
     digest.add(&frames.hdr, &frames.payload);
     let needle = hello.temp_dir.as_bytes().to_vec();
@@ -374,6 +376,21 @@ fn receive(
         temp_path_hits: worker.temp_path_hits,
         transfer,
     })
+}
+
+/// Longest far-side temporary directory accepted in the `Hello` (it is
+/// searched for in every output byte).
+const MAX_TEMP_DIR: usize = 4096;
+
+fn check_temp_dir(t: &str) -> Result<(), String> {
+    if !t.starts_with('/') || t.len() > MAX_TEMP_DIR {
+        return Err(format!(
+            "the agent's temporary directory ({} bytes, {:?}...) is not an absolute path of at most {MAX_TEMP_DIR} bytes; nothing imported",
+            t.len(),
+            t.chars().take(40).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -525,6 +542,87 @@ impl<R: Read> Frames<R> {
     }
 }
 
+/// How often cancellation (a poll(2) on the signal pipe) and the limits
+/// are looked at while data keeps coming.
+const CHECK_EVERY: Duration = Duration::from_millis(50);
+/// At most this much of the agent's stderr is taken per call of
+/// [`ChannelReader::pump_stderr`]: a far side that never stops writing
+/// there must not keep the reader from its checks.
+const STDERR_PER_PUMP: usize = 64 << 10;
+
+/// `now + limit + GRACE`; `None` (no deadline) when that is beyond what an
+/// `Instant` can hold (`--option timeout 9223372036854775807`).
+fn deadline_after(now: Instant, limit: Duration) -> Option<Instant> {
+    now.checked_add(limit)?.checked_add(GRACE)
+}
+
+/// The local side's limits: cancellation, `timeout` and `max-silent-time`
+/// (each with [`GRACE`]). Checked both while waiting for the channel and
+/// while data flows, so neither a quiet nor a never-ending stream escapes
+/// them.
+struct Watch<'a> {
+    cancelled: &'a dyn Fn() -> bool,
+    target: String,
+    deadline: Option<(Instant, u64)>,
+    silent: Option<(Duration, u64)>,
+    last_data: Instant,
+    last_checks: Instant,
+}
+
+impl<'a> Watch<'a> {
+    fn new(cancelled: &'a dyn Fn() -> bool, target: &str, limits: super::Limits) -> Self {
+        let now = Instant::now();
+        Watch {
+            cancelled,
+            target: target.to_owned(),
+            deadline: limits
+                .timeout
+                .and_then(|t| Some((deadline_after(now, t)?, t.as_secs()))),
+            silent: limits
+                .max_silent
+                .and_then(|s| Some((s.checked_add(GRACE)?, s.as_secs()))),
+            last_data: now,
+            last_checks: now,
+        }
+    }
+
+    /// `timeout` and `max-silent-time` (plain `Instant` comparisons);
+    /// `Some` = stop the build.
+    fn limits(&self, now: Instant) -> Option<Failure> {
+        if let Some((when, secs)) = self.deadline {
+            if now >= when {
+                return Some(Failure::TimedOut(format!(
+                    "build timed out after {secs} seconds (no answer from {}); connection closed",
+                    self.target
+                )));
+            }
+        }
+        if let Some((d, secs)) = self.silent {
+            if self.last_data.checked_add(d).is_some_and(|w| now >= w) {
+                return Some(Failure::TimedOut(format!(
+                    "no output for {secs} seconds (max-silent-time) from {}; connection closed",
+                    self.target
+                )));
+            }
+        }
+        None
+    }
+
+    /// Data arrived. Every [`CHECK_EVERY`] (an `Instant` comparison
+    /// otherwise, so a fast stream stays fast): cancellation and the limits.
+    fn data(&mut self, now: Instant) -> Option<Failure> {
+        self.last_data = now;
+        if now.saturating_duration_since(self.last_checks) < CHECK_EVERY {
+            return None;
+        }
+        self.last_checks = now;
+        if (self.cancelled)() {
+            return Some(Failure::Cancelled);
+        }
+        self.limits(now)
+    }
+}
+
 /// Reads the channel with the session non-blocking: waits in poll(2) on the
 /// socket, so timeouts, cancellation and a dead connection are noticed.
 /// The agent's stderr is collected on the way (an unread stderr would
@@ -532,12 +630,9 @@ impl<R: Read> Frames<R> {
 struct ChannelReader<'a> {
     conn: &'a Connection,
     channel: &'a mut Channel,
-    cancel: &'a Cancel,
-    deadline: Option<(Instant, u64)>,
-    silent: Option<(Duration, u64)>,
-    last_data: Instant,
+    watch: Watch<'a>,
     last_inbound: Instant,
-    last_checks: Instant,
+    last_keepalive: Instant,
     pending_stderr: Vec<u8>,
     tail: Vec<u8>,
     stopped: Option<Failure>,
@@ -547,19 +642,16 @@ impl<'a> ChannelReader<'a> {
     fn new(
         conn: &'a Connection,
         channel: &'a mut Channel,
-        cancel: &'a Cancel,
+        cancelled: &'a dyn Fn() -> bool,
         limits: super::Limits,
     ) -> Self {
         let now = Instant::now();
         ChannelReader {
             conn,
             channel,
-            cancel,
-            deadline: limits.timeout.map(|t| (now + t + GRACE, t.as_secs())),
-            silent: limits.max_silent.map(|s| (s + GRACE, s.as_secs())),
-            last_data: now,
+            watch: Watch::new(cancelled, &conn.target, limits),
             last_inbound: now,
-            last_checks: now,
+            last_keepalive: now,
             pending_stderr: Vec::new(),
             tail: Vec::new(),
             stopped: None,
@@ -570,13 +662,17 @@ impl<'a> ChannelReader<'a> {
         String::from_utf8_lossy(&self.tail).into_owned()
     }
 
+    /// Takes what the agent wrote to stderr, at most [`STDERR_PER_PUMP`].
     fn pump_stderr(&mut self) {
         let mut buf = [0u8; 8192];
         let mut s = self.channel.stderr();
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
+        let mut taken = 0;
+        while taken < STDERR_PER_PUMP {
+            let n = match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            taken += n;
             if self.pending_stderr.len() < (1 << 20) {
                 self.pending_stderr.extend_from_slice(&buf[..n]);
             }
@@ -596,31 +692,20 @@ impl<'a> ChannelReader<'a> {
 
     fn wait(&mut self) -> io::Result<()> {
         let now = Instant::now();
-        // A poll(2) of its own: at most every 50 ms while data flows.
-        if now.duration_since(self.last_checks) >= Duration::from_millis(50) {
-            self.last_checks = now;
-            if self.cancel.is_cancelled() {
+        // A poll(2) of its own: at most every CHECK_EVERY while data flows.
+        if now.saturating_duration_since(self.last_keepalive) >= CHECK_EVERY {
+            self.last_keepalive = now;
+            if (self.watch.cancelled)() {
                 return Err(self.stop(Failure::Cancelled));
             }
             let _ = self.conn.session.keepalive_send();
         }
         let mut next = now + Duration::from_millis(250);
-        if let Some((when, secs)) = self.deadline {
-            if now >= when {
-                return Err(self.stop(Failure::TimedOut(format!(
-                    "build timed out after {secs} seconds (no answer from {}); connection closed",
-                    self.conn.target
-                ))));
-            }
-            next = next.min(when);
+        if let Some(f) = self.watch.limits(now) {
+            return Err(self.stop(f));
         }
-        if let Some((d, secs)) = self.silent {
-            if now >= self.last_data + d {
-                return Err(self.stop(Failure::TimedOut(format!(
-                    "no output for {secs} seconds (max-silent-time) from {}; connection closed",
-                    self.conn.target
-                ))));
-            }
+        if let Some((when, _)) = self.watch.deadline {
+            next = next.min(when);
         }
         if now.duration_since(self.last_inbound) > DEAD_AFTER {
             return Err(io::Error::other(format!(
@@ -665,8 +750,13 @@ impl Read for ChannelReader<'_> {
                 }
                 Ok(n) => {
                     let now = Instant::now();
-                    self.last_data = now;
                     self.last_inbound = now;
+                    // A stream that never pauses (or a far side sending
+                    // one-byte frames) never reaches `wait`: the limits
+                    // and cancellation are checked here too.
+                    if let Some(f) = self.watch.data(now) {
+                        return Err(self.stop(f));
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -721,4 +811,103 @@ pub fn check_connect(user: &str, s: &SshExecutor) -> Result<String, String> {
         conn.host_key,
         crate::util::first_line(&out)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn temp_dir_must_be_absolute_and_short() {
+        assert!(check_temp_dir("/tmp/nix-hatch-agent.abc123").is_ok());
+        assert!(check_temp_dir(&format!("/{}", "a".repeat(MAX_TEMP_DIR - 1))).is_ok());
+        for bad in [
+            String::new(),
+            "tmp/x".to_owned(),
+            format!("/{}", "a".repeat(MAX_TEMP_DIR)),
+            format!("/{}", "a".repeat(64 << 10)),
+        ] {
+            let err = check_temp_dir(&bad).unwrap_err();
+            assert!(
+                err.contains("not an absolute path of at most 4096 bytes"),
+                "{err}"
+            );
+        }
+    }
+
+    /// `--option timeout 9223372036854775807` (and a max-silent-time just
+    /// as large) means no deadline, not an `Instant` overflow panic.
+    #[test]
+    fn huge_limits_mean_no_deadline() {
+        let now = Instant::now();
+        assert!(deadline_after(now, Duration::from_secs(i64::MAX as u64)).is_none());
+        assert!(deadline_after(now, Duration::MAX).is_none());
+        assert!(deadline_after(now, Duration::from_secs(60)).is_some());
+        let never = || false;
+        for secs in [i64::MAX as u64, u64::MAX] {
+            let limits = super::super::Limits {
+                timeout: Some(Duration::from_secs(secs)),
+                max_silent: Some(Duration::from_secs(secs)),
+            };
+            let mut w = Watch::new(&never, "far", limits);
+            assert!(w.deadline.is_none());
+            assert!(w.limits(Instant::now()).is_none());
+            assert!(w.data(Instant::now() + CHECK_EVERY).is_none());
+        }
+        let w = Watch::new(
+            &never,
+            "far",
+            super::super::Limits {
+                timeout: None,
+                max_silent: Some(Duration::MAX - Duration::from_secs(1)),
+            },
+        );
+        assert!(w.silent.is_none());
+    }
+
+    /// Data that never pauses still meets the deadline and cancellation:
+    /// checked on the data path, at most `CHECK_EVERY` late.
+    #[test]
+    fn data_path_checks_deadline_and_cancel() {
+        let never = || false;
+        let limits = super::super::Limits {
+            timeout: Some(Duration::from_secs(1)),
+            max_silent: None,
+        };
+        let mut w = Watch::new(&never, "far", limits);
+        w.deadline = Some((Instant::now(), 1));
+        let start = Instant::now();
+        let f = loop {
+            if let Some(f) = w.data(Instant::now()) {
+                break f;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "deadline ignored");
+        };
+        assert!(matches!(f, Failure::TimedOut(ref m) if m.contains("timed out after 1 seconds")));
+        assert!(start.elapsed() <= CHECK_EVERY * 4, "{:?}", start.elapsed());
+
+        let flag = Cell::new(false);
+        let calls = Cell::new(0u64);
+        let cancelled = || {
+            calls.set(calls.get() + 1);
+            flag.get()
+        };
+        let mut w = Watch::new(&cancelled, "far", super::super::Limits::default());
+        // A fast stream: the (syscall) cancel check is rate-limited.
+        for _ in 0..100_000 {
+            assert!(w.data(Instant::now()).is_none());
+        }
+        assert!(calls.get() < 100, "{} cancel checks", calls.get());
+        flag.set(true);
+        let start = Instant::now();
+        let f = loop {
+            if let Some(f) = w.data(Instant::now()) {
+                break f;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "cancel ignored");
+        };
+        assert!(matches!(f, Failure::Cancelled));
+        assert!(start.elapsed() <= CHECK_EVERY * 4, "{:?}", start.elapsed());
+    }
 }
