@@ -89,6 +89,7 @@ pub fn run_as(cmd: &mut std::process::Command, account: &Account) {
         .map(nix::unistd::Gid::from_raw)
         .collect();
     let (uid, gid) = (account.uid, account.gid);
+    let parent = self_pidfd();
     // SAFETY: only async-signal-safe syscalls between fork and exec, on
     // memory prepared before the fork.
     unsafe {
@@ -97,11 +98,43 @@ pub fn run_as(cmd: &mut std::process::Command, account: &Account) {
             nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
             nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
             // After setuid: a credential change clears the death signal.
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            die_with_parent(parent)?;
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
             Ok(())
         });
     }
+}
+
+/// This process's pidfd, opened once and kept: children check it (see
+/// [`die_with_parent`]). `None` on kernels without pidfd_open.
+pub fn self_pidfd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    static FD: std::sync::OnceLock<Option<std::os::fd::OwnedFd>> = std::sync::OnceLock::new();
+    FD.get_or_init(|| pidfd_open(std::process::id()))
+        .as_ref()
+        .map(|f| f.as_raw_fd())
+}
+
+/// For a child between fork and exec: SIGKILL when the parent dies, and
+/// fail at once if it already has — a parent killed between fork and the
+/// prctl would otherwise leave the child running unwatched. `parent` is the
+/// parent's [`self_pidfd`] (readable once it has exited); it works where
+/// getppid() can't, e.g. for pid 1 of a new pid namespace (getppid() = 0).
+/// Async-signal-safe: no allocation.
+pub fn die_with_parent(parent: Option<std::os::fd::RawFd>) -> std::io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    if let Some(fd) = parent {
+        let mut p = nix::libc::pollfd {
+            fd,
+            events: nix::libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd we own, zero timeout.
+        if unsafe { nix::libc::poll(&mut p, 1, 0) } > 0 {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+        }
+    }
+    Ok(())
 }
 
 /// This machine's Nix system type (`x86_64-linux`, …), as Nix derives it.

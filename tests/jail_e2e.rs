@@ -298,6 +298,41 @@ fn missing_device_is_a_build_error_naming_it() {
     out.assert_stderr_contains("device /dev/nix-hatch-no-such-device does not exist");
 }
 
+/// A process the builder left running in the background is gone before
+/// the outputs are hashed: it can't change them after the fact, and
+/// nothing of the build is still running when nix-build returns.
+#[test]
+fn background_processes_end_before_the_import() {
+    let env = TestEnv::new("jail-bg");
+    jail_config(&env, "");
+    let marker = format!("jail-bg-writer-{}", env.nonce);
+    let e = expr(
+        &env,
+        "bg.nix",
+        &format!(
+            r#"{{ probe = jailed {{ name = "jail-bg"; script = ''
+    mkdir $out
+    sh -c 'exec >/dev/null 2>&1; while :; do echo x >> $out/f; done' {marker} &
+    while [ ! -s $out/f ]; do :; done
+    echo main done
+  ''; }}; }}"#
+        ),
+    );
+    let out = env.nix_build(&e, &["probe"], &[]);
+    out.assert_ok();
+    assert_eq!(
+        processes_mentioning(&marker),
+        Vec::new(),
+        "a background process outlived the build"
+    );
+    let p = out.store_paths()[0].clone();
+    run(
+        nix_cmd("nix-store").args(["--verify-path", &p]),
+        Duration::from_secs(60),
+    )
+    .assert_ok();
+}
+
 #[test]
 fn timeout_leaves_no_process() {
     let env = TestEnv::new("jail-timeout");
@@ -445,20 +480,29 @@ fn same_bytes_as_nix_sandbox() {
     }
 }
 
-/// The nearest ancestor of `pid` running `exe`.
+/// The hook above `pid`: the outermost of the nearest chain of ancestors
+/// running `exe` (the hook's namespace runner is the same binary).
 fn ancestor_running(mut pid: u32, exe: &str) -> Option<u32> {
-    for _ in 0..32 {
-        if fs::read_link(format!("/proc/{pid}/exe"))
+    let runs_exe = |pid: u32| {
+        fs::read_link(format!("/proc/{pid}/exe"))
             .is_ok_and(|p| p.to_string_lossy().starts_with(exe))
-        {
-            return Some(pid);
-        }
+    };
+    let parent = |pid: u32| -> Option<u32> {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Fields after the parenthesised command name: state ppid ...
         let after = &stat[stat.rfind(')')? + 2..];
-        pid = after.split_whitespace().nth(1)?.parse().ok()?;
+        after.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut found = None;
+    for _ in 0..32 {
+        if runs_exe(pid) {
+            found = Some(pid);
+        } else if found.is_some() {
+            break;
+        }
+        pid = parent(pid)?;
     }
-    None
+    found
 }
 
 #[test]

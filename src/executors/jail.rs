@@ -11,8 +11,8 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
+use super::runner::{self, RunSpec};
 use super::supervise::{self, Cancel};
 use super::{host, BuildRequest, Failure};
 use crate::config::{JailExecutor, Network};
@@ -106,14 +106,34 @@ pub fn run(
         &tmp,
         proxy.as_ref().map(|p| p.ca_bundle.as_path()),
     );
-    let mut cmd = Command::new(&jail.bwrap);
-    cmd.args(args).env_clear().envs(&env);
+    // bwrap runs as pid 1 of a pid namespace of the runner's: bwrap's own
+    // sandbox init has no death signal for a moment after it left our
+    // process group (bubblewrap#633), so if the hook died then, the build
+    // would outlive it; killing our pid 1 ends every nested namespace too,
+    // and the runner exits only once all of them are gone.
+    let mut argv = vec![jail.bwrap.clone().into_os_string().into_vec()];
+    argv.extend(args.into_iter().map(OsString::into_vec));
+    let spec = RunSpec {
+        overlay: None,
+        account: account.clone(),
+        cwd: "/".into(),
+        argv,
+        env: env
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_vec()))
+            .collect(),
+    };
+    let spec_path = staging.root.join("run.json");
+    let json = serde_json::to_vec(&spec)
+        .map_err(|e| Failure::Internal(format!("encoding run spec: {e}")))?;
+    std::fs::write(&spec_path, json)
+        .map_err(|e| Failure::Internal(format!("writing {}: {e}", spec_path.display())))?;
+    let mut cmd = runner::command(&spec_path).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     if let Some(p) = &proxy {
-        // Before run_as: entering the namespace needs the privileges it drops.
+        // The runner (root) enters the namespace; bwrap inherits it.
         p.enter_on_spawn(&mut cmd)
             .map_err(|e| Failure::Internal(format!("proxy network: {e}")))?;
     }
-    crate::util::run_as(&mut cmd, &account);
     let outcome = supervise::run_logged_with(
         cmd,
         log,

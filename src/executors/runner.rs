@@ -6,7 +6,8 @@
 //! the process that unshares it, and the hook itself must stay outside.
 //! The command is pid 1 of its namespace, so when it exits — or when the
 //! runner is killed (parent-death signal) — the kernel kills every process
-//! it left behind.
+//! it left behind, and the runner's wait for it returns only once they are
+//! all gone: when the runner exits, nothing of the build still runs.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -73,6 +74,15 @@ pub fn command(spec_path: &std::path::Path) -> Result<Command> {
     std::os::unix::process::CommandExt::arg0(&mut c, exe);
     c.arg(RUNNER_ARG).arg(spec_path);
     c.env_clear();
+    // Die with the hook, from before exec on (the death signal survives
+    // exec of a binary that is not set-id).
+    let hook = crate::util::self_pidfd();
+    // SAFETY: prctl and poll only (async-signal-safe).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+            crate::util::die_with_parent(hook)
+        });
+    }
     Ok(c)
 }
 
@@ -84,11 +94,7 @@ fn run(spec_path: PathBuf) -> Result<i32> {
         &std::fs::read(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?,
     )
     .with_context(|| format!("parsing {}", spec_path.display()))?;
-    // Die with the hook.
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-        bail!("the hook is gone");
-    }
+    // The death signal tied to the hook was set before exec (`command`).
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
         .context("creating mount and pid namespaces (needs root)")?;
     mount(
