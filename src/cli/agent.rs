@@ -81,6 +81,13 @@ fn gone(e: io::Error) -> AgentError {
 
 fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentError> {
     let req = read_request(&mut stdin).map_err(|e| report(format!("reading the request: {e}")))?;
+    for o in &req.outputs {
+        if let Some(why) = output_name_problem(o) {
+            return Err(report(format!(
+                "output {o:?} cannot be an environment variable of the command: {why}"
+            )));
+        }
+    }
     let signals = SignalPipe::install().map_err(|e| report(format!("signal handlers: {e}")))?;
     // Orphans of the command are re-parented to us, so we can kill them.
     let _ = nix::sys::prctl::set_child_subreaper(true);
@@ -162,14 +169,77 @@ fn read_request(stdin: &mut File) -> Result<Request, FrameError> {
     Request::decode(&payload)
 }
 
+/// Variables the agent sets itself (besides one per output).
+const AGENT_VARS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "NIX_BUILD_TOP",
+    "TMPDIR",
+    "TEMPDIR",
+    "TMP",
+    "TEMP",
+    "PWD",
+    "NIX_LOG_FD",
+    "TERM",
+    "outputs",
+];
+
+/// Lower-case variables with a meaning to common programs (curl, wget...).
+const SPECIAL_LOWER: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "no_proxy",
+];
+
+/// Why an output name cannot become a variable of the command (`$out`,
+/// `$dev`...), if it cannot. Output names come from the derivation, i.e.
+/// from anyone who can start a build; the command is the admin's. So none
+/// may replace a variable the agent or the executor sets, nor one that
+/// makes the loader, a shell or the C library load or run something
+/// (`LD_PRELOAD`, `BASH_ENV`, `ENV`, `IFS`, `GCONV_PATH`...): those are
+/// upper-case, the name space POSIX leaves to the system, so every name
+/// without a lower-case letter is refused.
+pub fn output_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Some("not a variable name");
+    }
+    if !name.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Some(
+            "upper-case names (PATH, LD_PRELOAD, BASH_ENV, IFS, TMPDIR...) belong to the system and are not set from output names",
+        );
+    }
+    if name.starts_with("NIX_") || AGENT_VARS.contains(&name) {
+        return Some("the agent or the executor sets this variable");
+    }
+    if SPECIAL_LOWER.contains(&name) {
+        return Some("network tools read this variable");
+    }
+    None
+}
+
 /// The environment the command sees: the request's variables, then what
-/// the agent owns (build dir, output paths).
+/// the agent owns (far-side account, build dir, output paths), which
+/// therefore wins. Output names that would replace one of the agent's own
+/// variables were refused before (see [`output_name_problem`]).
 fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = Vec::new();
     let mut set = |k: &str, v: OsString| {
         env.retain(|(ek, _)| ek.as_bytes() != k.as_bytes());
         env.push((OsString::from(k), v));
     };
+    for (k, v) in &req.env {
+        if let Ok(k) = std::str::from_utf8(k) {
+            // The agent's own are not taken from the request, even those it
+            // leaves unset (HOME when it has none).
+            if !k.is_empty() && !k.contains('=') && !k.contains('\0') && !AGENT_VARS.contains(&k) {
+                set(k, OsString::from_vec(v.clone()));
+            }
+        }
+    }
     set(
         "PATH",
         std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
@@ -179,13 +249,6 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
             set(k, v);
         }
     }
-    for (k, v) in &req.env {
-        if let Ok(k) = std::str::from_utf8(k) {
-            if !k.is_empty() && !k.contains('=') {
-                set(k, OsString::from_vec(v.clone()));
-            }
-        }
-    }
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         set(k, build.as_os_str().to_owned());
     }
@@ -193,9 +256,33 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
     set("TERM", "xterm-256color".into());
     set("outputs", req.outputs.join(" ").into());
     for o in &req.outputs {
-        set(o, outputs_dir.join(o).into_os_string());
+        if output_name_problem(o).is_none() {
+            set(o, outputs_dir.join(o).into_os_string());
+        }
     }
     env
+}
+
+/// When the command must be stopped: the earlier of `start + timeout` and
+/// `last_output + max_silent`. A limit too large for an `Instant` (any
+/// 64-bit number can come in the request) is no limit.
+fn next_deadline(
+    start: Instant,
+    timeout: Option<Duration>,
+    last_output: Instant,
+    silent: Option<Duration>,
+    req: &Request,
+) -> Option<(Instant, Status)> {
+    let mut deadline: Option<(Instant, Status)> = None;
+    if let Some(when) = timeout.and_then(|t| start.checked_add(t)) {
+        deadline = Some((when, Status::TimedOut(req.timeout)));
+    }
+    if let Some(d) = silent.and_then(|s| last_output.checked_add(s)) {
+        if deadline.as_ref().is_none_or(|(w, _)| d < *w) {
+            deadline = Some((d, Status::Silent(req.max_silent)));
+        }
+    }
+    deadline
 }
 
 /// How the command's process tree is contained.
@@ -274,16 +361,7 @@ fn run_command(
     let mut stdin_open = true;
     let ended: Result<Status, AgentError> = loop {
         let now = Instant::now();
-        let mut deadline: Option<(Instant, Status)> = None;
-        if let Some(t) = timeout {
-            deadline = Some((start + t, Status::TimedOut(req.timeout)));
-        }
-        if let Some(s) = silent {
-            let d = last_output + s;
-            if deadline.as_ref().is_none_or(|(w, _)| d < *w) {
-                deadline = Some((d, Status::Silent(req.max_silent)));
-            }
-        }
+        let deadline = next_deadline(start, timeout, last_output, silent, req);
         if let Some((when, st)) = deadline {
             if now >= when {
                 kill_tree(pid_ns);
@@ -765,5 +843,115 @@ impl SignalPipe {
     fn fired(&self) -> bool {
         let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_that_would_clobber_variables_are_refused() {
+        for ok in [
+            "out", "dev", "lib", "bin", "man", "doc", "debug", "py3", "out-2", "Path",
+        ] {
+            assert_eq!(output_name_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "PATH",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "BASH_ENV",
+            "ENV",
+            "IFS",
+            "HOME",
+            "TMPDIR",
+            "TERM",
+            "NIX_BUILD_TOP",
+            "NIX_HATCH_STORE_PATH_out",
+            "NIX_STORE",
+            "outputs",
+            "http_proxy",
+            "PATH=x",
+            "",
+            "X",
+            "_1",
+        ] {
+            assert!(output_name_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
+    fn value<'a>(env: &'a [(OsString, OsString)], k: &str) -> Option<&'a OsString> {
+        env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v)
+    }
+
+    /// The agent's own variables are set last: neither the request's
+    /// variables nor output names replace them.
+    #[test]
+    fn agent_variables_win() {
+        let req = Request {
+            argv: vec![b"/bin/true".to_vec()],
+            env: vec![
+                (b"PATH".to_vec(), b"/evil/bin".to_vec()),
+                (b"TMPDIR".to_vec(), b"/evil/tmp".to_vec()),
+                (b"HOME".to_vec(), b"/evil/home".to_vec()),
+                (b"outputs".to_vec(), b"evil".to_vec()),
+                (b"GREETING".to_vec(), b"hello".to_vec()),
+                (b"A=B".to_vec(), b"x".to_vec()),
+            ],
+            outputs: vec!["out".into(), "dev".into(), "LD_PRELOAD".into()],
+            timeout: 0,
+            max_silent: 0,
+        };
+        let build = Path::new("/far/tmp/build");
+        let outs = Path::new("/far/tmp/outputs");
+        let env = command_env(&req, build, outs);
+        let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+        assert_eq!(value(&env, "PATH"), Some(&path));
+        assert_eq!(
+            value(&env, "TMPDIR"),
+            Some(&OsString::from("/far/tmp/build"))
+        );
+        assert_eq!(
+            value(&env, "HOME").cloned(),
+            std::env::var_os("HOME"),
+            "HOME from the request"
+        );
+        assert_eq!(
+            value(&env, "outputs"),
+            Some(&OsString::from("out dev LD_PRELOAD"))
+        );
+        assert_eq!(value(&env, "GREETING"), Some(&OsString::from("hello")));
+        assert_eq!(
+            value(&env, "out"),
+            Some(&OsString::from("/far/tmp/outputs/out"))
+        );
+        assert_eq!(value(&env, "LD_PRELOAD"), None);
+        assert!(env.iter().all(|(k, _)| !k.as_bytes().contains(&b'=')));
+        let names: Vec<_> = env.iter().map(|(k, _)| k).collect();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len(), "{names:?}");
+    }
+
+    /// Any 64-bit timeout in a request: no `Instant` overflow, no deadline.
+    #[test]
+    fn huge_limits_are_no_deadline() {
+        let req = Request {
+            timeout: u64::MAX,
+            max_silent: i64::MAX as u64,
+            ..Request::default()
+        };
+        let now = Instant::now();
+        let t = Some(Duration::from_secs(req.timeout));
+        let s = Some(Duration::from_secs(req.max_silent));
+        assert!(next_deadline(now, t, now, s, &req).is_none());
+        let small = Some(Duration::from_secs(5));
+        let (when, st) = next_deadline(now, t, now, small, &req).unwrap();
+        assert_eq!(when, now + Duration::from_secs(5));
+        assert_eq!(st, Status::Silent(req.max_silent));
+        let (_, st) = next_deadline(now, small, now, s, &req).unwrap();
+        assert_eq!(st, Status::TimedOut(req.timeout));
     }
 }
