@@ -1245,6 +1245,46 @@ fn fallback_hook_gets_derivations_nix_hatch_does_not_route() {
     assert_eq!(read(env.out_path(&expr, "p")), "plain\n");
 }
 
+/// A `fallback` that names nix-hatch with the same config would start hook
+/// after hook; a delegated nix-hatch never delegates again, so plain
+/// derivations are declined there and Nix builds them locally.
+#[test]
+fn fallback_to_itself_does_not_loop() {
+    let env = TestEnv::new("fallback-loop");
+    let mut text = env.standard_config().render(&env.state_dir());
+    text = text.replace(
+        "fallback = \"decline\"",
+        &format!(
+            "fallback = [{}, \"hook\", \"--config\", {}]",
+            toml_str(CLI),
+            toml_str(&env.config_path().to_string_lossy())
+        ),
+    );
+    env.write_config(&text);
+    let expr = env.write_expr(
+        "loop.nix",
+        r#"{
+  x = escape { name = "loop-x"; script = ''echo x > "$out"''; };
+  p = plain { name = "loop-plain"; script = "echo plain > $out"; };
+}"#,
+    );
+    env.nix_build(&expr, &["x", "p"], &["-j", "2"]).assert_ok();
+    assert_eq!(read(env.out_path(&expr, "p")), "plain\n");
+    let check = run(
+        std::process::Command::new(CLI).args([
+            "check",
+            "--config",
+            &env.config_path().to_string_lossy(),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        check.stdout.contains("warning: fallback runs nix-hatch"),
+        "{}",
+        check.describe()
+    );
+}
+
 /// `fallback = "auto"` with `builders` set: derivations nix-hatch does not
 /// route go to Nix's own build-remote (`libexec/nix/build-remote` on 2.8 and
 /// Debian's 2.26, else `nix __build-remote`), which tries the builder (an

@@ -149,6 +149,19 @@ pub fn run(path: &Path) -> i32 {
             println!("warning: executor {} has no route", e.name);
         }
     }
+    if let crate::config::Fallback::Hook(argv) = &config.fallback {
+        let name = argv
+            .first()
+            .and_then(|p| Path::new(p).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("nix-hatch") {
+            println!(
+                "warning: fallback runs {name}: a nix-hatch hook does not delegate again, \
+                 so derivations without an escape feature are declined there"
+            );
+        }
+    }
     0
 }
 

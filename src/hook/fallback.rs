@@ -44,12 +44,20 @@ pub fn builders_configured(builders: &str) -> bool {
     })
 }
 
+/// Set in a delegate's environment. A hook that finds it set never
+/// delegates: a `fallback` naming nix-hatch itself (or two configs naming
+/// each other) would otherwise start hook after hook, one per `try`.
+pub const DELEGATED_ENV: &str = "NIX_HATCH_DELEGATED";
+
 /// The delegate's command line, if there should be one.
 pub fn delegate_argv(
     fallback: &Fallback,
     settings: &Settings,
     verbosity: &str,
 ) -> Option<(PathBuf, Vec<String>)> {
+    if std::env::var_os(DELEGATED_ENV).is_some() {
+        return None;
+    }
     match fallback {
         Fallback::Decline => None,
         Fallback::Hook(argv) => {
@@ -105,6 +113,7 @@ impl Delegate {
         let mut cmd = Command::new(program);
         // Like Nix does for its hook: stdout and stderr are one channel.
         cmd.args(args)
+            .env(DELEGATED_ENV, "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::from(write))
             .stderr(Stdio::from(write2));
