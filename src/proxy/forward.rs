@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::audit::{shown, Decision};
+use super::audit::{clip_shown, shown, Decision};
 use super::credentials;
 use super::rules::{normalize_host, Verdict};
 use super::server::Shared;
@@ -144,26 +144,24 @@ pub async fn plain(
         },
         (Some(s), Some(_)) => {
             let reason = format!("cannot forward {s}:// URLs; use CONNECT (https_proxy) for https");
-            shared
-                .events
-                .line(&format!("error: {} {uri}: {reason}", req.method()));
+            shared.events.line(&format!(
+                "error: {} {}: {reason}",
+                clip_shown(req.method().as_str()),
+                clip_shown(&uri.to_string())
+            ));
             return Ok(answer(StatusCode::BAD_REQUEST, &reason));
         }
         _ => {
             let reason = "this is a proxy: send absolute http:// URLs or CONNECT";
             shared.events.line(&format!(
                 "error: {} {}: {reason}",
-                req.method(),
-                clip(&uri.to_string())
+                clip_shown(req.method().as_str()),
+                clip_shown(&uri.to_string())
             ));
             return Ok(answer(StatusCode::BAD_REQUEST, reason));
         }
     };
     Ok(judge_and_send(req, &origin, &shared, &cache, "forward").await)
-}
-
-fn clip(s: &str) -> String {
-    s.chars().take(200).collect()
 }
 
 /// Judges one request to `origin` and, if allowed, sends it upstream.
@@ -184,6 +182,8 @@ pub async fn judge_and_send(
     } else {
         where_
     };
+    // What a log line calls the request (method and where_ clipped).
+    let what = format!("{} {where_}", clip_shown(&method));
     let mut d = Decision {
         decision: "allow",
         method: &method,
@@ -203,7 +203,7 @@ pub async fn judge_and_send(
         return deny(
             shared,
             d,
-            &format!("{method} {where_}"),
+            &what,
             "TRACE and TRACK are refused: the server would echo the request back",
         );
     }
@@ -212,7 +212,7 @@ pub async fn judge_and_send(
         .request(&method, &origin.host, origin.port, &path);
     let rule = match verdict {
         Verdict::Deny { reason } => {
-            return deny(shared, d, &format!("{method} {where_}"), &reason);
+            return deny(shared, d, &what, &reason);
         }
         Verdict::Allow { rule } => rule,
     };
@@ -239,9 +239,7 @@ pub async fn judge_and_send(
     } else {
         format!(" (credential: {})", injected.join(", "))
     };
-    shared
-        .events
-        .decision(&format!("allow {method} {where_}{suffix}"), &d);
+    shared.events.decision(&format!("allow {what}{suffix}"), &d);
     let req = req.map(|b| b.boxed());
     match send(req, origin, shared, cache).await {
         Ok(resp) => {
@@ -250,7 +248,7 @@ pub async fn judge_and_send(
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            let reason = format!("upstream {}: {e}", origin.host_header());
+            let reason = format!("upstream {}: {e}", clip_shown(&origin.host_header()));
             let d = Decision {
                 decision: "error",
                 reason: Some(&reason),
@@ -259,7 +257,7 @@ pub async fn judge_and_send(
             };
             shared
                 .events
-                .decision(&format!("error: {method} {where_}: {reason}"), &d);
+                .decision(&format!("error: {what}: {reason}"), &d);
             answer(StatusCode::BAD_GATEWAY, &reason)
         }
     }

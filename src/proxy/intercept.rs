@@ -14,6 +14,7 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 
+use super::audit::clip_shown;
 use super::forward::{answer, judge_and_send, Origin, UpstreamCache};
 use super::server::{self, Shared, HEADER_TIMEOUT};
 
@@ -24,14 +25,14 @@ pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<S
         Ok(Err(e)) => {
             shared.events.line(&format!(
                 "error: TLS handshake with the build for {} failed: {e} (does the client trust $SSL_CERT_FILE?)",
-                origin.host
+                clip_shown(&origin.host)
             ));
             return;
         }
         Err(_) => {
             shared.events.line(&format!(
                 "error: no TLS handshake for {} within {}s; connection closed",
-                origin.host,
+                clip_shown(&origin.host),
                 HEADER_TIMEOUT.as_secs()
             ));
             return;

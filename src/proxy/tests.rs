@@ -18,7 +18,19 @@ const T: Duration = Duration::from_secs(10);
 
 struct Proxy {
     addr: SocketAddr,
+    /// The read end of the build-log lines (non-blocking).
+    log: std::fs::File,
     _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// The log lines written so far.
+    fn lines(&mut self) -> String {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let _ = self.log.read_to_end(&mut out);
+        String::from_utf8(out).expect("log lines are UTF-8")
+    }
 }
 
 /// A proxy with `rules` and at most `max` connections.
@@ -28,17 +40,22 @@ async fn proxy(rules: Vec<Rule>, max: usize) -> Proxy {
     let bundle = dir.path().join("ca.pem");
     std::fs::write(&bundle, ca.ca_pem()).unwrap();
     let (upstream_tls, _) = ca::upstream_config(&bundle).unwrap();
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
     let shared = server::Shared {
         policy: Policy { rules },
         credentials: Vec::new(),
         ca,
         upstream_tls,
-        events: Events::log_only(None),
+        events: Events::log_only(Some(std::fs::File::from(w))),
     };
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(server::serve_limited(l, Arc::new(shared), max));
-    Proxy { addr, _dir: dir }
+    Proxy {
+        addr,
+        log: std::fs::File::from(r),
+        _dir: dir,
+    }
 }
 
 /// An HTTP server that answers every request `200 ok` and records its
@@ -140,7 +157,7 @@ async fn trace_and_track_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_paths_are_refused_and_allowed_ones_forwarded_as_judged() {
     let (up, seen) = http_upstream().await;
-    let p = proxy(vec![rule(r"127\.0\.0\.1", Some("^/pub/"))], 8).await;
+    let mut p = proxy(vec![rule(r"127\.0\.0\.1", Some("^/pub/"))], 8).await;
     for path in [
         "/pub/../secret",
         "/pub/%2e%2e/secret",
@@ -157,6 +174,13 @@ async fn ambiguous_paths_are_refused_and_allowed_ones_forwarded_as_judged() {
         assert!(head.starts_with("HTTP/1.1 403"), "{path}: {head}");
         assert!(head.contains("(ambiguous path: "), "{path}: {head}");
     }
+    let log = p.lines();
+    assert!(
+        log.contains(&format!(
+            "nix-hatch proxy: deny GET 127.0.0.1:{up}/pub/../secret (ambiguous path: a \".\" or \"..\" segment)\n"
+        )),
+        "{log}"
+    );
     let head = ask(
         p.addr,
         &format!("GET http://127.0.0.1:{up}/pub/a%20b?q=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
@@ -223,4 +247,72 @@ async fn tunnels_count_against_the_connection_cap() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whatever a request carries, each log line it causes is one line of
+/// printable ASCII, well below PIPE_BUF, with each URI, host or method the
+/// build chose cut to 200 bytes and its original length given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_of_hostile_requests_are_bounded() {
+    let (up, _) = http_upstream().await;
+    let mut p = proxy(vec![rule(r"127\.0\.0\.1", Some("^/pub/"))], 8).await;
+    let long = "a".repeat(30_000);
+    let reqs = [
+        // Denied, a 30 KB path.
+        format!("GET http://127.0.0.1:{up}/{long} HTTP/1.1\r\n\r\n"),
+        // A path with U+2028 and a bidi override, raw UTF-8.
+        format!("GET http://127.0.0.1:{up}/x\u{2028}nix-hatch proxy: allow GET y/\u{202e}z HTTP/1.1\r\n\r\n"),
+        // Not http://, a 30 KB URI and a 20 KB method.
+        format!("{} ftp://127.0.0.1/{long} HTTP/1.1\r\n\r\n", "M".repeat(20_000)),
+        // Origin-form, a 30 KB path.
+        format!("GET /{long} HTTP/1.1\r\n\r\n"),
+        // CONNECT to a 30 KB host.
+        format!("CONNECT {long}.example:443 HTTP/1.1\r\n\r\n"),
+        // CONNECT without a port.
+        format!("CONNECT {long}.example HTTP/1.1\r\n\r\n"),
+    ];
+    for req in &reqs {
+        let head = ask(p.addr, req).await;
+        assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+    }
+    // The line of a malformed request comes when hyper closes the
+    // connection, maybe after the answer: wait for all of them.
+    let mut log = String::new();
+    for _ in 0..100 {
+        log.push_str(&p.lines());
+        if log.lines().count() >= reqs.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), reqs.len(), "{log}");
+    for l in &lines {
+        assert!(l.len() < 1024, "{} bytes: {}", l.len(), &l[..200]);
+        assert!(l.bytes().all(|b| (b' '..=b'~').contains(&b)), "{l}");
+        assert!(l.starts_with("nix-hatch proxy: "), "{l}");
+    }
+    let has = |needle: &str| {
+        assert!(
+            lines.iter().any(|l| l.contains(needle)),
+            "no {needle:?} in:\n{log}"
+        )
+    };
+    has("...(30001 bytes) (no rule for this path or method)");
+    // hyper takes no raw non-ASCII in a request target (escaping in the
+    // log is the second line of defence, see `audit`).
+    has("malformed request");
+    has("...(20000 bytes) ftp://127.0.0.1/aaa");
+    has(&format!(
+        "error: GET /{}...(30001 bytes): this is a proxy",
+        &long[..199]
+    ));
+    has(&format!(
+        "deny CONNECT {}...(30008 bytes):443 (no rule)",
+        &long[..200]
+    ));
+    has(&format!(
+        "error: CONNECT {}...(30008 bytes): CONNECT needs host:port",
+        &long[..200]
+    ));
 }

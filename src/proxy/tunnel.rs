@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::audit::Decision;
+use super::audit::{self, clip_shown, Decision};
 use super::forward::{self, answer, Body, Origin};
 use super::rules::{normalize_host, ConnectVerdict};
 use super::server::{Shared, Slot};
@@ -32,16 +32,13 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) ->
         .and_then(|a| Some((normalize_host(a.host()), a.port_u16()?)))
     else {
         let reason = "CONNECT needs host:port";
-        shared
-            .events
-            .line(&format!("error: CONNECT {}: {reason}", req.uri()));
+        shared.events.line(&format!(
+            "error: CONNECT {}: {reason}",
+            clip_shown(&req.uri().to_string())
+        ));
         return answer(StatusCode::BAD_REQUEST, reason);
     };
-    let shown = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
+    let shown = audit::authority(&host, port);
     let creds: Vec<&str> = credentials::for_host(&shared.credentials, &host)
         .map(|c| c.header.as_str())
         .collect();
