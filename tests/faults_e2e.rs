@@ -173,6 +173,52 @@ fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
     assert!(!exists_on_disk(&want), "{want} left on disk");
 }
 
+/// Nix killed (OOM, SIGKILL) while the hook builds: the hook runs in its
+/// own process group, but dies with Nix (its parent-death signal), and the
+/// command with it; the next hook cleans the staging dir.
+#[test]
+fn nix_killed_mid_build_stops_the_hook_and_the_command() {
+    let env = TestEnv::new("nixkilled");
+    env.write_host_config(&env.standard_config());
+    let marker = format!("nixkilled-{}", env.nonce);
+    let expr = env.write_expr(
+        "talk.nix",
+        &format!(
+            r#"{{
+  e = escape {{ name = "talker"; script = "sh -c 'while :; do echo tick; sleep 0.05; done' {marker}"; }};
+  next = escape {{ name = "talker-next"; script = "echo > $out"; }};
+}}"#
+        ),
+    );
+    let mut cmd = env.nix_build_command(&expr, &[], &["-A", "e"]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut build = cmd.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || !processes_mentioning(&marker)
+            .is_empty()),
+        "the build never started"
+    );
+    let hooks = hooks_of(&env);
+    assert!(!hooks.is_empty(), "no hook process found");
+    build.kill().unwrap();
+    build.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || processes_mentioning(&marker)
+            .is_empty()
+            && hooks_of(&env).is_empty()),
+        "still running after nix-build was killed: command {:?}, hooks {:?}",
+        processes_mentioning(&marker),
+        hooks_of(&env)
+    );
+    env.nix_build(&expr, &["next"], &[]).assert_ok();
+    assert!(
+        staging_entries(&env).is_empty(),
+        "staging left: {:?}",
+        staging_entries(&env)
+    );
+}
+
 /// A tmpfs of `size` mounted on `path` for the test's lifetime.
 struct SmallFs(std::path::PathBuf);
 

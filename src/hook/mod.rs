@@ -65,7 +65,16 @@ pub fn main() -> i32 {
     std::panic::catch_unwind(hook_main).unwrap_or(1)
 }
 
+/// Whether Nix gave us fd 5 (the read side of the build log pipe, passed
+/// for build-remote). Looked at before we open anything, so fd 5 is not one
+/// of our own files.
+static NIX_FD5: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn hook_main() -> i32 {
+    NIX_FD5.store(
+        crate::util::fd_is_open(5),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     crate::timing::init();
     crate::util::cloexec_from(3);
     let path = crate::config::default_path();
@@ -219,6 +228,9 @@ pub fn run(
                         }
                         Ok(Some(slot)) => {
                             crate::util::fault_point("before-accept");
+                            // An idle delegate would hold the log pipe's
+                            // read side (fd 5) for the whole build.
+                            drop(std::mem::replace(&mut delegate, Delegation::Done));
                             return accept(
                                 cfg, &settings, &store, executor, drv, slot, input, replies,
                                 builder,
@@ -334,6 +346,12 @@ fn accept(
     let job = match hook::read_accepted_job(input) {
         Ok(j) => {
             ACCEPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Nix's read side of the log pipe: with our copy closed, a log
+            // write fails (EPIPE) instead of blocking on a full pipe should
+            // Nix be gone while we live on.
+            if NIX_FD5.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = nix::unistd::close(5);
+            }
             crate::timing::mark("accept");
             j
         }
