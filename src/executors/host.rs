@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::PermissionsExt;
 
 use super::runner::{self, Overlay, RunSpec};
 use super::supervise::{self, Cancel, Outcome};
@@ -163,21 +162,5 @@ fn admin_env(
 
 /// The build dir and the store's upper layer belong to the build account.
 fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> Result<(), String> {
-    let owner = (
-        Some(nix::unistd::Uid::from_raw(account.uid)),
-        Some(nix::unistd::Gid::from_raw(account.gid)),
-    );
-    for (dir, mode) in [(&staging.build, 0o700), (&staging.store, 0o755)] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
-        nix::unistd::chown(dir.as_path(), owner.0, owner.1)
-            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-    }
-    // Files nix-hatch wrote into the build dir (passAsFile, attrs).
-    if let Ok(entries) = std::fs::read_dir(&staging.build) {
-        for e in entries.flatten() {
-            let _ = nix::unistd::chown(e.path().as_path(), owner.0, owner.1);
-        }
-    }
-    Ok(())
+    staging.give_to(account, &[(&staging.store, 0o755)])
 }

@@ -291,22 +291,5 @@ fn prepare_dirs(
     account: &Account,
 ) -> Result<(), String> {
     std::fs::create_dir_all(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    let uid = Some(nix::unistd::Uid::from_raw(account.uid));
-    let gid = Some(nix::unistd::Gid::from_raw(account.gid));
-    for (dir, mode) in [
-        (&staging.build, 0o700),
-        (&staging.store, 0o755),
-        (&tmp.to_path_buf(), 0o1777),
-    ] {
-        nix::unistd::chown(dir.as_path(), uid, gid)
-            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
-    }
-    if let Ok(entries) = std::fs::read_dir(&staging.build) {
-        for e in entries.flatten() {
-            let _ = nix::unistd::chown(e.path().as_path(), uid, gid);
-        }
-    }
-    Ok(())
+    staging.give_to(account, &[(&staging.store, 0o755), (tmp, 0o1777)])
 }

@@ -27,6 +27,45 @@ const LOCK: &str = "lock";
 const NEW_PREFIX: &str = ".new-";
 
 impl Staging {
+    /// Hands the build dir (with the files nix-hatch wrote into it) and
+    /// `dirs` (path, mode) over to `account`. The files go first, without
+    /// following symlinks, while the build dir is still root's: once the
+    /// account owns it, another process of that account could swap an entry
+    /// for a symlink to a file root would then chown.
+    pub fn give_to(
+        &self,
+        account: &crate::util::Account,
+        dirs: &[(&Path, u32)],
+    ) -> Result<(), String> {
+        use nix::fcntl::AtFlags;
+        use nix::unistd::{fchownat, Gid, Uid};
+        let (uid, gid) = (
+            Some(Uid::from_raw(account.uid)),
+            Some(Gid::from_raw(account.gid)),
+        );
+        if let Ok(entries) = std::fs::read_dir(&self.build) {
+            for e in entries.flatten() {
+                fchownat(
+                    nix::fcntl::AT_FDCWD,
+                    e.path().as_path(),
+                    uid,
+                    gid,
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(|err| format!("chown {}: {err}", e.path().display()))?;
+            }
+        }
+        for (dir, mode) in
+            std::iter::once((self.build.as_path(), 0o700)).chain(dirs.iter().copied())
+        {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+            nix::unistd::chown(dir, uid, gid)
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
     /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
     pub fn create(state_dir: &Path, drv_base: &str) -> io::Result<Staging> {
         let parent = state_dir.join("staging");
