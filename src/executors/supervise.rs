@@ -174,7 +174,12 @@ pub fn run_logged_with(
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // Not left running unsupervised while staging goes.
+                    drop(fds);
+                    kill_and_drain(&mut child, &mut read, log, false);
+                    return Err(e.into());
+                }
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             let mut i = 0;
@@ -216,7 +221,10 @@ pub fn run_logged_with(
                     last_output = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    kill_and_drain(&mut child, &mut read, log, false);
+                    return Err(e);
+                }
             }
         }
         if exited || (!pipe_open && pidfd.is_none()) {
