@@ -38,7 +38,14 @@ pub fn route<'a>(config: &'a Config, req: &TryRequest, local_systems: &[String])
     let Some((feature, exec)) = chosen else {
         return Route::NotOurs;
     };
-    let own_builder = matches!(exec.kind, crate::config::ExecutorKind::Jail(_));
+    // Executors that run the derivation's own builder here can only run
+    // this machine's systems; the rest (an admin command, ssh) say so
+    // with `systems` if they care.
+    let own_builder = match &exec.kind {
+        crate::config::ExecutorKind::Jail(_) => true,
+        crate::config::ExecutorKind::Host(h) => h.allow_any_builder,
+        _ => false,
+    };
     let systems = match &exec.systems {
         Some(s) => Some(s.as_slice()),
         None if own_builder && !local_systems.is_empty() => Some(local_systems),
@@ -81,6 +88,8 @@ escape-j = "j"
 escape-a = "a"
 escape-a2 = "a"
 escape-b = "b"
+escape-any = "any"
+escape-cmd = "cmd"
 [executors.a]
 kind = "host"
 command = ["/bin/true"]
@@ -90,6 +99,12 @@ command = ["/bin/true"]
 systems = ["aarch64-linux"]
 [executors.j]
 kind = "jail"
+[executors.any]
+kind = "host"
+allow-any-builder = true
+[executors.cmd]
+kind = "host"
+command = ["/bin/true"]
 "#,
             Path::new("/t"),
         )
@@ -138,5 +153,12 @@ kind = "jail"
             ),
             other => panic!("{other:?}"),
         }
+        // So does a host executor running the derivation's own builder; an
+        // admin command may well handle a foreign system.
+        let mut arm = req(&["escape-any"]);
+        arm.system = "aarch64-linux".into();
+        assert!(matches!(route(&c, &arm, &local), Route::Refuse(_)));
+        arm.required_features = vec!["escape-cmd".into()];
+        assert!(matches!(route(&c, &arm, &local), Route::Executor(e) if e.name == "cmd"));
     }
 }
