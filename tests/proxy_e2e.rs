@@ -398,6 +398,130 @@ fn allowed_denied_and_path_rules_over_http_and_https() {
         .all(|r| r["drv"] == env.drv_path(&e, "probe").as_str()));
 }
 
+/// curl printing the status and the proxy's reason header, sending the
+/// path as given (no dot-segment removal).
+const CURL_REASON: &str = "/usr/bin/curl -sS --max-time 30 --path-as-is -o /dev/null -w '%{http_code} %header{x-nix-hatch-proxy}'";
+
+/// The review's bypasses of a path rule (`127.0.0.1` only `^/pub/`), over
+/// plain HTTP and inside an intercepted TLS connection: refused with the
+/// reason, never forwarded. TRACE is refused too; a 40 KB path is clipped
+/// in the log line and the audit record.
+#[test]
+fn ambiguous_paths_trace_and_long_paths_are_refused() {
+    let env = TestEnv::new("proxy-paths");
+    let srv = start_servers(&env, "unused");
+    proxy_config(
+        &env,
+        &srv,
+        "allow = [ { host = '127\\.0\\.0\\.1', path = '^/pub/' } ]\n",
+    );
+    let (h, s) = (srv.http, srv.https);
+    let variants = [
+        "/pub/../priv/b",
+        "/pub/%2e%2e/priv/b",
+        "/pub/..%2fpriv/b",
+        "/pub/..;/priv/b",
+        "/pub/..\\priv/b",
+    ];
+    let mut script = String::new();
+    for (i, v) in variants.iter().enumerate() {
+        let _ = writeln!(
+            script,
+            "    r {CURL_REASON} 'http://127.0.0.1:{h}{v}' > $out/http-{i}"
+        );
+        let _ = writeln!(
+            script,
+            "    r {CURL_REASON} 'https://127.0.0.1:{s}{v}' > $out/https-{i}"
+        );
+    }
+    let _ = write!(
+        script,
+        r#"
+    r {CURL_REASON} http://127.0.0.1:{h}/pub/a > $out/http-ok
+    r {CURL_REASON} https://127.0.0.1:{s}/pub/a > $out/https-ok
+    r {CURL_REASON} -X TRACE http://127.0.0.1:{h}/pub/a > $out/http-trace
+    r {CURL_REASON} -X TRACE https://127.0.0.1:{s}/pub/a > $out/https-trace
+    r {CURL_REASON} -X TRACK https://127.0.0.1:{s}/pub/a > $out/https-track
+    r {CURL_REASON} "http://127.0.0.2:{h}/$(head -c 40000 /dev/zero | tr '\0' a)" > $out/long
+"#
+    );
+    let e = probe_expr(&env, &script);
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    for (i, v) in variants.iter().enumerate() {
+        for (f, shown) in [
+            (format!("http-{i}"), format!("127.0.0.1:{h}{v}")),
+            (format!("https-{i}"), format!("https://127.0.0.1:{s}{v}")),
+        ] {
+            let g = got(&f);
+            assert!(
+                g.starts_with(&format!("ok 403 denied GET {shown} (ambiguous path: ")),
+                "{f}: {g}"
+            );
+            assert_has(
+                &log,
+                &format!("nix-hatch proxy: deny GET {shown} (ambiguous path: "),
+                "build log",
+            );
+        }
+    }
+    assert!(got("http-ok").starts_with("ok 200"), "{}", got("http-ok"));
+    assert!(got("https-ok").starts_with("ok 200"), "{}", got("https-ok"));
+    for (f, m) in [
+        ("http-trace", "TRACE"),
+        ("https-trace", "TRACE"),
+        ("https-track", "TRACK"),
+    ] {
+        let g = got(f);
+        assert!(g.starts_with(&format!("ok 403 denied {m} ")), "{f}: {g}");
+        assert_has(&g, "(TRACE and TRACK are refused", f);
+    }
+    // Nothing but the two allowed GETs reached a server.
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /pub/a auth=none".to_owned(),
+            "https GET /pub/a auth=none".to_owned()
+        ]
+    );
+    // The long path: 200 bytes in the log line and the reason header,
+    // 2 KiB in the audit record, each with the original length.
+    let a199 = "a".repeat(199);
+    assert_eq!(
+        got("long"),
+        format!("ok 403 denied GET 127.0.0.2:{h}/{a199}...(40001 bytes) (no rule)\n")
+    );
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: deny GET 127.0.0.2:{h}/{a199}...(40001 bytes) (no rule)\n"),
+        "build log",
+    );
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let long = records
+        .iter()
+        .find(|r| r["host"] == "127.0.0.2")
+        .expect("the long path's record");
+    assert_eq!(long["clipped"]["path"], 40001);
+    assert_eq!(
+        long["path"].as_str().unwrap(),
+        format!("/{}…", "a".repeat(2047))
+    );
+    assert!(audit.lines().all(|l| l.len() < 8192), "a long audit line");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("ambiguous path")))
+            .count(),
+        2 * variants.len()
+    );
+}
+
 #[test]
 fn direct_connections_bypassing_the_proxy_fail() {
     let env = TestEnv::new("proxy-bypass");
@@ -464,6 +588,8 @@ fn credentials_are_injected_and_never_reach_the_jail() {
     r wget -q -O - http://localhost:{h}/secret > $out/http
     r {CURL} https://localhost:{s}/secret > $out/https
     r {CURL} -H 'Authorization: Bearer forged' https://localhost:{s}/secret > $out/forged
+    r {CURL_REASON} -X TRACE https://localhost:{s}/secret > $out/trace
+    r {CURL_REASON} -X TRACE http://localhost:{h}/secret > $out/trace-http
     r cat {vf} > $out/value-file
     env > $out/env
     mkdir $out/jail
@@ -479,6 +605,11 @@ fn credentials_are_injected_and_never_reach_the_jail() {
     assert_eq!(got("https"), "ok authorized over https \n");
     // A header the build sets is replaced by the credential.
     assert_eq!(got("forged"), "ok authorized over https \n");
+    // TRACE would have the server echo the credential back: refused.
+    for f in ["trace", "trace-http"] {
+        let g = got(f);
+        assert!(g.starts_with("ok 403 denied TRACE "), "{f}: {g}");
+    }
     assert_has(&got("value-file"), "fail", "value file in the jail");
     let seen = srv.seen();
     assert_eq!(
@@ -488,6 +619,7 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         3,
         "{seen:#?}"
     );
+    assert!(!seen.iter().any(|l| l.contains("TRACE")), "{seen:#?}");
     assert_has(
         &log,
         &format!("nix-hatch proxy: allow GET localhost:{h}/secret (credential: authorization)"),
