@@ -212,6 +212,7 @@ fn import(work: &Work) -> Result<()> {
             deriver: "",
             inputs: &inputs,
             outputs: &staged,
+            checks: &Default::default(),
         },
         registrar,
     )?;

@@ -2,11 +2,12 @@
 //! and the environment Nix itself would give it (DESIGN.md "Builder
 //! environment").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
+use crate::store::checks::OutputChecks;
 use crate::store::StoreLocation;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -131,6 +132,114 @@ impl Drv {
             .environment()
             .get(key)
             .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The output checks Nix would apply after building it itself, by
+    /// output name: `outputChecks.<output>` with structured attrs, else
+    /// `allowedReferences`, `allowedRequisites`, `disallowedReferences`,
+    /// `disallowedRequisites` for every output. A specifier that is neither
+    /// a store path nor an output name is an error, as in Nix.
+    pub fn output_checks(&self, store_dir: &str) -> Result<BTreeMap<String, OutputChecks>> {
+        let names = || self.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
+        let resolve = |output: &str, items: &[String]| -> Result<BTreeSet<String>> {
+            items
+                .iter()
+                .map(|i| {
+                    if i.starts_with(store_dir)
+                        && i[store_dir.len()..].starts_with('/')
+                        && !i[store_dir.len() + 1..].contains('/')
+                    {
+                        Ok(i.clone())
+                    } else if let Some(o) = self.outputs.get(i) {
+                        Ok(o.path.clone())
+                    } else {
+                        bail!(
+                            "derivation '{}' output check for '{output}' contains an illegal reference specifier '{i}', expected store path or output name (one of [{}])",
+                            self.path,
+                            names()
+                        )
+                    }
+                })
+                .collect()
+        };
+        let mut all = BTreeMap::new();
+        if let Some(attrs) = self.drv.structured_attrs() {
+            let Some(serde_json::Value::Object(per_output)) = attrs.get("outputChecks") else {
+                return Ok(all);
+            };
+            for (output, v) in per_output {
+                if !self.outputs.contains_key(output) {
+                    continue;
+                }
+                let list = |key: &str| -> Option<Vec<String>> {
+                    match v.get(key)? {
+                        serde_json::Value::Array(a) => Some(
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(str::to_owned))
+                                .collect(),
+                        ),
+                        _ => None,
+                    }
+                };
+                let set = |key: &str| -> Result<Option<BTreeSet<String>>> {
+                    list(key).map(|l| resolve(output, &l)).transpose()
+                };
+                all.insert(
+                    output.clone(),
+                    OutputChecks {
+                        ignore_self_refs: v
+                            .get("ignoreSelfRefs")
+                            .and_then(serde_json::Value::as_bool)
+                            .unwrap_or(false),
+                        max_size: v.get("maxSize").and_then(serde_json::Value::as_u64),
+                        max_closure_size: v
+                            .get("maxClosureSize")
+                            .and_then(serde_json::Value::as_u64),
+                        allowed_references: set("allowedReferences")?,
+                        allowed_requisites: set("allowedRequisites")?,
+                        disallowed_references: set("disallowedReferences")?.unwrap_or_default(),
+                        disallowed_requisites: set("disallowedRequisites")?.unwrap_or_default(),
+                    },
+                );
+            }
+            return Ok(all);
+        }
+        let words = |key: &str| -> Option<Vec<String>> {
+            let v = self.drv.environment().get(key)?;
+            Some(
+                String::from_utf8_lossy(v)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        };
+        let keys = [
+            "allowedReferences",
+            "allowedRequisites",
+            "disallowedReferences",
+            "disallowedRequisites",
+        ];
+        if keys.iter().all(|k| words(k).is_none()) {
+            return Ok(all);
+        }
+        for output in self.outputs.keys() {
+            let set = |key: &str| -> Result<Option<BTreeSet<String>>> {
+                words(key).map(|l| resolve(output, &l)).transpose()
+            };
+            all.insert(
+                output.clone(),
+                OutputChecks {
+                    ignore_self_refs: true,
+                    max_size: None,
+                    max_closure_size: None,
+                    allowed_references: set("allowedReferences")?,
+                    allowed_requisites: set("allowedRequisites")?,
+                    disallowed_references: set("disallowedReferences")?.unwrap_or_default(),
+                    disallowed_requisites: set("disallowedRequisites")?.unwrap_or_default(),
+                },
+            );
+        }
+        Ok(all)
     }
 
     /// A list-valued attribute (`impureEnvVars`, …).

@@ -284,6 +284,59 @@ in {
     assert_eq!(run_out.stdout, "tool\n");
 }
 
+/// Nix applies a derivation's output checks only to builds it does itself;
+/// nix-hatch applies them (same semantics, same messages) before anything
+/// is registered.
+#[test]
+fn output_checks_are_enforced_like_nix() {
+    let env = TestEnv::new("checks");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "checks.nix",
+        r#"rec {
+  dep = plain { name = "checks-dep"; script = "echo dep > $out"; };
+  mid = plain { name = "checks-mid"; script = "echo ${dep} > $out"; };
+  refsDep = escape { name = "checks-refs-dep"; attrs = { allowedReferences = [ ]; }; script = ''echo "${dep}" > "$out"''; };
+  okDep = escape { name = "checks-ok-dep"; attrs = { allowedReferences = [ dep "out" ]; }; script = ''echo "${dep} $out" > "$out"''; };
+  viaMid = escape { name = "checks-via-mid"; attrs = { disallowedRequisites = [ dep ]; }; script = ''echo "${mid}" > "$out"''; };
+  selfOk = escape { name = "checks-self"; attrs = { allowedRequisites = [ mid dep ]; }; script = ''echo "${mid} $out" > "$out"''; };
+  big = escape { name = "checks-big"; attrs = { __structuredAttrs = true; outputChecks.out.maxSize = 1000; }; script = ''
+    i=0; while [ $i -lt 100 ]; do echo "0123456789012345678901234567890123456789" >> "$out"; i=$((i+1)); done
+  ''; };
+  bad = escape { name = "checks-bad-spec"; attrs = { allowedReferences = [ "nonsense" ]; }; script = ''echo > "$out"''; };
+}"#,
+    );
+    let dep = env.out_path(&expr, "dep");
+    for (attr, message) in [
+        (
+            "refsDep",
+            "is not allowed to refer to the following paths:".to_owned(),
+        ),
+        (
+            "viaMid",
+            format!("is not allowed to refer to the following paths:\n  {dep}"),
+        ),
+        ("big", "is too large at".to_owned()),
+        (
+            "bad",
+            "contains an illegal reference specifier 'nonsense'".to_owned(),
+        ),
+    ] {
+        let out = env.nix_build(&expr, &[attr], &[]);
+        out.assert_failed();
+        assert!(
+            out.stderr.contains(&message),
+            "{attr}: want {message:?}\n{}",
+            out.describe()
+        );
+        assert!(!is_valid(&env.out_path(&expr, attr)), "{attr} registered");
+    }
+    let out = env.nix_build(&expr, &["okDep", "selfOk"], &[]);
+    out.assert_ok();
+    let ok = env.out_path(&expr, "okDep");
+    assert_eq!(references(&ok), set(&[dep.as_str(), ok.as_str()]));
+}
+
 /// Nix asks the hook only for the outputs that are not valid; an output
 /// rebuilt next to a still-valid sibling keeps its reference to it.
 #[test]

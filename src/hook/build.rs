@@ -133,6 +133,11 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
         );
     }
 
+    let checks = a
+        .drv
+        .output_checks(&a.store.store_dir)
+        .map_err(|e| Failure::Builder(format!("{e:#}")))?;
+
     let staged: Vec<StagedOutput> = outputs
         .iter()
         .map(|(name, path)| StagedOutput {
@@ -148,6 +153,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
             deriver: &a.drv.path,
             inputs: &candidates,
             outputs: &staged,
+            checks: &checks,
         },
         registrar,
     )

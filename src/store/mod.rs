@@ -22,6 +22,7 @@
 //! the daemon would deadlock; `--register-validity` takes no lock.
 
 mod adopt;
+pub mod checks;
 pub mod digest;
 mod fsops;
 pub mod nar;
@@ -31,7 +32,7 @@ pub mod refscan;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -167,6 +168,8 @@ pub struct ImportRequest<'a> {
     pub inputs: &'a [String],
     /// The outputs Nix wants; all must be produced.
     pub outputs: &'a [StagedOutput],
+    /// The derivation's output checks, by output name (see [`checks`]).
+    pub checks: &'a BTreeMap<String, checks::OutputChecks>,
 }
 
 /// A registered output.
@@ -286,6 +289,11 @@ pub enum ImportError {
         /// Its last error line.
         message: String,
     },
+    /// An output check of the derivation failed (Nix's own message).
+    OutputRejected {
+        /// The message.
+        message: String,
+    },
 }
 
 impl fmt::Display for ImportError {
@@ -358,6 +366,7 @@ impl fmt::Display for ImportError {
             E::NixStore { action, message } => {
                 write!(f, "nix-store failed to {action}: {message}")
             }
+            E::OutputRejected { message } => f.write_str(message),
         }
     }
 }
@@ -666,6 +675,24 @@ pub fn import<'a>(
 
     // Outputs referencing each other in a cycle can't be registered.
     check_output_cycles(req, drv, &output_index, &digests)?;
+    if !req.checks.is_empty() {
+        let built: Vec<checks::Built<'_>> = req
+            .outputs
+            .iter()
+            .zip(&digests)
+            .map(|(o, d)| checks::Built {
+                name: &o.name,
+                path: &o.path,
+                nar_size: d.nar_size,
+                references: d
+                    .references
+                    .iter()
+                    .map(|&i| candidates[i].to_owned())
+                    .collect(),
+            })
+            .collect();
+        checks::check(location, req.checks, &built)?;
+    }
 
     // 4. Stale leftovers, then move into place (unless the executor already
     // built in place). Nothing goes into the store if registration can't

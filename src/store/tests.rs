@@ -208,6 +208,7 @@ impl TestStore {
                 deriver,
                 inputs,
                 outputs,
+                checks: &Default::default(),
             },
             registrar,
         )
@@ -904,6 +905,7 @@ fn registrar_failures_and_drop() {
             deriver: "",
             inputs: &[],
             outputs: &[output("out", &late, &s, None)],
+            checks: &Default::default(),
         },
         registrar,
     )
