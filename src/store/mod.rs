@@ -416,8 +416,10 @@ fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>
     if name.len() > 211 {
         return Err(bad("the name is too long"));
     }
-    if name[0] == b'.' {
-        return Err(bad("the name starts with a period"));
+    // Newer Nix (2.8 refused any leading period) allows names such as
+    // `.config`; only these would be confusable with `.` and `..`.
+    if name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-") {
+        return Err(bad("the name is '.' or '..' or starts with '.-' or '..-'"));
     }
     if !name
         .iter()

@@ -945,8 +945,12 @@ fn bad_request_paths() {
             "the hash part is not nix-base32",
         ),
         (
-            format!("{dir}/00000000000000000000000000000000-.x"),
-            "the name starts with a period",
+            format!("{dir}/00000000000000000000000000000000-.."),
+            "the name is '.' or '..' or starts with '.-' or '..-'",
+        ),
+        (
+            format!("{dir}/00000000000000000000000000000000-.-x"),
+            "the name is '.' or '..' or starts with '.-' or '..-'",
         ),
         (
             format!("{dir}/00000000000000000000000000000000-a/b"),
