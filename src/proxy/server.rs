@@ -93,8 +93,9 @@ async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>, slot: Slot) 
     let s2 = shared.clone();
     let requests = Requests::default();
     let counted = requests.clone();
+    let svc_slot = slot.clone();
     let svc = service_fn(move |req| {
-        let (shared, cache, slot) = (s2.clone(), cache.clone(), slot.clone());
+        let (shared, cache, slot) = (s2.clone(), cache.clone(), svc_slot.clone());
         counted.one();
         async move {
             if req.method() == Method::CONNECT {
@@ -117,6 +118,8 @@ async fn client(stream: tokio::net::TcpStream, shared: Arc<Shared>, slot: Slot) 
             }
         }
     }
+    // Held through the lingering close too.
+    drop(slot);
 }
 
 /// How long, and how much, a rejected client's remaining input is drained.
