@@ -213,6 +213,7 @@ fn import(work: &Work) -> Result<()> {
             inputs: &inputs,
             outputs: &staged,
             checks: &Default::default(),
+            owner: None,
         },
         registrar,
     )?;

@@ -982,6 +982,48 @@ fn host_command_runs_as_the_configured_unprivileged_user() {
     assert_verify_path(&p);
 }
 
+/// A command may hard-link into its output a file of another user that it
+/// can write; sealing the output would make that file root's and read-only.
+/// Like Nix, the import refuses entries the build's account doesn't own.
+#[test]
+fn hard_link_to_another_users_file_is_refused() {
+    let env = TestEnv::new("hardlink");
+    fs::set_permissions(env.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let victim_dir = env.path("victim");
+    fs::create_dir(&victim_dir).unwrap();
+    let victim = victim_dir.join("shared.conf");
+    fs::write(&victim, "shared\n").unwrap();
+    // Owned by `daemon` (uid 1), writable by everyone.
+    std::os::unix::fs::chown(&victim, Some(1), Some(1)).unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o666)).unwrap();
+    let mut cfg = env.standard_config();
+    cfg.user = "nobody".into();
+    env.write_host_config(&cfg);
+    let expr = env.write_expr(
+        "hardlink.nix",
+        &format!(
+            r#"{{ h = escape {{ name = "hardlink"; script = ''
+    mkdir -p "$out"
+    for d in {}/staging/*/store; do
+      ln {} "$d/$(basename $out)/stolen"
+    done
+  ''; }}; }}"#,
+            env.state_dir().display(),
+            victim.display()
+        ),
+    );
+    let out = env.nix_build(&expr, &["h"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("invalid ownership on file");
+    assert!(!is_valid(&env.out_path(&expr, "h")));
+    let md = fs::metadata(&victim).unwrap();
+    assert_eq!(
+        (md.uid(), md.permissions().mode() & 0o7777),
+        (1, 0o666),
+        "the other user's file was changed"
+    );
+}
+
 #[test]
 fn config_problem_is_reported_to_daemon_clients() {
     let env = TestEnv::new("daemoncfg");

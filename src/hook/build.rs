@@ -154,6 +154,11 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
             inputs: &candidates,
             outputs: &staged,
             checks: &checks,
+            // The account the executor ran the build as (ssh outputs are
+            // unpacked by us, so they are ours anyway).
+            owner: crate::util::lookup_user(&a.executor.user)
+                .ok()
+                .map(|u| u.uid),
         },
         registrar,
     )

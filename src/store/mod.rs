@@ -170,6 +170,9 @@ pub struct ImportRequest<'a> {
     pub outputs: &'a [StagedOutput],
     /// The derivation's output checks, by output name (see [`checks`]).
     pub checks: &'a BTreeMap<String, checks::OutputChecks>,
+    /// The uid the build ran as: output files may be owned by it or by us,
+    /// nobody else (see [`nar::DumpOptions::owner`]).
+    pub owner: Option<u32>,
 }
 
 /// A registered output.
@@ -605,7 +608,10 @@ pub fn import<'a>(
     } else {
         req.deriver
     };
-    let options = DumpOptions { seal: true };
+    let options = DumpOptions {
+        seal: true,
+        owner: req.owner,
+    };
     let mut digests = Vec::with_capacity(req.outputs.len());
     for (o, extra) in req.outputs.iter().zip(&extras) {
         let d =

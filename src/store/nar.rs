@@ -168,6 +168,12 @@ pub struct DumpOptions {
     /// tree. Changes go through the descriptors being read, never by path.
     /// Symlinks are left alone (their owner and mode grant nothing).
     pub seal: bool,
+    /// When sealing: the account the build ran as. Unless that is the
+    /// effective user (who could do anything anyway), an entry owned by
+    /// anyone else but these two is refused, as Nix refuses it: a build
+    /// could hard-link a file of another user it may write into its output,
+    /// and sealing would make that file root's and read-only.
+    pub owner: Option<u32>,
 }
 
 /// Error while archiving a tree; `path` is relative to the tree's root
@@ -205,6 +211,8 @@ pub enum NarErrorKind {
     TooDeep,
     /// The sink refused the data.
     Sink(io::Error),
+    /// Owned by neither the build's account nor us.
+    Ownership,
 }
 
 impl NarError {
@@ -234,6 +242,9 @@ impl NarError {
                 "'{path}' is nested more than {MAX_DEPTH} directories deep"
             ),
             NarErrorKind::Sink(e) => format!("writing the archive of '{path}' failed: {e}"),
+            NarErrorKind::Ownership => format!(
+                "invalid ownership on file '{path}' (owned by neither the build's account nor root; a hard link to someone else's file?)"
+            ),
         }
     }
 }
@@ -289,6 +300,7 @@ pub const MAX_DEPTH: usize = 1000;
 struct Dumper<'s, S: ?Sized> {
     sink: &'s mut S,
     seal: Option<(Uid, Gid)>,
+    owner: Option<u32>,
     rel: Vec<u8>,
 }
 
@@ -320,6 +332,11 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         let Some((uid, gid)) = self.seal else {
             return Ok(());
         };
+        if let Some(owner) = self.owner.filter(|&o| o != uid.as_raw()) {
+            if st.st_uid != uid.as_raw() && st.st_uid != owner {
+                return Err(self.err(NarErrorKind::Ownership));
+            }
+        }
         let mut chowned = false;
         if st.st_uid != uid.as_raw() {
             fchown(fd, Some(uid), Some(gid)).map_err(|e| self.io("change the owner of", e))?;
@@ -531,6 +548,7 @@ pub fn dump_path<S: NarSink + ?Sized>(
     let mut dumper = Dumper {
         sink,
         seal: options.seal.then(|| (geteuid(), getegid())),
+        owner: options.owner,
         rel: Vec::new(),
     };
     let (parent, name) = match (path.parent(), path.file_name()) {

@@ -60,7 +60,10 @@ fn no_parts() -> HashParts {
 }
 
 fn plain() -> DumpOptions {
-    DumpOptions { seal: false }
+    DumpOptions {
+        seal: false,
+        owner: None,
+    }
 }
 
 /// Our NAR, hash and size, checked against nix-store --dump and nix-hash, in
@@ -209,6 +212,7 @@ impl TestStore {
                 inputs,
                 outputs,
                 checks: &Default::default(),
+                owner: None,
             },
             registrar,
         )
@@ -338,7 +342,16 @@ fn nar_seal_sets_canonical_modes_without_changing_the_hash() {
     fs::set_permissions(d.join("sub/f"), fs::Permissions::from_mode(0o666)).unwrap();
     fs::set_permissions(d.join("sub"), fs::Permissions::from_mode(0o777)).unwrap();
     let before = nix_hash(&d);
-    let dg = digest_path(&d, &no_parts(), None, &DumpOptions { seal: true }).unwrap();
+    let dg = digest_path(
+        &d,
+        &no_parts(),
+        None,
+        &DumpOptions {
+            seal: true,
+            owner: None,
+        },
+    )
+    .unwrap();
     assert_eq!(nixbase32::encode(&dg.nar_hash), before);
     assert_eq!(mode(&d.join("x")), 0o555);
     assert_eq!(mode(&d.join("sub/f")), 0o444);
@@ -906,6 +919,7 @@ fn registrar_failures_and_drop() {
             inputs: &[],
             outputs: &[output("out", &late, &s, None)],
             checks: &Default::default(),
+            owner: None,
         },
         registrar,
     )
