@@ -76,14 +76,32 @@ pub fn run(
         .filter_map(|(_, p)| req.store.base_name(p))
         .collect();
     match crate::store::adopt_added_paths(req.store, &staging.store, &outputs) {
-        Ok(moved) => {
-            for p in moved {
+        Ok(adopted) => {
+            for p in &adopted.moved {
                 log.line(&format!(
                     "the command added {p} to the store; moved it into place"
                 ));
             }
+            if !adopted.failed.is_empty() {
+                for f in &adopted.failed {
+                    log.line(f);
+                }
+                // Valid in the database, files only here: keep them for
+                // the admin rather than delete them with the staging dir.
+                let kept = match staging.keep() {
+                    Ok(p) => format!("kept in {}", p.display()),
+                    Err(e) => format!("could not keep {}: {e}", staging.root.display()),
+                };
+                return Err(Failure::Internal(format!(
+                    "executor {:?}: {} store path(s) the command added could not be moved into the store (their files are {kept}); `nix-store --verify` drops them from the database",
+                    req.executor.name,
+                    adopted.failed.len()
+                )));
+            }
         }
-        Err(e) => log.line(&format!("warning: {e}")),
+        Err(e) => log.line(&format!(
+            "warning: checking what the command added to the store: {e}"
+        )),
     }
     interpret(outcome, &req.executor.name, host.allow_any_builder)
 }

@@ -19,7 +19,8 @@ pub struct Staging {
     /// The build directory (`NIX_BUILD_TOP`).
     pub build: PathBuf,
     _lock: Flock<File>,
-    keep: bool,
+    /// Set once the dir has moved to `kept/` (then it is not removed).
+    keep: std::sync::atomic::AtomicBool,
 }
 
 const LOCK: &str = "lock";
@@ -97,7 +98,7 @@ impl Staging {
             build: root.join("build"),
             root,
             _lock: lock,
-            keep: false,
+            keep: std::sync::atomic::AtomicBool::new(false),
         };
         for d in [&staging.store, &staging.work, &staging.build] {
             std::fs::create_dir(d).map_err(|e| with_path(e, "creating", d))?;
@@ -112,7 +113,7 @@ impl Staging {
 
     /// Keeps the directory after the build (Nix's `keep-failed`): it moves
     /// out of the way of stale-dir cleanup and is reported to the user.
-    pub fn keep(&mut self) -> io::Result<PathBuf> {
+    pub fn keep(&self) -> io::Result<PathBuf> {
         let state_dir = self
             .root
             .parent()
@@ -122,14 +123,14 @@ impl Staging {
         std::fs::create_dir_all(&kept)?;
         let target = kept.join(self.root.file_name().unwrap_or_default());
         std::fs::rename(&self.root, &target)?;
-        self.keep = true;
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(target)
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.keep {
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
             let _ = crate::store::remove_tree(&self.root);
         }
     }

@@ -67,7 +67,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
 
     staging::remove_stale(&a.config.state_dir);
     let drv_base = a.store.base_name(&a.drv.path).unwrap_or("unknown.drv");
-    let mut staging = Staging::create(&a.config.state_dir, drv_base)
+    let staging = Staging::create(&a.config.state_dir, drv_base)
         .map_err(|e| internal(format!("creating staging dir: {e}")))?;
 
     let paths: Vec<String> = outputs.iter().map(|(_, p)| p.clone()).collect();

@@ -13,22 +13,39 @@ use super::fsops::move_into_place;
 use super::nixstore::invalid_paths;
 use super::{ImportError, StoreLocation};
 
+/// What [`adopt_added_paths`] did.
+#[derive(Debug, Default)]
+pub struct Adoption {
+    /// Paths moved into the real store.
+    pub moved: Vec<String>,
+    /// One line per valid path that could not be moved: the database lists
+    /// it, its files are still in the staging dir.
+    pub failed: Vec<String>,
+}
+
 /// Moves every entry of `upper` (the overlay's upper dir) that is a valid
-/// store path, other than `outputs` (base names), into the real store.
-/// Returns the paths moved.
+/// store path, other than `outputs` (base names), into the real store. A
+/// path that fails does not stop the others.
 pub fn adopt_added_paths(
     location: &StoreLocation,
     upper: &Path,
     outputs: &[&str],
-) -> Result<Vec<String>, ImportError> {
+) -> Result<Adoption, ImportError> {
+    let mut done = Adoption::default();
     let Ok(entries) = std::fs::read_dir(upper) else {
-        return Ok(Vec::new());
+        return Ok(done);
     };
     let mut candidates = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if outputs.contains(&name) || name.ends_with(".lock") || !looks_like_store_name(name) {
+        if outputs.contains(&name) || name.ends_with(".lock") {
+            continue;
+        }
+        let path = format!("{}/{name}", location.store_dir);
+        // Only names Nix takes as store paths: one it refuses would make
+        // the validity check below fail for all of them.
+        if super::parse_store_path(&location.store_dir, &path).is_err() {
             continue;
         }
         // Overlay whiteouts (deletions) are character devices.
@@ -38,32 +55,33 @@ pub fn adopt_added_paths(
         {
             continue;
         }
-        candidates.push(format!("{}/{name}", location.store_dir));
+        candidates.push(path);
     }
     if candidates.is_empty() {
-        return Ok(Vec::new());
+        return Ok(done);
     }
     let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
     let invalid = invalid_paths(location, &refs)?;
-    let mut moved = Vec::new();
     for path in candidates.iter().filter(|p| !invalid.contains(*p)) {
-        let real = location.real_path(path)?;
         let name = path.rsplit('/').next().unwrap_or_default();
+        let real = match location.real_path(path) {
+            Ok(r) => r,
+            Err(e) => {
+                done.failed.push(e.to_string());
+                continue;
+            }
+        };
         if std::fs::symlink_metadata(&real).is_ok() {
             continue;
         }
-        move_into_place(&upper.join(name), &real).map_err(|source| ImportError::Io {
-            action: "move into place the store path the command added",
-            path: path.clone(),
-            source,
-        })?;
-        moved.push(path.clone());
+        match move_into_place(&upper.join(name), &real) {
+            Ok(_) => done.moved.push(path.clone()),
+            // Another hook adopted the same path meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => done.failed.push(format!(
+                "cannot move {path}, which the command added to the store, into place: {e}"
+            )),
+        }
     }
-    Ok(moved)
-}
-
-/// `<32 nix-base32 chars>-<name>`.
-fn looks_like_store_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    b.len() > 33 && b[32] == b'-' && b[..32].iter().all(|&c| super::refscan::is_base32(c))
+    Ok(done)
 }

@@ -1095,3 +1095,46 @@ fn location_from_nix_store_setting() {
     assert_eq!(s.base_name("/nix/store/abc-x/bin"), None);
     assert_eq!(s.base_name("/nix/storeabc"), None);
 }
+
+/// Paths a host command added through the local store: each is moved into
+/// the real store; one that can't be does not stop the others, and is
+/// reported.
+#[test]
+fn adoption_moves_what_it_can_and_reports_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let upper = tmp.path().join("upper");
+    let names = [
+        "00000000000000000000000000000000-added-a",
+        "11111111111111111111111111111111-added-b",
+    ];
+    let stage = || {
+        for n in names {
+            fs::create_dir_all(upper.join(n)).unwrap();
+            fs::write(upper.join(n).join("f"), n).unwrap();
+        }
+    };
+    // A nix-store that calls every path valid.
+    let fake = tmp.path().join("nix-store");
+    fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut loc = StoreLocation::system();
+    loc.nix_store = fake;
+
+    stage();
+    loc.real_store_dir = tmp.path().join("no-such-store");
+    let a = adopt_added_paths(&loc, &upper, &[]).unwrap();
+    assert!(a.moved.is_empty(), "{a:?}");
+    assert_eq!(a.failed.len(), 2, "{a:?}");
+    assert!(a.failed[0].contains("cannot move /nix/store/"), "{a:?}");
+
+    loc.real_store_dir = tmp.path().join("store");
+    fs::create_dir(&loc.real_store_dir).unwrap();
+    // An output of the build itself is not adopted.
+    let a = adopt_added_paths(&loc, &upper, &[names[1]]).unwrap();
+    assert_eq!(a.moved, vec![format!("/nix/store/{}", names[0])]);
+    assert!(a.failed.is_empty(), "{a:?}");
+    assert_eq!(
+        fs::read_to_string(loc.real_store_dir.join(names[0]).join("f")).unwrap(),
+        names[0]
+    );
+}
