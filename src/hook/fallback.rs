@@ -49,28 +49,35 @@ pub fn builders_configured(builders: &str) -> bool {
 /// each other) would otherwise start hook after hook, one per `try`.
 pub const DELEGATED_ENV: &str = "NIX_HATCH_DELEGATED";
 
-/// The delegate's command line, if there should be one.
+/// The delegate's command line, if there should be one; `Err` says why
+/// there is none although there should be.
 pub fn delegate_argv(
     fallback: &Fallback,
     settings: &Settings,
     verbosity: &str,
-) -> Option<(PathBuf, Vec<String>)> {
+) -> Result<Option<(PathBuf, Vec<String>)>, String> {
     if std::env::var_os(DELEGATED_ENV).is_some() {
-        return None;
+        return Ok(None);
     }
     match fallback {
-        Fallback::Decline => None,
+        Fallback::Decline => Ok(None),
         Fallback::Hook(argv) => {
-            let (prog, args) = argv.split_first()?;
+            let Some((prog, args)) = argv.split_first() else {
+                return Ok(None);
+            };
             let mut args = args.to_vec();
             args.push(verbosity.to_owned());
-            Some((PathBuf::from(prog), args))
+            Ok(Some((PathBuf::from(prog), args)))
         }
         Fallback::Auto => {
             if !builders_configured(settings.get("builders").unwrap_or("")) {
-                return None;
+                return Ok(None);
             }
-            let nix = find_program("nix")?;
+            // The Nix that started us is the build-remote to use (same
+            // version); from PATH only when we were not started by Nix.
+            let nix = parent_nix().or_else(|| find_program("nix")).ok_or_else(|| {
+                "'builders' is set, but Nix's build-remote was not found (neither the parent process nor 'nix' on PATH); declining, so Nix builds locally".to_owned()
+            })?;
             // Nix ≤ 2.18 ships `libexec/nix/build-remote` (the nix binary
             // under that name); newer Nix has `nix __build-remote`.
             let real = std::fs::canonicalize(&nix).unwrap_or_else(|_| nix.clone());
@@ -78,12 +85,19 @@ pub fn delegate_argv(
                 .parent()
                 .and_then(Path::parent)
                 .map(|prefix| prefix.join("libexec/nix/build-remote"));
-            match libexec.filter(|p| p.exists()) {
-                Some(build_remote) => Some((build_remote, vec![verbosity.to_owned()])),
-                None => Some((nix, vec!["__build-remote".to_owned(), verbosity.to_owned()])),
-            }
+            Ok(Some(match libexec.filter(|p| p.exists()) {
+                Some(build_remote) => (build_remote, vec![verbosity.to_owned()]),
+                None => (nix, vec!["__build-remote".to_owned(), verbosity.to_owned()]),
+            }))
         }
     }
+}
+
+/// The Nix binary of our parent process (nix-build, nix-daemon: all the
+/// multi-call `nix`), if that is what started us.
+fn parent_nix() -> Option<PathBuf> {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", nix::unistd::getppid())).ok()?;
+    (exe.file_name()? == "nix" && exe.is_file()).then_some(exe)
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {

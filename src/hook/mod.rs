@@ -271,8 +271,12 @@ impl Delegation {
     ) -> Result<Reply, i32> {
         if let Delegation::NotStarted = self {
             *self = match fallback::delegate_argv(fallback, settings, verbosity) {
-                None => Delegation::Done,
-                Some((prog, args)) => match fallback::Delegate::spawn(&prog, &args, settings) {
+                Ok(None) => Delegation::Done,
+                Err(why) => {
+                    tell(replies, &format!("nix-hatch: {why}"));
+                    Delegation::Done
+                }
+                Ok(Some((prog, args))) => match fallback::Delegate::spawn(&prog, &args, settings) {
                     Ok(d) => Delegation::Running(d),
                     Err(e) => {
                         let msg = format!(
