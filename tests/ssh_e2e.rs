@@ -902,3 +902,278 @@ fn agent_as_non_root_streams_and_dies_with_its_stdin() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Paths and symlink targets over 100 bytes: the agent sends GNU long name
+/// and long link entries, which the executor reads itself (bounded).
+#[test]
+fn long_names_and_link_targets_come_back() {
+    let env = TestEnv::new("ssh-long");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let dir = "d".repeat(120);
+    let file = "f".repeat(200);
+    let target = format!("{}/{}", "t".repeat(150), "u".repeat(150));
+    let e = expr(
+        &env,
+        "long.nix",
+        &format!(
+            "{{ d = {}; }}",
+            remote_drv(
+                "ssh-long",
+                &format!(
+                    "mkdir -p $out/{dir}; echo deep > $out/{dir}/{file}; ln -s {target} $out/{dir}/l{file}"
+                ),
+            )
+        ),
+    );
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_ok();
+    let p = out.store_paths()[0].clone();
+    assert_eq!(
+        fs::read_to_string(format!("{p}/{dir}/{file}")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        fs::read_link(format!("{p}/{dir}/l{file}")).unwrap(),
+        PathBuf::from(&target)
+    );
+    remote.assert_clean();
+}
+
+/// The hook processes (by `NIX_HATCH_CONFIG` in their environment).
+fn hooks_of(env: &TestEnv) -> Vec<u32> {
+    let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.to_string_lossy().contains("nix-hatch"))
+                && fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
+
+/// A hostile far side that answers with a valid `Hello` and then never
+/// stops sending: one-byte `Data` frames as fast as it can, or an endless
+/// stderr. The hook's reads then never block; `timeout` and SIGTERM must
+/// still end the build promptly (they used to wait for a pause that never
+/// came).
+#[test]
+fn endless_stream_cannot_outrun_timeout_or_sigterm() {
+    for (case, flood) in [
+        ("timeout-data", "data"),
+        ("timeout-stderr", "stderr"),
+        ("sigterm-data", "data"),
+    ] {
+        let env = TestEnv::new(&format!("ssh-{case}"));
+        let remote = Remote::start(&env);
+        let started = env.path("started");
+        let fake = env.write_script(
+            "fake-agent.sh",
+            &format!(
+                "#!/bin/sh\nexport TMPDIR={tmp}\n: > {started}\nexec perl -e '{perl}' {tmp}/fake {flood}\n",
+                tmp = remote.tmp.display(),
+                started = started.display(),
+                perl = r#"
+binmode STDOUT; binmode STDERR;
+my ($t, $flood) = @ARGV;
+my $hello = pack("Q<", 1) . pack("Q<", length $t) . $t . ("\0" x ((8 - length($t) % 8) % 8));
+syswrite(STDOUT, "H" . pack("V", length $hello) . $hello);
+my ($fh, $chunk) = $flood eq "stderr"
+    ? (\*STDERR, "x" x 65536)
+    : (\*STDOUT, ("D" . pack("V", 1) . "a") x 10000);
+while (1) { defined(syswrite($fh, $chunk)) or exit 0; }
+"#,
+            ),
+        );
+        remote.good_config(&env, &fake);
+        if case.starts_with("timeout") {
+            let text = fs::read_to_string(env.config_path())
+                .unwrap()
+                .replace("timeout = 120", "timeout = 2");
+            env.write_config(&text);
+        }
+        let e = expr(
+            &env,
+            "flood.nix",
+            &format!(
+                "{{ d = {}; }}",
+                remote_drv(&format!("ssh-{case}"), "echo x > $out")
+            ),
+        );
+        let out_path = env.out_path(&e, "d");
+        let env_ref = &env;
+        let out = std::thread::scope(|s| {
+            let build = s.spawn(move || env_ref.nix_build(&e, &["d"], &[]));
+            assert!(
+                wait_until(Duration::from_secs(60), || started.exists()),
+                "{case}: the fake agent never started"
+            );
+            if case.starts_with("sigterm") {
+                // Well into the flood.
+                std::thread::sleep(Duration::from_secs(2));
+                let hooks = hooks_of(&env);
+                assert!(!hooks.is_empty(), "{case}: no hook process found");
+                for h in hooks {
+                    let _ = Command::new("kill")
+                        .args(["-TERM", &h.to_string()])
+                        .status();
+                }
+            }
+            build.join().unwrap()
+        });
+        out.assert_failed();
+        // timeout 2 s + 15 s of grace, or SIGTERM at once.
+        assert!(
+            out.elapsed < Duration::from_secs(60),
+            "{case}: the hook did not stop:\n{}",
+            out.describe()
+        );
+        if case.starts_with("timeout") {
+            out.assert_stderr_contains("timed out after 2 seconds");
+        }
+        assert_nothing_registered(&env, &out_path);
+        remote.assert_clean();
+    }
+}
+
+/// An output whose name would replace one of the command's own variables
+/// (`PATH` here; `LD_PRELOAD`, `BASH_ENV`... alike) is refused before
+/// anything runs on the far side.
+#[test]
+fn output_names_that_clobber_variables_are_refused() {
+    let env = TestEnv::new("ssh-outnames");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    let ran = env.path("command-ran");
+    let e = expr(
+        &env,
+        "outnames.nix",
+        &format!(
+            "{{ d = escape {{ name = \"ssh-outnames\"; feature = \"{SSH_FEATURE}\"; attrs = {{ outputs = [ \"out\" \"PATH\" ]; }}; script = {}; }}; }}",
+            nix_str(&format!(": > {}; echo x > $out; echo y > $PATH", ran.display()))
+        ),
+    );
+    let out_path = env.out_path(&e, "d");
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("output \"PATH\" cannot be an environment variable");
+    assert!(!ran.exists(), "the command ran");
+    assert_nothing_registered(&env, &out_path);
+    remote.assert_clean();
+}
+
+/// Runs `nix-hatch agent` directly (no sshd) with `req`; returns its frames
+/// (tag, payload) up to the end of its output.
+fn agent_frames(tmp: &Path, req: &nix_hatch::protocol::hatch::Request) -> Vec<(u8, Vec<u8>)> {
+    use nix_hatch::protocol::hatch;
+    use std::io::Write;
+    let mut child = Command::new(CLI)
+        .arg("agent")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("TMPDIR", tmp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let payload = req.encode();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(&hatch::header(hatch::TAG_REQUEST, payload.len()))
+        .unwrap();
+    stdin.write_all(&payload).unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut frames = Vec::new();
+    loop {
+        let mut hdr = [0u8; hatch::HEADER_LEN];
+        let Ok((tag, len)) = hatch::read_header(&mut out, &mut hdr) else {
+            break;
+        };
+        let mut p = Vec::new();
+        hatch::read_payload(&mut out, len, &mut p).unwrap();
+        let end = tag == hatch::TAG_TRAILER || tag == hatch::TAG_ERROR;
+        frames.push((tag, p));
+        if end {
+            break;
+        }
+    }
+    drop(stdin);
+    let _ = child.wait();
+    frames
+}
+
+/// The agent on its own: a request with any 64-bit limits builds (no
+/// `Instant` overflow panic), its own variables beat the request's, and
+/// output names that would replace a variable are refused with an error
+/// frame before the command runs.
+#[test]
+fn agent_takes_huge_limits_and_refuses_clobbering_outputs() {
+    use nix_hatch::protocol::hatch::{self, Request, Status, Trailer};
+    let dir = tempfile::Builder::new()
+        .prefix("nhtest-agent-limits-")
+        .tempdir()
+        .unwrap();
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let ran = dir.path().join("ran");
+    let req = |outputs: &[&str]| Request {
+        argv: vec![
+            b"/bin/sh".to_vec(),
+            b"-c".to_vec(),
+            format!(
+                "touch {}; echo \"path=$PATH tmp=$TMPDIR\"; echo x > $out",
+                ran.display()
+            )
+            .into_bytes(),
+        ],
+        env: vec![
+            (b"PATH".to_vec(), b"/evil/bin".to_vec()),
+            (b"TMPDIR".to_vec(), b"/evil/tmp".to_vec()),
+        ],
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        timeout: u64::MAX,
+        max_silent: i64::MAX as u64,
+    };
+    let frames = agent_frames(&tmp, &req(&["out"]));
+    let log: Vec<u8> = frames
+        .iter()
+        .filter(|(t, _)| *t == hatch::TAG_LOG)
+        .flat_map(|(_, p)| p.clone())
+        .collect();
+    let log = String::from_utf8_lossy(&log).into_owned();
+    let (tag, last) = frames.last().expect("no frames");
+    assert_eq!(
+        *tag,
+        hatch::TAG_TRAILER,
+        "{log} {:?}",
+        String::from_utf8_lossy(last)
+    );
+    assert_eq!(Trailer::decode(last).unwrap().status, Status::Exited(0));
+    assert!(log.contains("path=/usr/bin:/bin tmp="), "{log}");
+    assert!(!log.contains("/evil"), "{log}");
+    assert!(ran.exists());
+    fs::remove_file(&ran).unwrap();
+
+    for bad in ["LD_PRELOAD", "BASH_ENV", "PATH", "TMPDIR", "IFS"] {
+        let frames = agent_frames(&tmp, &req(&["out", bad]));
+        let (tag, p) = frames.last().expect("no frames");
+        let msg = String::from_utf8_lossy(p);
+        assert_eq!(*tag, hatch::TAG_ERROR, "{bad}: {msg}");
+        assert!(
+            msg.contains(&format!("output {bad:?} cannot be an environment variable")),
+            "{bad}: {msg}"
+        );
+        assert!(!ran.exists(), "{bad}: the command ran");
+    }
+    assert!(wait_until(Duration::from_secs(10), || fs::read_dir(&tmp)
+        .unwrap()
+        .count()
+        == 0));
+}

@@ -600,7 +600,7 @@ impl<'a> Watch<'a> {
         if let Some((when, secs)) = self.deadline {
             if now >= when {
                 return Some(Failure::TimedOut(format!(
-                    "build timed out after {secs} seconds (no answer from {}); connection closed",
+                    "build timed out after {secs} seconds ({} did not end it in time); connection closed",
                     self.target
                 )));
             }
