@@ -195,6 +195,10 @@ fn check_accepts_a_working_jail() {
         out.contains("route: escape-j -> j (kind jail, user nobody, max-jobs 1)"),
         "{out}"
     );
+    assert!(
+        out.contains("warning: executor j runs builds as nobody"),
+        "{out}"
+    );
 }
 
 #[test]

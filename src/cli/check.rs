@@ -148,6 +148,14 @@ pub fn run(path: &Path) -> i32 {
         if !config.routes.values().any(|r| r == &e.name) {
             println!("warning: executor {} has no route", e.name);
         }
+        let local_account = !matches!(e.kind, ExecutorKind::Ssh(_));
+        if local_account && e.user == "nobody" {
+            println!(
+                "warning: executor {} runs builds as nobody, which other services share: \
+                 they could reach its builds' files; use an account of its own",
+                e.name
+            );
+        }
     }
     if let crate::config::Fallback::Hook(argv) = &config.fallback {
         let name = argv
