@@ -72,13 +72,27 @@ impl Staging {
         let parent = state_dir.join("staging");
         std::fs::create_dir_all(&parent).map_err(|e| with_path(e, "creating", &parent))?;
         let stem = drv_base.strip_suffix(".drv").unwrap_or(drv_base);
-        let name = format!("{stem}.{}", std::process::id());
-        let root = parent.join(&name);
         // The directory is made and locked under a name the cleanup of
         // other hooks leaves alone, and appears under its own name only
         // once locked: a lock file that exists but isn't locked yet would
         // look like a dead hook's.
-        let fresh = parent.join(format!("{NEW_PREFIX}{name}"));
+        let (root, fresh) = (0..)
+            .map(|n| {
+                let name = match n {
+                    0 => format!("{stem}.{}", std::process::id()),
+                    n => format!("{stem}.{}.{n}", std::process::id()),
+                };
+                (
+                    parent.join(&name),
+                    parent.join(format!("{NEW_PREFIX}{name}")),
+                )
+            })
+            // A live hook with our pid (in another pid namespace sharing
+            // this state dir) building the same derivation owns that name.
+            .find(|(root, fresh)| {
+                !is_locked(root) && !(fresh.exists() && !is_older_than(fresh, 60))
+            })
+            .ok_or_else(|| io::Error::other("no free staging dir name"))?;
         for old in [&root, &fresh] {
             if old.exists() {
                 // A previous hook with our pid died: its lock is free.
@@ -176,6 +190,18 @@ pub fn remove_stale(state_dir: &Path) -> usize {
     removed
 }
 
+/// Whether staging dir `dir` is held by a live hook.
+fn is_locked(dir: &Path) -> bool {
+    let Ok(file) = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_CLOEXEC)
+        .open(dir.join(LOCK))
+    else {
+        return false;
+    };
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
 fn is_older_than(path: &Path, secs: u64) -> bool {
     std::fs::symlink_metadata(path)
         .and_then(|m| m.modified())
@@ -191,6 +217,27 @@ fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two hooks with the same pid (pid namespaces sharing a state dir)
+    /// building the same derivation: the second takes another name and
+    /// leaves the first one's dir alone.
+    #[test]
+    fn a_live_dir_of_the_same_name_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Staging::create(dir.path(), "abc-same.drv").unwrap();
+        std::fs::write(first.build.join("mine"), "x").unwrap();
+        let second = Staging::create(dir.path(), "abc-same.drv").unwrap();
+        assert_ne!(first.root, second.root);
+        assert!(first.build.join("mine").exists());
+        drop(second);
+        drop(first);
+        // A dead hook's dir of that name is reused.
+        let third = Staging::create(dir.path(), "abc-same.drv").unwrap();
+        assert_eq!(
+            third.root.file_name().unwrap().to_string_lossy(),
+            format!("abc-same.{}", std::process::id())
+        );
+    }
 
     #[test]
     fn stale_dirs_of_dead_hooks_are_removed_live_ones_kept() {
