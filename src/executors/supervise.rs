@@ -242,9 +242,35 @@ pub fn run_logged_with(
 }
 
 fn kill_and_drain(child: &mut Child, read: &mut File, log: &mut BuildLog, pipe_open: bool) {
+    // The runner's child is pid 1 of the build's pid namespace; it dies
+    // with the runner, and its exit is reported only once the kernel has
+    // reaped every process of the namespace: waiting for it means nothing
+    // of the build runs on when we return (and remove staging).
+    let inits: Vec<_> = children_of(child.id())
+        .into_iter()
+        .filter_map(crate::util::pidfd_open)
+        .collect();
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
     let _ = child.wait();
+    let end = Instant::now() + Duration::from_secs(10);
+    for fd in &inits {
+        let left = end.saturating_duration_since(Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        while let Err(nix::errno::Errno::EINTR) = poll(&mut fds, ms) {}
+    }
     drain(read, log, pipe_open, Duration::from_secs(10));
+}
+
+/// The children of process `pid` (its main thread's), from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Copies what is left in the pipe until EOF (every writer gone) or `limit`.
