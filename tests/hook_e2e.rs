@@ -980,6 +980,28 @@ fn host_command_runs_as_the_configured_unprivileged_user() {
     assert_verify_path(&p);
 }
 
+/// Outputs are variables of the admin's command: one named PATH (or
+/// LD_PRELOAD, BASH_ENV...) would replace what the executor sets.
+#[test]
+fn output_names_that_clobber_the_commands_variables_are_refused() {
+    let env = TestEnv::new("outnames");
+    env.write_host_config(&env.standard_config());
+    let ran = env.path("command-ran");
+    let expr = env.write_expr(
+        "outnames.nix",
+        &format!(
+            r#"{{ d = escape {{ name = "outnames"; attrs = {{ outputs = [ "out" "LD_PRELOAD" ]; }}; script = ''
+    : > {}; echo x > "$out"; echo y > "$LD_PRELOAD"
+  ''; }}; }}"#,
+            ran.display()
+        ),
+    );
+    let out = env.nix_build(&expr, &["d"], &[]);
+    out.assert_failed();
+    out.assert_stderr_contains("output \"LD_PRELOAD\" cannot be an environment variable");
+    assert!(!ran.exists(), "the command ran");
+}
+
 /// A command may hard-link into its output a file of another user that it
 /// can write; sealing the output would make that file root's and read-only.
 /// Like Nix, the import refuses entries the build's account doesn't own.

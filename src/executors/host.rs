@@ -43,6 +43,16 @@ pub fn run(
             .map_err(|e| Failure::Internal(format!("{e:#}")))?;
         (req.drv.argv_with([req.drv.drv.builder()]), env)
     } else {
+        // Each output is a variable of the admin's command: none may
+        // replace one the executor sets, or PATH, LD_PRELOAD and the like.
+        for o in req.drv.outputs.keys() {
+            if let Some(why) = crate::cli::agent::output_name_problem(o) {
+                return Err(Failure::Builder(format!(
+                    "executor {:?}: output {o:?} cannot be an environment variable of the command: {why}",
+                    req.executor.name
+                )));
+            }
+        }
         let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))
     };
