@@ -541,6 +541,46 @@ fn agent_killed_mid_transfer_fails_cleanly() {
     }
 }
 
+/// known_hosts as `HashKnownHosts yes` (Debian's default) writes it, with
+/// another host's entry of a key type the server also has coming first:
+/// the server must be asked for the type this host's entry has.
+#[test]
+fn hashed_known_hosts_with_other_hosts_entries() {
+    let env = TestEnv::new("ssh-hashed");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    let other = env.path("other_ecdsa");
+    common::sshd::keygen_type(&other, "ecdsa");
+    let other_pub = fs::read_to_string(other.with_extension("pub")).unwrap();
+    let other_pub: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    let kh = env.path("kh-plain");
+    fs::write(
+        &kh,
+        format!(
+            "other-box {}\n{}",
+            other_pub.join(" "),
+            remote.sshd.known_hosts_line
+        ),
+    )
+    .unwrap();
+    run(
+        Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh),
+        Duration::from_secs(30),
+    )
+    .assert_ok();
+    let hashed = fs::read_to_string(&kh).unwrap();
+    assert!(hashed.lines().all(|l| l.starts_with("|1|")), "{hashed}");
+    remote.config(&env, &agent, &hashed, &remote.sshd.identity, "");
+    let e = expr(
+        &env,
+        "hashed.nix",
+        &format!("{{ d = {}; }}", remote_drv("ssh-hashed", "echo ok > $out")),
+    );
+    let out = env.nix_build(&e, &["d"], &[]);
+    out.assert_ok();
+    remote.assert_clean();
+}
+
 /// `timeout` is enforced on the far side: the command and what it left
 /// running in the background are killed, and the build fails as timed out.
 #[test]

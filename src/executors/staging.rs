@@ -89,9 +89,7 @@ impl Staging {
             })
             // A live hook with our pid (in another pid namespace sharing
             // this state dir) building the same derivation owns that name.
-            .find(|(root, fresh)| {
-                !is_locked(root) && (!fresh.exists() || is_older_than(fresh, 60))
-            })
+            .find(|(root, fresh)| !is_locked(root) && (!fresh.exists() || is_older_than(fresh, 60)))
             .ok_or_else(|| io::Error::other("no free staging dir name"))?;
         for old in [&root, &fresh] {
             if old.exists() {

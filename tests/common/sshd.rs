@@ -24,18 +24,14 @@ pub struct Sshd {
 }
 
 pub fn keygen(path: &Path) {
+    keygen_type(path, "ed25519");
+}
+
+/// A key of type `kind` (`ed25519`, `ecdsa`, ...) at `path` (+ `.pub`).
+pub fn keygen_type(path: &Path, kind: &str) {
     run(
         Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "nix-hatch-test",
-                "-f",
-            ])
+            .args(["-q", "-t", kind, "-N", "", "-C", "nix-hatch-test", "-f"])
             .arg(path),
         Duration::from_secs(30),
     )
@@ -61,8 +57,12 @@ impl Sshd {
         let dir = env.path("sshd");
         fs::create_dir_all(&dir).unwrap();
         let host_key = dir.join("host_key");
+        // A second host key, of another type: a client must pick the type
+        // its known_hosts has for this host.
+        let host_key_ecdsa = dir.join("host_key_ecdsa");
         let identity = dir.join("id_user");
         keygen(&host_key);
+        keygen_type(&host_key_ecdsa, "ecdsa");
         keygen(&identity);
         fs::copy(dir.join("id_user.pub"), dir.join("authorized_keys")).unwrap();
         let host_pub_text = fs::read_to_string(dir.join("host_key.pub")).unwrap();
@@ -74,11 +74,12 @@ impl Sshd {
             fs::write(
                 &config,
                 format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nHostKey {hk2}\nPidFile {d}/sshd.pid\n\
                      AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                      StrictModes no\nPrintMotd no\nLogLevel VERBOSE\nMaxStartups 50\n",
                     hk = host_key.display(),
+                    hk2 = host_key_ecdsa.display(),
                     d = dir.display()
                 ),
             )

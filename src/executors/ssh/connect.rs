@@ -195,7 +195,9 @@ fn base64_nopad(data: &[u8]) -> String {
 }
 
 /// Host-key algorithms for the key types the known-hosts file holds for
-/// this host (hashed entries count for every host: we cannot tell).
+/// this host: the server then presents a key we can check, not one of a
+/// type that only other hosts' entries have (which libssh2 would call a
+/// changed key).
 fn host_key_prefs(path: &Path, s: &SshExecutor) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let plain = if s.port == 22 {
@@ -215,9 +217,12 @@ fn host_key_prefs(path: &Path, s: &SshExecutor) -> Option<String> {
             continue;
         }
         let Some(kind) = f.next() else { continue };
-        let ours = hosts.starts_with("|1|") || {
-            hosts = hosts.trim();
-            hosts.split(',').any(|h| h == plain)
+        let ours = match hosts.strip_prefix("|1|") {
+            Some(hashed) => hashed_host_matches(hashed, &plain),
+            None => {
+                hosts = hosts.trim();
+                hosts.split(',').any(|h| h == plain)
+            }
         };
         if ours && !types.contains(&kind) {
             types.push(kind);
@@ -238,9 +243,49 @@ fn host_key_prefs(path: &Path, s: &SshExecutor) -> Option<String> {
     (!algs.is_empty()).then(|| algs.join(","))
 }
 
+/// Whether a hashed known-hosts entry (`|1|<salt>|<hash>`, as written with
+/// `HashKnownHosts yes`, Debian's default) is for `host`: the hash is
+/// HMAC-SHA1 of the host name under the salt, both base64.
+fn hashed_host_matches(hashed: &str, host: &str) -> bool {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Some((salt, hash)) = hashed.split_once('|') else {
+        return false;
+    };
+    let (Ok(salt), Ok(hash)) = (b64.decode(salt), b64.decode(hash)) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &salt);
+    ring::hmac::verify(&key, host.as_bytes(), &hash).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries made by `ssh-keygen -H` for the same host name and key.
+    #[test]
+    fn hashed_entries_match_only_their_host() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let salt = [7u8; 20];
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &salt);
+        let entry = |host: &str| {
+            format!(
+                "{}|{}",
+                b64.encode(salt),
+                b64.encode(ring::hmac::sign(&key, host.as_bytes()))
+            )
+        };
+        assert!(hashed_host_matches(&entry("gpu-box"), "gpu-box"));
+        assert!(!hashed_host_matches(&entry("gpu-box"), "other-box"));
+        assert!(hashed_host_matches(
+            &entry("[gpu-box]:2222"),
+            "[gpu-box]:2222"
+        ));
+        assert!(!hashed_host_matches("garbage", "gpu-box"));
+        assert!(!hashed_host_matches("!!|!!", "gpu-box"));
+    }
 
     #[test]
     fn base64_matches_openssh() {
