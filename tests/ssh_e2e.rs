@@ -1019,8 +1019,13 @@ fn endless_stream_cannot_outrun_timeout_or_sigterm() {
                 tmp = remote.tmp.display(),
                 started = started.display(),
                 perl = r#"
-binmode STDOUT; binmode STDERR;
+binmode STDIN; binmode STDOUT; binmode STDERR;
 my ($t, $flood) = @ARGV;
+# The request first, as the real agent reads it before it answers.
+my ($h, $b, $got) = ("", "", 0);
+sysread(STDIN, $h, 5) == 5 or exit 1;
+my $n = unpack("V", substr($h, 1, 4));
+while ($got < $n) { my $r = sysread(STDIN, $b, $n - $got) or exit 1; $got += $r; }
 my $hello = pack("Q<", 1) . pack("Q<", length $t) . $t . ("\0" x ((8 - length($t) % 8) % 8));
 syswrite(STDOUT, "H" . pack("V", length $hello) . $hello);
 my ($fh, $chunk) = $flood eq "stderr"
