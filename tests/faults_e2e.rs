@@ -127,21 +127,6 @@ fn a_panic_in_the_hook_is_reported_as_an_internal_error() {
     }
 }
 
-fn hooks_of(env: &TestEnv) -> Vec<u32> {
-    let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|p| p.to_string_lossy().contains("nix-hatch"))
-                && fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
-        })
-        .collect()
-}
-
 #[test]
 fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
     let env = TestEnv::new("sigterm");

@@ -981,22 +981,6 @@ fn long_names_and_link_targets_come_back() {
     remote.assert_clean();
 }
 
-/// The hook processes (by `NIX_HATCH_CONFIG` in their environment).
-fn hooks_of(env: &TestEnv) -> Vec<u32> {
-    let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|p| p.to_string_lossy().contains("nix-hatch"))
-                && fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
-        })
-        .collect()
-}
-
 /// A hostile far side that answers with a valid `Hello` and then never
 /// stops sending: one-byte `Data` frames as fast as it can, or an endless
 /// stderr. The hook's reads then never block; `timeout` and SIGTERM must

@@ -71,12 +71,7 @@ pub fn run(
             .map(|(k, v)| (k.into_bytes(), v.into_vec()))
             .collect(),
     };
-    let spec_path = staging.root.join("run.json");
-    let json = serde_json::to_vec(&spec)
-        .map_err(|e| Failure::Internal(format!("encoding run spec: {e}")))?;
-    std::fs::write(&spec_path, json)
-        .map_err(|e| Failure::Internal(format!("writing {}: {e}", spec_path.display())))?;
-    let cmd = runner::command(&spec_path).map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
         .map_err(|e| Failure::Internal(format!("running executor {:?}: {e}", req.executor.name)))?;
     // Whatever the outcome: paths the command registered must exist.

@@ -123,12 +123,7 @@ pub fn run(
             .map(|(k, v)| (k.into_bytes(), v.into_vec()))
             .collect(),
     };
-    let spec_path = staging.root.join("run.json");
-    let json = serde_json::to_vec(&spec)
-        .map_err(|e| Failure::Internal(format!("encoding run spec: {e}")))?;
-    std::fs::write(&spec_path, json)
-        .map_err(|e| Failure::Internal(format!("writing {}: {e}", spec_path.display())))?;
-    let mut cmd = runner::command(&spec_path).map_err(|e| Failure::Internal(format!("{e:#}")))?;
+    let mut cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
     if let Some(p) = &proxy {
         // The runner (root) enters the namespace; bwrap inherits it.
         p.enter_on_spawn(&mut cmd)

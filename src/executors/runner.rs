@@ -64,6 +64,16 @@ pub fn maybe_run() -> Option<i32> {
     })
 }
 
+/// Writes `spec` into the staging dir and returns the runner's command
+/// line for it.
+pub fn prepare(spec: &RunSpec, staging: &super::staging::Staging) -> Result<Command, String> {
+    let spec_path = staging.root.join("run.json");
+    let json = serde_json::to_vec(spec).map_err(|e| format!("encoding run spec: {e}"))?;
+    std::fs::write(&spec_path, json)
+        .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+    command(&spec_path).map_err(|e| format!("{e:#}"))
+}
+
 /// The command line the executor spawns to run `spec_path`.
 pub fn command(spec_path: &std::path::Path) -> Result<Command> {
     let exe = std::env::current_exe().context("locating the nix-hatch binary")?;

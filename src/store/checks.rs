@@ -5,7 +5,6 @@
 //! a hook returns.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::process::Stdio;
 
 use super::{nixstore, ImportError, StoreLocation};
 
@@ -157,25 +156,10 @@ fn closure(
 
 /// `nix-store --query <what> paths...`, one result per output line.
 fn query(location: &StoreLocation, what: &str, paths: &[&str]) -> Result<Vec<String>, ImportError> {
-    let output = nixstore::command(location)
-        .args(["--query", what])
-        .args(paths)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| ImportError::Spawn {
-            program: location.nix_store.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(ImportError::NixStore {
-            action: "query the closure of the references",
-            message: nixstore::error_line(&output.stderr, output.status),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect())
+    nixstore::lines_of(
+        location,
+        &["--query", what],
+        paths,
+        "query the closure of the references",
+    )
 }

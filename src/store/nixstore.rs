@@ -175,8 +175,24 @@ pub(crate) fn invalid_paths(
     if paths.is_empty() {
         return Ok(BTreeSet::new());
     }
+    lines_of(
+        location,
+        &["--check-validity", "--print-invalid"],
+        paths,
+        "check the validity of the output paths",
+    )
+}
+
+/// `nix-store <args> <paths>`: its non-empty output lines, trimmed; on
+/// failure its last error line, saying it failed to `action`.
+pub(crate) fn lines_of<C: FromIterator<String>>(
+    location: &StoreLocation,
+    args: &[&str],
+    paths: &[&str],
+    action: &'static str,
+) -> Result<C, ImportError> {
     let output = command(location)
-        .args(["--check-validity", "--print-invalid"])
+        .args(args)
         .args(paths)
         .stdin(Stdio::null())
         .output()
@@ -186,7 +202,7 @@ pub(crate) fn invalid_paths(
         })?;
     if !output.status.success() {
         return Err(ImportError::NixStore {
-            action: "check the validity of the output paths",
+            action,
             message: error_line(&output.stderr, output.status),
         });
     }

@@ -1057,3 +1057,19 @@ pub fn processes_mentioning(marker: &str) -> Vec<(u32, String)> {
     }
     found
 }
+
+/// The hook processes (by `NIX_HATCH_CONFIG` in their environment).
+pub fn hooks_of(env: &TestEnv) -> Vec<u32> {
+    let want = format!("NIX_HATCH_CONFIG={}", env.config_path().display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.to_string_lossy().contains("nix-hatch"))
+                && fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+        })
+        .collect()
+}
