@@ -373,6 +373,10 @@ fn wrong_unknown_host_key_and_bad_auth_are_refused() {
         if what != "bad authentication" {
             // The line names the fingerprint the server presented.
             out.assert_stderr_contains("ED25519 SHA256:");
+        } else {
+            // And what the server would take instead.
+            out.assert_stderr_contains("not authorized for root there");
+            out.assert_stderr_contains("the server offers: publickey");
         }
         let line = out
             .stderr

@@ -135,15 +135,17 @@ pub fn connect(s: &SshExecutor, user: &str) -> Result<Connection, String> {
         .userauth_pubkey_file(user, None, &s.identity, None)
         .map_err(|e| {
             format!(
-                "ssh {target}: authentication with key {} failed: {}",
+                "ssh {target}: authentication with key {} failed: {}{}",
                 s.identity.display(),
-                e.message()
+                e.message(),
+                allowed_methods(&session, user)
             )
         })?;
     if !session.authenticated() {
         return Err(format!(
-            "ssh {target}: authentication with key {} failed",
-            s.identity.display()
+            "ssh {target}: authentication with key {} failed{}",
+            s.identity.display(),
+            allowed_methods(&session, user)
         ));
     }
     let cipher = session
@@ -192,6 +194,21 @@ fn base64_nopad(data: &[u8]) -> String {
         }
     }
     out
+}
+
+/// What the server still accepts for `user` after a failed attempt, for
+/// the error line: libssh2's own message is the same whether the key is
+/// not authorized or the server wants another (or a second) method.
+fn allowed_methods(session: &Session, user: &str) -> String {
+    match session.auth_methods(user) {
+        Ok(m) if !m.is_empty() && !m.split(',').any(|x| x == "publickey") => format!(
+            " (the server does not take public keys for {user}; it offers: {m})"
+        ),
+        Ok(m) if !m.is_empty() => format!(
+            " (the key is not authorized for {user} there, or another method must follow; the server offers: {m})"
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Host-key algorithms for the key types the known-hosts file holds for
