@@ -317,15 +317,121 @@ where
 
 /// A TCP connection from the host's network, with a time limit.
 pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+    let attempt = async {
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| e.to_string())?
+            .collect();
+        let addrs = reachable(host, addrs)?;
+        TcpStream::connect(&addrs[..])
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(e),
         Err(_) => Err(format!(
             "no connection within {}s",
             CONNECT_TIMEOUT.as_secs()
         )),
+    }
+}
+
+/// The addresses `host` may be reached at: a DNS name that resolves to
+/// this machine (loopback, unspecified) or to link-local addresses (cloud
+/// metadata at 169.254.169.254) is not followed there — an allowed domain
+/// pointing at 127.0.0.1 would otherwise hand the build the host's own
+/// services, which the proxy can reach from the host's namespace. Rules
+/// that name such a host literally (`localhost`, `127.0.0.1`, `[::1]`)
+/// still reach it.
+fn reachable(
+    host: &str,
+    addrs: Vec<std::net::SocketAddr>,
+) -> Result<Vec<std::net::SocketAddr>, String> {
+    let literal = host.parse::<std::net::IpAddr>().is_ok()
+        || host == "localhost"
+        || host.ends_with(".localhost");
+    if literal {
+        return Ok(addrs);
+    }
+    let local = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        std::net::IpAddr::V6(v6) => {
+            let mapped = v6
+                .to_ipv4_mapped()
+                .is_some_and(|v4| v4.is_loopback() || v4.is_link_local() || v4.is_unspecified());
+            mapped
+                || v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local(a.ip()));
+    if ok.is_empty() {
+        return Err(match skipped.first() {
+            Some(a) => format!(
+                "{host} resolves to {} (this machine or link-local); a rule must name such a host literally",
+                a.ip()
+            ),
+            None => format!("{host} has no address"),
+        });
+    }
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+    use std::net::SocketAddr;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn names_resolving_to_this_machine_or_link_local_are_not_followed() {
+        for local in [
+            "127.0.0.1:80",
+            "127.1.2.3:80",
+            "0.0.0.0:80",
+            "169.254.169.254:80",
+            "[::1]:80",
+            "[::]:80",
+            "[fe80::1]:80",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let err = reachable("registry.example.org", addrs(&[local])).unwrap_err();
+            assert!(err.contains("name such a host literally"), "{local}: {err}");
+        }
+        // Only the public addresses of a name with both are used.
+        assert_eq!(
+            reachable(
+                "mixed.example.org",
+                addrs(&["127.0.0.1:443", "192.0.2.7:443"])
+            )
+            .unwrap(),
+            addrs(&["192.0.2.7:443"])
+        );
+        // Private (RFC 1918) addresses are ordinary: internal registries.
+        assert_eq!(
+            reachable("cache.internal", addrs(&["10.1.2.3:80"])).unwrap(),
+            addrs(&["10.1.2.3:80"])
+        );
+    }
+
+    #[test]
+    fn hosts_named_literally_are_reached() {
+        for (host, a) in [
+            ("localhost", "127.0.0.1:80"),
+            ("svc.localhost", "127.0.0.1:80"),
+            ("127.0.0.1", "127.0.0.1:80"),
+            ("::1", "[::1]:80"),
+            ("169.254.169.254", "169.254.169.254:80"),
+        ] {
+            assert_eq!(reachable(host, addrs(&[a])).unwrap(), addrs(&[a]), "{host}");
+        }
     }
 }
