@@ -25,6 +25,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Leaf certificates kept per build (then the cache starts over).
+pub const MAX_CACHED_LEAVES: usize = 1024;
+
 /// The per-build certificate authority.
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
@@ -68,7 +71,7 @@ impl Authority {
     }
 
     /// A server config presenting a certificate for `host` (a DNS name or
-    /// an IP address), cached per host.
+    /// an IP address), cached per host (at most [`MAX_CACHED_LEAVES`]).
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, String> {
         if let Some(c) = self
             .leaves
@@ -98,10 +101,13 @@ impl Authority {
             .map_err(|e| format!("TLS setup for {host:?}: {e}"))?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let cfg = Arc::new(cfg);
-        self.leaves
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(host.to_owned(), cfg.clone());
+        let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
+        // A build may name any number of hosts a wildcard rule allows; the
+        // cache saves work for the few it uses again, and stays small.
+        if leaves.len() >= MAX_CACHED_LEAVES {
+            leaves.clear();
+        }
+        leaves.insert(host.to_owned(), cfg.clone());
         Ok(cfg)
     }
 }
@@ -152,5 +158,15 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b), "cached per host");
         ca.server_config("127.0.0.2").unwrap();
         ca.server_config("::1").unwrap();
+    }
+
+    /// A build naming ever new hosts does not grow the cache without end.
+    #[test]
+    fn the_leaf_cache_is_bounded() {
+        let ca = Authority::generate("test").unwrap();
+        for i in 0..MAX_CACHED_LEAVES + 10 {
+            ca.server_config(&format!("h{i}.example.org")).unwrap();
+            assert!(ca.leaves.lock().unwrap().len() <= MAX_CACHED_LEAVES);
+        }
     }
 }
