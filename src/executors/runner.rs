@@ -75,7 +75,7 @@ pub fn prepare(spec: &RunSpec, staging: &super::staging::Staging) -> Result<Comm
 }
 
 /// The command line the executor spawns to run `spec_path`.
-pub fn command(spec_path: &std::path::Path) -> Result<Command> {
+fn command(spec_path: &std::path::Path) -> Result<Command> {
     let exe = std::env::current_exe().context("locating the nix-hatch binary")?;
     // Exec /proc/self/exe, the very binary running now: the path
     // current_exe() names is gone (ENOENT) or holds another version once the

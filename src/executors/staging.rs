@@ -165,12 +165,7 @@ pub fn remove_stale(state_dir: &Path) -> usize {
             }
             continue;
         }
-        let lock_path = path.join(LOCK);
-        let Ok(file) = OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_CLOEXEC)
-            .open(&lock_path)
-        else {
+        let Ok(file) = open_lock(&path) else {
             // No lock file: a dir half-created by a dying hook, or junk.
             // Only remove it if it is old enough not to be mid-creation.
             if is_older_than(&path, 60) && crate::store::remove_tree(&path).is_ok() {
@@ -188,16 +183,17 @@ pub fn remove_stale(state_dir: &Path) -> usize {
     removed
 }
 
-/// Whether staging dir `dir` is held by a live hook.
-fn is_locked(dir: &Path) -> bool {
-    let Ok(file) = OpenOptions::new()
+/// The existing lock file of staging dir `dir` (never created here).
+fn open_lock(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_CLOEXEC)
         .open(dir.join(LOCK))
-    else {
-        return false;
-    };
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+/// Whether staging dir `dir` is held by a live hook.
+fn is_locked(dir: &Path) -> bool {
+    open_lock(dir).is_ok_and(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err())
 }
 
 fn is_older_than(path: &Path, secs: u64) -> bool {
