@@ -154,11 +154,15 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
             inputs: &candidates,
             outputs: &staged,
             checks: &checks,
-            // The account the executor ran the build as (ssh outputs are
-            // unpacked by us, so they are ours anyway).
-            owner: crate::util::lookup_user(&a.executor.user)
-                .ok()
-                .map(|u| u.uid),
+            // The local account the executor ran the build as; an ssh
+            // executor's `user` is the far side's, and its outputs are
+            // unpacked by us.
+            owner: match a.executor.kind {
+                crate::config::ExecutorKind::Ssh(_) => None,
+                _ => crate::util::lookup_user(&a.executor.user)
+                    .ok()
+                    .map(|u| u.uid),
+            },
         },
         registrar,
     )

@@ -59,7 +59,7 @@ pub fn main() -> i32 {
             // SAFETY: fd 4 is Nix's log pipe for the whole life of the hook
             // (never closed by us); a plain write of a few bytes.
             let line = format!("{msg}\n");
-            unsafe { nix::libc::write(4, line.as_ptr().cast(), line.len()) };
+            unsafe { nix::libc::write(buildlog::LOG_FD, line.as_ptr().cast(), line.len()) };
         }
     }));
     std::panic::catch_unwind(hook_main).unwrap_or(1)
