@@ -137,30 +137,48 @@ impl Drv {
     /// The output checks Nix would apply after building it itself, by
     /// output name: `outputChecks.<output>` with structured attrs, else
     /// `allowedReferences`, `allowedRequisites`, `disallowedReferences`,
-    /// `disallowedRequisites` for every output. A specifier that is neither
-    /// a store path nor an output name is an error, as in Nix.
-    pub fn output_checks(&self, store_dir: &str) -> Result<BTreeMap<String, OutputChecks>> {
-        let names = || self.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
-        let resolve = |output: &str, items: &[String]| -> Result<BTreeSet<String>> {
-            items
-                .iter()
-                .map(|i| {
-                    if i.starts_with(store_dir)
-                        && i[store_dir.len()..].starts_with('/')
-                        && !i[store_dir.len() + 1..].contains('/')
-                    {
-                        Ok(i.clone())
-                    } else if let Some(o) = self.outputs.get(i) {
-                        Ok(o.path.clone())
-                    } else {
-                        bail!(
-                            "derivation '{}' output check for '{output}' contains an illegal reference specifier '{i}', expected store path or output name (one of [{}])",
-                            self.path,
-                            names()
-                        )
-                    }
-                })
-                .collect()
+    /// `disallowedRequisites` for every output (self references ignored
+    /// for requisites, as Nix does). A specifier that is neither a path in
+    /// `store` nor an output name is an error, as in Nix.
+    pub fn output_checks(&self, store: &StoreLocation) -> Result<BTreeMap<String, OutputChecks>> {
+        // One output's checks; `list(key)` is the attribute's specifiers.
+        let checks = |output: &str,
+                      list: &dyn Fn(&str) -> Option<Vec<String>>,
+                      ignore_self_refs: bool,
+                      max_size: Option<u64>,
+                      max_closure_size: Option<u64>|
+         -> Result<OutputChecks> {
+            let set = |key: &str| -> Result<Option<BTreeSet<String>>> {
+                let Some(items) = list(key) else {
+                    return Ok(None);
+                };
+                items
+                    .into_iter()
+                    .map(|i| {
+                        if store.base_name(&i).is_some() {
+                            Ok(i)
+                        } else if let Some(o) = self.outputs.get(&i) {
+                            Ok(o.path.clone())
+                        } else {
+                            bail!(
+                                "derivation '{}' output check for '{output}' contains an illegal reference specifier '{i}', expected store path or output name (one of [{}])",
+                                self.path,
+                                self.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        }
+                    })
+                    .collect::<Result<_>>()
+                    .map(Some)
+            };
+            Ok(OutputChecks {
+                ignore_self_refs,
+                max_size,
+                max_closure_size,
+                allowed_references: set("allowedReferences")?,
+                allowed_requisites: set("allowedRequisites")?,
+                disallowed_references: set("disallowedReferences")?.unwrap_or_default(),
+                disallowed_requisites: set("disallowedRequisites")?.unwrap_or_default(),
+            })
         };
         let mut all = BTreeMap::new();
         if let Some(attrs) = self.drv.structured_attrs() {
@@ -171,36 +189,24 @@ impl Drv {
                 if !self.outputs.contains_key(output) {
                     continue;
                 }
-                let list = |key: &str| -> Option<Vec<String>> {
-                    match v.get(key)? {
-                        serde_json::Value::Array(a) => Some(
-                            a.iter()
-                                .filter_map(|x| x.as_str().map(str::to_owned))
-                                .collect(),
-                        ),
-                        _ => None,
-                    }
+                let list = |key: &str| match v.get(key)? {
+                    serde_json::Value::Array(a) => Some(
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect(),
+                    ),
+                    _ => None,
                 };
-                let set = |key: &str| -> Result<Option<BTreeSet<String>>> {
-                    list(key).map(|l| resolve(output, &l)).transpose()
-                };
-                all.insert(
-                    output.clone(),
-                    OutputChecks {
-                        ignore_self_refs: v
-                            .get("ignoreSelfRefs")
-                            .and_then(serde_json::Value::as_bool)
-                            .unwrap_or(false),
-                        max_size: v.get("maxSize").and_then(serde_json::Value::as_u64),
-                        max_closure_size: v
-                            .get("maxClosureSize")
-                            .and_then(serde_json::Value::as_u64),
-                        allowed_references: set("allowedReferences")?,
-                        allowed_requisites: set("allowedRequisites")?,
-                        disallowed_references: set("disallowedReferences")?.unwrap_or_default(),
-                        disallowed_requisites: set("disallowedRequisites")?.unwrap_or_default(),
-                    },
-                );
+                let c = checks(
+                    output,
+                    &list,
+                    v.get("ignoreSelfRefs")
+                        .and_then(serde_json::Value::as_bool)
+                        .unwrap_or(false),
+                    v.get("maxSize").and_then(serde_json::Value::as_u64),
+                    v.get("maxClosureSize").and_then(serde_json::Value::as_u64),
+                )?;
+                all.insert(output.clone(), c);
             }
             return Ok(all);
         }
@@ -223,21 +229,7 @@ impl Drv {
             return Ok(all);
         }
         for output in self.outputs.keys() {
-            let set = |key: &str| -> Result<Option<BTreeSet<String>>> {
-                words(key).map(|l| resolve(output, &l)).transpose()
-            };
-            all.insert(
-                output.clone(),
-                OutputChecks {
-                    ignore_self_refs: true,
-                    max_size: None,
-                    max_closure_size: None,
-                    allowed_references: set("allowedReferences")?,
-                    allowed_requisites: set("allowedRequisites")?,
-                    disallowed_references: set("disallowedReferences")?.unwrap_or_default(),
-                    disallowed_requisites: set("disallowedRequisites")?.unwrap_or_default(),
-                },
-            );
+            all.insert(output.clone(), checks(output, &words, true, None, None)?);
         }
         Ok(all)
     }

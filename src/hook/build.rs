@@ -135,7 +135,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
 
     let checks = a
         .drv
-        .output_checks(&a.store.store_dir)
+        .output_checks(a.store)
         .map_err(|e| Failure::Builder(format!("{e:#}")))?;
 
     let staged: Vec<StagedOutput> = outputs
