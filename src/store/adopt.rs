@@ -45,9 +45,9 @@ pub fn adopt_added_paths(
         let path = format!("{}/{name}", location.store_dir);
         // Only names Nix takes as store paths: one it refuses would make
         // the validity check below fail for all of them.
-        if super::parse_store_path(&location.store_dir, &path).is_err() {
+        let Ok(real) = location.real_path(&path) else {
             continue;
-        }
+        };
         // Overlay whiteouts (deletions) are character devices.
         if entry
             .file_type()
@@ -55,26 +55,18 @@ pub fn adopt_added_paths(
         {
             continue;
         }
-        candidates.push(path);
+        candidates.push((path, entry.path(), real));
     }
     if candidates.is_empty() {
         return Ok(done);
     }
-    let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let refs: Vec<&str> = candidates.iter().map(|(p, _, _)| p.as_str()).collect();
     let invalid = invalid_paths(location, &refs)?;
-    for path in candidates.iter().filter(|p| !invalid.contains(*p)) {
-        let name = path.rsplit('/').next().unwrap_or_default();
-        let real = match location.real_path(path) {
-            Ok(r) => r,
-            Err(e) => {
-                done.failed.push(e.to_string());
-                continue;
-            }
-        };
-        if std::fs::symlink_metadata(&real).is_ok() {
+    for (path, staged, real) in candidates.iter().filter(|(p, _, _)| !invalid.contains(p)) {
+        if std::fs::symlink_metadata(real).is_ok() {
             continue;
         }
-        match move_into_place(&upper.join(name), &real) {
+        match move_into_place(staged, real) {
             Ok(_) => done.moved.push(path.clone()),
             // Another hook adopted the same path meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

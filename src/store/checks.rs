@@ -37,7 +37,7 @@ pub struct Built<'a> {
     pub name: &'a str,
     pub path: &'a str,
     pub nar_size: u64,
-    pub references: BTreeSet<String>,
+    pub references: &'a BTreeSet<String>,
 }
 
 /// Applies `checks` (by output name) to `built`; the first failure is the
@@ -90,7 +90,7 @@ pub fn check(
         };
         let mut bad = Vec::new();
         if let Some(spec) = &c.allowed_references {
-            bad = bad_paths(&b.references, spec, true);
+            bad = bad_paths(b.references, spec, true);
         }
         if bad.is_empty() {
             if let Some(spec) = &c.allowed_requisites {
@@ -98,7 +98,7 @@ pub fn check(
             }
         }
         if bad.is_empty() {
-            bad = bad_paths(&b.references, &c.disallowed_references, false);
+            bad = bad_paths(b.references, &c.disallowed_references, false);
         }
         if bad.is_empty() {
             bad = bad_paths(requisites, &c.disallowed_requisites, false);

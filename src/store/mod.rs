@@ -683,20 +683,26 @@ pub fn import<'a>(
 
     // Outputs referencing each other in a cycle can't be registered.
     check_output_cycles(req, drv, &output_index, &digests)?;
+    let references: Vec<BTreeSet<String>> = digests
+        .iter()
+        .map(|d| {
+            d.references
+                .iter()
+                .map(|&i| candidates[i].to_owned())
+                .collect()
+        })
+        .collect();
     if !req.checks.is_empty() {
         let built: Vec<checks::Built<'_>> = req
             .outputs
             .iter()
             .zip(&digests)
-            .map(|(o, d)| checks::Built {
+            .zip(&references)
+            .map(|((o, d), refs)| checks::Built {
                 name: &o.name,
                 path: &o.path,
                 nar_size: d.nar_size,
-                references: d
-                    .references
-                    .iter()
-                    .map(|&i| candidates[i].to_owned())
-                    .collect(),
+                references: refs,
             })
             .collect();
         checks::check(location, req.checks, &built)?;
@@ -734,12 +740,7 @@ pub fn import<'a>(
     // 5. Register everything in one call.
     let mut records = String::new();
     let mut registered = Vec::with_capacity(req.outputs.len());
-    for (o, d) in req.outputs.iter().zip(&digests) {
-        let references: BTreeSet<String> = d
-            .references
-            .iter()
-            .map(|&i| candidates[i].to_owned())
-            .collect();
+    for ((o, d), references) in req.outputs.iter().zip(&digests).zip(references) {
         nixstore::append_record(
             &mut records,
             &o.path,
