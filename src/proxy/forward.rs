@@ -137,31 +137,27 @@ pub async fn plain(
 ) -> Result<Response<Body>, Infallible> {
     let uri = req.uri().clone();
     let origin = match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(host)) => Origin {
+        (Some("http"), Some(host)) => Ok(Origin {
             host: normalize_host(host),
             port: uri.port_u16().unwrap_or(80),
             tls: false,
-        },
-        (Some(s), Some(_)) => {
-            let reason = format!("cannot forward {s}:// URLs; use CONNECT (https_proxy) for https");
-            shared.events.line(&format!(
-                "error: {} {}: {reason}",
-                clip_shown(req.method().as_str()),
-                clip_shown(&uri.to_string())
-            ));
-            return Ok(answer(StatusCode::BAD_REQUEST, &reason));
-        }
-        _ => {
-            let reason = "this is a proxy: send absolute http:// URLs or CONNECT";
-            shared.events.line(&format!(
-                "error: {} {}: {reason}",
-                clip_shown(req.method().as_str()),
-                clip_shown(&uri.to_string())
-            ));
-            return Ok(answer(StatusCode::BAD_REQUEST, reason));
-        }
+        }),
+        (Some(s), Some(_)) => Err(format!(
+            "cannot forward {s}:// URLs; use CONNECT (https_proxy) for https"
+        )),
+        _ => Err("this is a proxy: send absolute http:// URLs or CONNECT".to_owned()),
     };
-    Ok(judge_and_send(req, &origin, &shared, &cache, "forward").await)
+    match origin {
+        Ok(origin) => Ok(judge_and_send(req, &origin, &shared, &cache, "forward").await),
+        Err(reason) => {
+            shared.events.line(&format!(
+                "error: {} {}: {reason}",
+                clip_shown(req.method().as_str()),
+                clip_shown(&uri.to_string())
+            ));
+            Ok(answer(StatusCode::BAD_REQUEST, &reason))
+        }
+    }
 }
 
 /// Judges one request to `origin` and, if allowed, sends it upstream.
@@ -357,16 +353,11 @@ fn reachable(
     if literal {
         return Ok(addrs);
     }
-    let local = |ip: std::net::IpAddr| match ip {
+    // IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
+    let local = |ip: std::net::IpAddr| match ip.to_canonical() {
         std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
         std::net::IpAddr::V6(v6) => {
-            let mapped = v6
-                .to_ipv4_mapped()
-                .is_some_and(|v4| v4.is_loopback() || v4.is_link_local() || v4.is_unspecified());
-            mapped
-                || v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
+            v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local()
         }
     };
     let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local(a.ip()));
