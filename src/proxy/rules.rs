@@ -11,6 +11,7 @@
 //! the one the regex saw, such as `/pub/../secret`.
 
 use regex::Regex;
+use std::borrow::Cow;
 
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -156,7 +157,7 @@ pub fn ambiguous_path(path: &str) -> Option<&'static str> {
     if path.contains('\\') {
         return Some(r#"ambiguous path: a "\""#);
     }
-    let mut level = path.as_bytes().to_vec();
+    let mut level = Cow::Borrowed(path.as_bytes());
     for round in 0..=DECODE_LEVELS {
         if has_dot_segment(&level) {
             return Some(r#"ambiguous path: a "." or ".." segment"#);
@@ -164,33 +165,37 @@ pub fn ambiguous_path(path: &str) -> Option<&'static str> {
         if round == DECODE_LEVELS {
             break;
         }
-        let mut next = Vec::with_capacity(level.len());
-        let mut decoded = false;
-        let mut i = 0;
-        while i < level.len() {
-            let b = level[i];
-            let hex = |j: usize| level.get(j).and_then(|&c| (c as char).to_digit(16));
-            if let (b'%', Some(h), Some(l)) = (b, hex(i + 1), hex(i + 2)) {
-                match (h << 4 | l) as u8 {
-                    0 => return Some("ambiguous path: an encoded NUL (%00)"),
-                    b'/' | b'\\' => {
-                        return Some(r#"ambiguous path: an encoded "/" or "\" (%2f, %5c)"#)
-                    }
-                    c => next.push(c),
-                }
-                decoded = true;
-                i += 3;
-            } else {
-                next.push(b);
-                i += 1;
-            }
+        match decode_once(&level) {
+            Err(why) => return Some(why),
+            Ok(None) => return None,
+            Ok(Some(next)) => level = Cow::Owned(next),
         }
-        if !decoded {
-            return None;
-        }
-        level = next;
     }
     None
+}
+
+/// One round of percent-decoding: `Ok(None)` when there is nothing to
+/// decode; `Err` for an encoded NUL or separator.
+fn decode_once(s: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
+    let hex = |j: usize| s.get(j).and_then(|&c| (c as char).to_digit(16));
+    let mut next = Vec::with_capacity(s.len());
+    let mut decoded = false;
+    let mut i = 0;
+    while i < s.len() {
+        let (b'%', Some(h), Some(l)) = (s[i], hex(i + 1), hex(i + 2)) else {
+            next.push(s[i]);
+            i += 1;
+            continue;
+        };
+        match (h << 4 | l) as u8 {
+            0 => return Err("ambiguous path: an encoded NUL (%00)"),
+            b'/' | b'\\' => return Err(r#"ambiguous path: an encoded "/" or "\" (%2f, %5c)"#),
+            c => next.push(c),
+        }
+        decoded = true;
+        i += 3;
+    }
+    Ok(decoded.then_some(next))
 }
 
 /// Rounds of percent-decoding [`ambiguous_path`] looks through.
@@ -211,9 +216,9 @@ impl Policy {
     /// to it.
     pub fn request(&self, method: &str, host: &str, port: u16, path: &str) -> Verdict {
         let (mut host_seen, mut port_seen) = (false, false);
-        // Computed when a path regex is first consulted.
+        // Computed when a path regex is first consulted; when it says the
+        // path is ambiguous, every path rule was skipped for that.
         let mut ambiguity: Option<Option<&'static str>> = None;
-        let mut skipped_ambiguous: Option<&'static str> = None;
         for (i, r) in self.rules.iter().enumerate() {
             if !r.host.is_match(host) {
                 continue;
@@ -224,8 +229,10 @@ impl Policy {
             }
             port_seen = true;
             if let Some(p) = &r.path {
-                if let Some(why) = *ambiguity.get_or_insert_with(|| ambiguous_path(path)) {
-                    skipped_ambiguous = Some(why);
+                if ambiguity
+                    .get_or_insert_with(|| ambiguous_path(path))
+                    .is_some()
+                {
                     continue;
                 }
                 if !p.is_match(path) {
@@ -241,7 +248,7 @@ impl Policy {
             return Verdict::Allow { rule: i };
         }
         Verdict::Deny {
-            reason: match (host_seen, port_seen, skipped_ambiguous) {
+            reason: match (host_seen, port_seen, ambiguity.flatten()) {
                 (false, _, _) => "no rule".into(),
                 (true, false, _) => "no rule for this port".into(),
                 (true, true, Some(why)) => why.into(),
