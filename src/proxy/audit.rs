@@ -66,6 +66,13 @@ struct Budget {
     suppressed: u64,
 }
 
+impl Default for Budget {
+    /// The limits of a build's audit records.
+    fn default() -> Budget {
+        Budget::new(MAX_AUDIT_RECORDS, MAX_AUDIT_BYTES)
+    }
+}
+
 impl Budget {
     fn new(max_records: u64, max_bytes: u64) -> Budget {
         Budget {
@@ -167,7 +174,7 @@ impl Events {
             audit_path,
             drv: drv.to_owned(),
             executor: executor.to_owned(),
-            budget: Mutex::new(Budget::new(MAX_AUDIT_RECORDS, MAX_AUDIT_BYTES)),
+            budget: Mutex::default(),
         })
     }
 
@@ -179,7 +186,7 @@ impl Events {
             audit_path: PathBuf::new(),
             drv: String::new(),
             executor: String::new(),
-            budget: Mutex::new(Budget::new(MAX_AUDIT_RECORDS, MAX_AUDIT_BYTES)),
+            budget: Mutex::default(),
         }
     }
 
@@ -237,26 +244,24 @@ impl Events {
             d: &d,
             clipped,
         };
-        if let Ok(json) = serde_json::to_string(&rec) {
-            self.record(ascii_json(json));
+        if let Some(line) = json_line(&rec) {
+            self.record(&line);
         }
     }
 
-    /// Appends a record (`json`, one line without its newline) if the
-    /// build's budget allows; the first one refused writes the
-    /// `audit-limit` record and log line.
-    fn record(&self, json: String) {
+    /// Appends a record (`line`, see [`json_line`]) if the build's budget
+    /// allows; the first one refused writes the `audit-limit` record and
+    /// log line.
+    fn record(&self, line: &[u8]) {
         let Some(mut f) = self.audit.as_ref() else {
             return;
         };
         let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
-        let len = json.len() as u64 + 1;
+        let len = line.len() as u64;
         if b.suppressed == 0 && b.records < b.max_records && b.bytes + len <= b.max_bytes {
             b.records += 1;
             b.bytes += len;
-            let mut line = json.into_bytes();
-            line.push(b'\n');
-            let _ = f.write_all(&line);
+            let _ = f.write_all(line);
             return;
         }
         if b.suppressed == 0 {
@@ -287,12 +292,18 @@ impl Events {
             reason,
             suppressed,
         };
-        if let Ok(json) = serde_json::to_string(&n) {
-            let mut line = ascii_json(json).into_bytes();
-            line.push(b'\n');
+        if let Some(line) = json_line(&n) {
             let _ = f.write_all(&line);
         }
     }
+}
+
+/// A record as one line of the audit file: ASCII-only JSON (see
+/// [`ascii_json`]) and its newline.
+fn json_line(v: &impl Serialize) -> Option<Vec<u8>> {
+    let mut line = ascii_json(serde_json::to_string(v).ok()?).into_bytes();
+    line.push(b'\n');
+    Some(line)
 }
 
 impl Drop for Events {
@@ -395,30 +406,29 @@ fn ascii_json(json: String) -> String {
 /// A CONNECT's `host:port` as a log line shows it (an IPv6 address in
 /// brackets, the host clipped and escaped).
 pub fn authority(host: &str, port: u16) -> String {
-    let host = clip_shown(host);
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
+    format!("{}:{port}", bracketed(host))
 }
 
 /// `host[:port]` + path as a log line shows it: the port only when it is
 /// not the scheme's default, host and path clipped and escaped.
 pub fn shown(host: &str, port: u16, default_port: u16, path: &str) -> String {
-    let host = clip_shown(host);
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.into_owned()
-    };
     let mut s = if port == default_port {
-        host
+        bracketed(host)
     } else {
-        format!("{host}:{port}")
+        authority(host, port)
     };
     s.push_str(&clip_shown(path));
     s
+}
+
+/// `host` clipped and escaped, an IPv6 address in brackets.
+fn bracketed(host: &str) -> String {
+    let host = clip_shown(host);
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.into_owned()
+    }
 }
 
 #[cfg(test)]
