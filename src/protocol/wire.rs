@@ -124,7 +124,9 @@ fn utf8_lossy(bytes: Vec<u8>) -> String {
 }
 
 pub fn read_string(r: &mut impl Read, what: &'static str) -> Result<String, WireError> {
-    Ok(utf8_lossy(read_bytes(r, MAX_STRING, what)?))
+    let mut s = String::new();
+    read_string_into(r, &mut s, what)?;
+    Ok(s)
 }
 
 /// Reads a string into `out`, reusing its buffer.
@@ -165,14 +167,8 @@ pub fn read_string_list_into(
 }
 
 pub fn read_string_list(r: &mut impl Read, what: &'static str) -> Result<Vec<String>, WireError> {
-    let n = read_u64(r, what)?;
-    if n > MAX_LIST {
-        return Err(WireError::TooLong { what, len: n });
-    }
-    let mut out = Vec::with_capacity(n.min(1024) as usize);
-    for _ in 0..n {
-        out.push(read_string(r, what)?);
-    }
+    let mut out = Vec::new();
+    read_string_list_into(r, &mut out, &mut Vec::new(), what)?;
     Ok(out)
 }
 
