@@ -81,12 +81,10 @@ fn gone(e: io::Error) -> AgentError {
 
 fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentError> {
     let req = read_request(&mut stdin).map_err(|e| report(format!("reading the request: {e}")))?;
-    for o in &req.outputs {
-        if let Some(why) = output_name_problem(o) {
-            return Err(report(format!(
-                "output {o:?} cannot be an environment variable of the command: {why}"
-            )));
-        }
+    if let Some((o, why)) = hatch::bad_output_name(&req.outputs) {
+        return Err(report(format!(
+            "output {o:?} cannot be an environment variable of the command: {why}"
+        )));
     }
     let signals = SignalPipe::install().map_err(|e| report(format!("signal handlers: {e}")))?;
     // Orphans of the command are re-parented to us, so we can kill them.
@@ -169,62 +167,10 @@ fn read_request(stdin: &mut File) -> Result<Request, FrameError> {
     Request::decode(&payload)
 }
 
-/// Variables the agent sets itself (besides one per output).
-const AGENT_VARS: &[&str] = &[
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "NIX_BUILD_TOP",
-    "TMPDIR",
-    "TEMPDIR",
-    "TMP",
-    "TEMP",
-    "PWD",
-    "NIX_LOG_FD",
-    "TERM",
-    "outputs",
-];
-
-/// Lower-case variables with a meaning to common programs (curl, wget...).
-const SPECIAL_LOWER: &[&str] = &[
-    "http_proxy",
-    "https_proxy",
-    "ftp_proxy",
-    "all_proxy",
-    "no_proxy",
-];
-
-/// Why an output name cannot become a variable of the command (`$out`,
-/// `$dev`...), if it cannot. Output names come from the derivation, i.e.
-/// from anyone who can start a build; the command is the admin's. So none
-/// may replace a variable the agent or the executor sets, nor one that
-/// makes the loader, a shell or the C library load or run something
-/// (`LD_PRELOAD`, `BASH_ENV`, `ENV`, `IFS`, `GCONV_PATH`...): those are
-/// upper-case, the name space POSIX leaves to the system, so every name
-/// without a lower-case letter is refused.
-pub fn output_name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() || name.contains('=') || name.contains('\0') {
-        return Some("not a variable name");
-    }
-    if !name.bytes().any(|b| b.is_ascii_lowercase()) {
-        return Some(
-            "upper-case names (PATH, LD_PRELOAD, BASH_ENV, IFS, TMPDIR...) belong to the system and are not set from output names",
-        );
-    }
-    if name.starts_with("NIX_") || AGENT_VARS.contains(&name) {
-        return Some("the agent or the executor sets this variable");
-    }
-    if SPECIAL_LOWER.contains(&name) {
-        return Some("network tools read this variable");
-    }
-    None
-}
-
 /// The environment the command sees: the request's variables, then what
 /// the agent owns (far-side account, build dir, output paths), which
 /// therefore wins. Output names that would replace one of the agent's own
-/// variables were refused before (see [`output_name_problem`]).
+/// variables were refused before (see [`hatch::output_name_problem`]).
 fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = Vec::new();
     let mut set = |k: &str, v: OsString| {
@@ -235,7 +181,11 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
         if let Ok(k) = std::str::from_utf8(k) {
             // The agent's own are not taken from the request, even those it
             // leaves unset (HOME when it has none).
-            if !k.is_empty() && !k.contains('=') && !k.contains('\0') && !AGENT_VARS.contains(&k) {
+            if !k.is_empty()
+                && !k.contains('=')
+                && !k.contains('\0')
+                && !hatch::AGENT_VARS.contains(&k)
+            {
                 set(k, OsString::from_vec(v.clone()));
             }
         }
@@ -256,7 +206,7 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
     set("TERM", "xterm-256color".into());
     set("outputs", req.outputs.join(" ").into());
     for o in &req.outputs {
-        if output_name_problem(o).is_none() {
+        if hatch::output_name_problem(o).is_none() {
             set(o, outputs_dir.join(o).into_os_string());
         }
     }
@@ -855,7 +805,7 @@ mod tests {
         for ok in [
             "out", "dev", "lib", "bin", "man", "doc", "debug", "py3", "out-2", "Path",
         ] {
-            assert_eq!(output_name_problem(ok), None, "{ok}");
+            assert_eq!(hatch::output_name_problem(ok), None, "{ok}");
         }
         for bad in [
             "PATH",
@@ -877,7 +827,10 @@ mod tests {
             "X",
             "_1",
         ] {
-            assert!(output_name_problem(bad).is_some(), "{bad:?} accepted");
+            assert!(
+                hatch::output_name_problem(bad).is_some(),
+                "{bad:?} accepted"
+            );
         }
     }
 

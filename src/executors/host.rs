@@ -45,13 +45,11 @@ pub fn run(
     } else {
         // Each output is a variable of the admin's command: none may
         // replace one the executor sets, or PATH, LD_PRELOAD and the like.
-        for o in req.drv.outputs.keys() {
-            if let Some(why) = crate::cli::agent::output_name_problem(o) {
-                return Err(Failure::Builder(format!(
-                    "executor {:?}: output {o:?} cannot be an environment variable of the command: {why}",
-                    req.executor.name
-                )));
-            }
+        if let Some((o, why)) = crate::protocol::hatch::bad_output_name(req.drv.outputs.keys()) {
+            return Err(Failure::Builder(format!(
+                "executor {:?}: output {o:?} cannot be an environment variable of the command: {why}",
+                req.executor.name
+            )));
         }
         let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))

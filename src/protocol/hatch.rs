@@ -261,6 +261,68 @@ pub fn valid_output_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
 }
 
+/// Variables the agent sets itself (besides one per output); a host
+/// executor sets the same for its command.
+pub const AGENT_VARS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "NIX_BUILD_TOP",
+    "TMPDIR",
+    "TEMPDIR",
+    "TMP",
+    "TEMP",
+    "PWD",
+    "NIX_LOG_FD",
+    "TERM",
+    "outputs",
+];
+
+/// Lower-case variables with a meaning to common programs (curl, wget...).
+const SPECIAL_LOWER: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "all_proxy",
+    "no_proxy",
+];
+
+/// Why an output name cannot become a variable of the command (`$out`,
+/// `$dev`...), if it cannot. Output names come from the derivation, i.e.
+/// from anyone who can start a build; the command is the admin's. So none
+/// may replace a variable the agent or the executor sets, nor one that
+/// makes the loader, a shell or the C library load or run something
+/// (`LD_PRELOAD`, `BASH_ENV`, `ENV`, `IFS`, `GCONV_PATH`...): those are
+/// upper-case, the name space POSIX leaves to the system, so every name
+/// without a lower-case letter is refused.
+pub fn output_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Some("not a variable name");
+    }
+    if !name.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Some(
+            "upper-case names (PATH, LD_PRELOAD, BASH_ENV, IFS, TMPDIR...) belong to the system and are not set from output names",
+        );
+    }
+    if name.starts_with("NIX_") || AGENT_VARS.contains(&name) {
+        return Some("the agent or the executor sets this variable");
+    }
+    if SPECIAL_LOWER.contains(&name) {
+        return Some("network tools read this variable");
+    }
+    None
+}
+
+/// The first of `names` that [`output_name_problem`] refuses, with why.
+pub fn bad_output_name<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+) -> Option<(&'a str, &'static str)> {
+    names
+        .into_iter()
+        .find_map(|n| output_name_problem(n).map(|why| (n.as_str(), why)))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u64,

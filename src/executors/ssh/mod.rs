@@ -55,12 +55,10 @@ pub fn run(
 ) -> Result<(), Failure> {
     let name = &req.executor.name;
     // The agent refuses these too; saying so before connecting is clearer.
-    for o in req.drv.outputs.keys() {
-        if let Some(why) = crate::cli::agent::output_name_problem(o) {
-            return Err(Failure::Builder(format!(
-                "executor {name:?}: output {o:?} cannot be an environment variable of the command on the far side: {why}"
-            )));
-        }
+    if let Some((o, why)) = hatch::bad_output_name(req.drv.outputs.keys()) {
+        return Err(Failure::Builder(format!(
+            "executor {name:?}: output {o:?} cannot be an environment variable of the command on the far side: {why}"
+        )));
     }
     let request = build_request(req, ssh);
     let target = connect::target(ssh, &req.executor.user);
