@@ -31,6 +31,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::executors::Limits;
 use crate::protocol::hatch::{
     self, FrameError, HashingWriter, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
     MAX_ERROR, MAX_LOG,
@@ -213,26 +214,23 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
     env
 }
 
-/// When the command must be stopped: the earlier of `start + timeout` and
-/// `last_output + max_silent`. A limit too large for an `Instant` (any
-/// 64-bit number can come in the request) is no limit.
+/// When the command must be stopped (see [`Limits::deadline`]), with the
+/// status that reports it.
 fn next_deadline(
     start: Instant,
-    timeout: Option<Duration>,
     last_output: Instant,
-    silent: Option<Duration>,
+    limits: &Limits,
     req: &Request,
 ) -> Option<(Instant, Status)> {
-    let mut deadline: Option<(Instant, Status)> = None;
-    if let Some(when) = timeout.and_then(|t| start.checked_add(t)) {
-        deadline = Some((when, Status::TimedOut(req.timeout)));
-    }
-    if let Some(d) = silent.and_then(|s| last_output.checked_add(s)) {
-        if deadline.as_ref().is_none_or(|(w, _)| d < *w) {
-            deadline = Some((d, Status::Silent(req.max_silent)));
-        }
-    }
-    deadline
+    let (when, total) = limits.deadline(start, last_output)?;
+    Some((
+        when,
+        if total {
+            Status::TimedOut(req.timeout)
+        } else {
+            Status::Silent(req.max_silent)
+        },
+    ))
 }
 
 /// How the command's process tree is contained.
@@ -304,14 +302,16 @@ fn run_command(
     let mut read = File::from(read);
     let start = Instant::now();
     let mut last_output = start;
-    let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout));
-    let silent = (req.max_silent > 0).then(|| Duration::from_secs(req.max_silent));
+    let limits = Limits {
+        timeout: (req.timeout > 0).then(|| Duration::from_secs(req.timeout)),
+        max_silent: (req.max_silent > 0).then(|| Duration::from_secs(req.max_silent)),
+    };
     let mut buf = vec![0u8; MAX_LOG as usize];
     let mut pipe_open = true;
     let mut stdin_open = true;
     let ended: Result<Status, AgentError> = loop {
         let now = Instant::now();
-        let deadline = next_deadline(start, timeout, last_output, silent, req);
+        let deadline = next_deadline(start, last_output, &limits, req);
         if let Some((when, st)) = deadline {
             if now >= when {
                 kill_tree(pid_ns);
@@ -899,12 +899,16 @@ mod tests {
         let now = Instant::now();
         let t = Some(Duration::from_secs(req.timeout));
         let s = Some(Duration::from_secs(req.max_silent));
-        assert!(next_deadline(now, t, now, s, &req).is_none());
+        let limits = |timeout, max_silent| Limits {
+            timeout,
+            max_silent,
+        };
+        assert!(next_deadline(now, now, &limits(t, s), &req).is_none());
         let small = Some(Duration::from_secs(5));
-        let (when, st) = next_deadline(now, t, now, small, &req).unwrap();
+        let (when, st) = next_deadline(now, now, &limits(t, small), &req).unwrap();
         assert_eq!(when, now + Duration::from_secs(5));
         assert_eq!(st, Status::Silent(req.max_silent));
-        let (_, st) = next_deadline(now, small, now, s, &req).unwrap();
+        let (_, st) = next_deadline(now, now, &limits(small, s), &req).unwrap();
         assert_eq!(st, Status::TimedOut(req.timeout));
     }
 }

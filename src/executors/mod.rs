@@ -10,7 +10,7 @@ pub mod staging;
 pub mod supervise;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{Executor, ExecutorKind};
 use crate::derivation::Drv;
@@ -64,6 +64,25 @@ impl Limits {
         Limits {
             timeout: min_nonzero(nix_timeout, exec_timeout),
             max_silent: min_nonzero(nix_silent, exec_silent),
+        }
+    }
+
+    /// When a build that started at `start` and last wrote at
+    /// `last_output` must be stopped, and whether for `timeout` (`true`)
+    /// or `max-silent-time` (`false`); `timeout` wins a tie. A deadline
+    /// beyond what an `Instant` can hold is none.
+    pub fn deadline(&self, start: Instant, last_output: Instant) -> Option<(Instant, bool)> {
+        let total = self
+            .timeout
+            .and_then(|t| start.checked_add(t))
+            .map(|w| (w, true));
+        let silent = self
+            .max_silent
+            .and_then(|s| last_output.checked_add(s))
+            .map(|w| (w, false));
+        match (total, silent) {
+            (Some(t), Some(s)) => Some(if s.0 < t.0 { s } else { t }),
+            (t, s) => t.or(s),
         }
     }
 }

@@ -132,16 +132,7 @@ pub fn run_logged_with(
     let mut mid_line = false;
     loop {
         let now = Instant::now();
-        let mut deadline: Option<(Instant, bool)> = None; // (when, is_total_timeout)
-        if let Some(t) = limits.timeout {
-            deadline = Some((start + t, true));
-        }
-        if let Some(s) = limits.max_silent {
-            let d = last_output + s;
-            if deadline.is_none_or(|(when, _)| d < when) {
-                deadline = Some((d, false));
-            }
-        }
+        let deadline = limits.deadline(start, last_output);
         if let Some((when, total)) = deadline {
             if now >= when {
                 kill_and_drain(&mut child, &mut read, log, pipe_open);
