@@ -214,6 +214,8 @@ fn import(work: &Work) -> Result<()> {
             outputs: &staged,
             checks: &Default::default(),
             owner: None,
+            deadline: None,
+            max_size: None,
         },
         registrar,
     )?;

@@ -5,6 +5,7 @@
 , pkg-config
 , openssl
 , zlib
+, libseccomp
 , bubblewrap
 , makeBinaryWrapper
 }:
@@ -24,9 +25,10 @@ rustPlatform.buildRustPackage {
   cargoLock.lockFile = ../Cargo.lock;
 
   # ssh2 → libssh2-sys (vendored and patched, vendor/libssh2-sys) links
-  # OpenSSL and zlib (found with pkg-config).
+  # OpenSSL and zlib (found with pkg-config); the jail's seccomp filter is
+  # built with libseccomp (the library Nix's own sandbox uses).
   nativeBuildInputs = [ pkg-config makeBinaryWrapper ];
-  buildInputs = [ openssl zlib ];
+  buildInputs = [ openssl zlib libseccomp ];
 
   # The test suites need root, a Nix store to build in and an sshd; they
   # run in the repository's CI (scripts/test), the VM tests in `checks`.

@@ -15,6 +15,7 @@ DEB_PACKAGES=(
   build-essential pkg-config ca-certificates curl git openssl util-linux procps
   iproute2 # the jail-loopback test reads `ip -d link`
   libssl-dev zlib1g-dev # openssl-sys / libssh2-sys / libz-sys (the ssh2 crate)
+  libseccomp-dev        # libseccomp-sys (the jail's system call filter)
 )
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }

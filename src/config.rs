@@ -52,6 +52,8 @@ pub struct Executor {
     pub max_silent_time: u64,
     /// Systems this executor builds for; `None` = any.
     pub systems: Option<Vec<String>>,
+    /// NAR bytes all outputs of one build may have; `None` = no limit.
+    pub max_output_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +141,89 @@ pub struct HostExecutor {
     pub allow_any_builder: bool,
     /// Derivation environment variables handed to the admin command.
     pub pass_env: Vec<String>,
+    /// Which files the derivation's arguments may name.
+    pub arg_paths: ArgPaths,
+}
+
+/// `arg-paths`: what a host command's arguments may name. Anyone who can
+/// start a build chooses them, and the command reads files as its account
+/// (root by default), so by default an argument can only name what the
+/// derivation could read anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgPaths {
+    /// `"inputs"` (default): an argument that is an absolute path (or an
+    /// option `-…=` whose value is one) must resolve, symlinks
+    /// followed, inside the derivation's input closure or below one of its
+    /// outputs; no argument may contain a `..` component.
+    Inputs,
+    /// `"any"`: arguments are not looked at (the command checks them).
+    Any,
+}
+
+/// Why `name` may not be in `pass-env`, if it may not: the command's
+/// environment is the admin's, so nothing from the derivation may make the
+/// loader, the C library or an interpreter load or run something, nor
+/// replace a variable nix-hatch sets.
+pub fn pass_env_problem(name: &str) -> Option<&'static str> {
+    const LOADER: &[&str] = &[
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+    ];
+    const LOADER_PREFIXES: &[&str] = &["LD_", "MALLOC_", "GLIBC_", "DYLD_"];
+    const STARTUP: &[&str] = &[
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "IFS",
+        "CDPATH",
+        "PERL5OPT",
+        "PERL5LIB",
+        "PERLLIB",
+        "PYTHONSTARTUP",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "NODE_OPTIONS",
+        "RUBYOPT",
+        "RUBYLIB",
+        "LUA_INIT",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+    ];
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Some("not a variable name");
+    }
+    if LOADER.contains(&name) || LOADER_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Some("it makes the dynamic loader or the C library load files");
+    }
+    if STARTUP.contains(&name) || name.starts_with("BASH_FUNC_") {
+        return Some("it makes a shell or an interpreter run code at start");
+    }
+    if name.starts_with("NIX_")
+        || crate::protocol::hatch::AGENT_VARS.contains(&name)
+        || name == "out"
+    {
+        return Some("nix-hatch sets this variable for the command");
+    }
+    None
+}
+
+/// Reports every `pass-env` entry [`pass_env_problem`] refuses.
+pub(crate) fn check_pass_env(ctx: &str, names: &[String], p: &mut Problems) {
+    for n in names {
+        if let Some(why) = pass_env_problem(n) {
+            p.push(format!("{ctx}.pass-env: {n:?} cannot be passed: {why}"));
+        }
+    }
 }
 
 impl Config {
@@ -262,6 +347,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
     let timeout = k.uint(p, "timeout").unwrap_or(0);
     let max_silent_time = k.uint(p, "max-silent-time").unwrap_or(0);
     let systems = k.string_list(p, "systems");
+    let max_output_size = k.size(p, "max-output-size");
     let kind = match kind.as_deref() {
         None => {
             p.push(format!(
@@ -273,6 +359,17 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
             let command = k.string_list(p, "command");
             let allow_any_builder = k.bool(p, "allow-any-builder").unwrap_or(false);
             let pass_env = k.string_list(p, "pass-env").unwrap_or_default();
+            check_pass_env(&ctx, &pass_env, p);
+            let arg_paths = match k.string(p, "arg-paths").as_deref() {
+                None | Some("inputs") => ArgPaths::Inputs,
+                Some("any") => ArgPaths::Any,
+                Some(other) => {
+                    p.push(format!(
+                        "{ctx}.arg-paths: expected \"inputs\" or \"any\", got {other:?}"
+                    ));
+                    ArgPaths::Inputs
+                }
+            };
             match command {
                 Some(c) if !c.is_empty() => {
                     if !c[0].starts_with('/') {
@@ -285,6 +382,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
                         command: c,
                         allow_any_builder,
                         pass_env,
+                        arg_paths,
                     }))
                 }
                 Some(_) => {
@@ -295,6 +393,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
                     command: Vec::new(),
                     allow_any_builder,
                     pass_env,
+                    arg_paths,
                 })),
                 None => {
                     p.push(format!(
@@ -322,6 +421,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
         timeout,
         max_silent_time,
         systems,
+        max_output_size,
     })
 }
 
@@ -389,6 +489,25 @@ fn find_bwrap() -> PathBuf {
         }
     }
     PathBuf::from("/usr/bin/bwrap")
+}
+
+/// `"512"`, `"64K"`, `"512M"`, `"10G"`, `"2T"` (powers of 1024; a
+/// trailing `B` or `iB` is allowed); `None` for anything else or zero.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last()? {
+        (i, 'K' | 'k') => (&t[..i], 10),
+        (i, 'M' | 'm') => (&t[..i], 20),
+        (i, 'G' | 'g') => (&t[..i], 30),
+        (i, 'T' | 't') => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.trim().parse().ok()?;
+    n.checked_mul(1u64 << shift).filter(|&v| v > 0)
 }
 
 fn one_line(e: &toml::de::Error) -> String {
@@ -479,6 +598,23 @@ impl<'a> Keys<'a> {
                 None
             }
         }
+    }
+
+    /// A size in bytes: an integer, or a string with a K, M, G or T suffix
+    /// (powers of 1024), e.g. `"10G"`.
+    pub(crate) fn size(&mut self, p: &mut Problems, key: &'static str) -> Option<u64> {
+        let parsed = match self.get(key)? {
+            Value::Integer(i) if *i > 0 => Some(*i as u64),
+            Value::String(s) => parse_size(s),
+            _ => None,
+        };
+        if parsed.is_none() {
+            p.push(format!(
+                "{}: expected a size in bytes, a positive integer or a string like \"512M\" or \"10G\"",
+                self.key(key)
+            ));
+        }
+        parsed
     }
 
     pub(crate) fn bool(&mut self, p: &mut Problems, key: &'static str) -> Option<bool> {
@@ -656,6 +792,74 @@ nix-daemon = true
         ] {
             assert!(errs.iter().any(|e| e.contains(w)), "{w} not in {errs:?}");
         }
+    }
+
+    #[test]
+    fn pass_env_refuses_loader_startup_and_own_variables() {
+        for bad in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "GCONV_PATH",
+            "GLIBC_TUNABLES",
+            "MALLOC_CHECK_",
+            "BASH_ENV",
+            "BASH_FUNC_x%%",
+            "PATH",
+            "HOME",
+            "NIX_BUILD_TOP",
+            "out",
+            "A=B",
+        ] {
+            assert!(pass_env_problem(bad).is_some(), "{bad}");
+        }
+        for good in ["FILE", "version", "src", "GIT_REV"] {
+            assert_eq!(pass_env_problem(good), None, "{good}");
+        }
+        let errs = parse(
+            "[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\npass-env = [\"FILE\", \"LD_PRELOAD\"]\narg-paths = \"some\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| {
+                e.starts_with(
+                "executors.a.pass-env: \"LD_PRELOAD\" cannot be passed: it makes the dynamic loader"
+            )
+            }),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("arg-paths: expected")),
+            "{errs:?}"
+        );
+        let c = parse("[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\n").unwrap();
+        let ExecutorKind::Host(h) = &c.executors["a"].kind else {
+            panic!("not host")
+        };
+        assert_eq!(h.arg_paths, ArgPaths::Inputs);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G"), Some(10 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("64KiB"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("2TB"), Some(2 << 40));
+        for bad in ["", "G", "-1G", "1.5G", "0", "10X", "99999999999T"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        let c =
+            parse("[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nmax-output-size = \"1G\"\n")
+                .unwrap();
+        assert_eq!(c.executors["a"].max_output_size, Some(1 << 30));
+        let errs = parse(
+            "[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nmax-output-size = \"lots\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            errs[0].contains("max-output-size: expected a size"),
+            "{errs:?}"
+        );
     }
 
     #[test]

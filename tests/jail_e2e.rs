@@ -233,11 +233,11 @@ fn builder_is_unprivileged_and_confined() {
         .expect("a kept build dir")
         .unwrap()
         .path();
-    let made = kept.join("build/made-by-builder");
+    let made = kept.join("private/build/made-by-builder");
     let owner = fs::metadata(&made).unwrap().uid();
     assert_eq!(owner, 65534, "builder ran as uid {owner} on the host");
     let outp = kept
-        .join("store")
+        .join("private/store")
         .join(env.out_path(&e, "probe").trim_start_matches("/nix/store/"));
     assert_eq!(read(outp.join("uid")), "1000\n");
     assert_eq!(

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStringExt;
 use super::runner::{self, Overlay, RunSpec};
 use super::supervise::{self, Cancel, Outcome};
 use super::{BuildRequest, Failure};
-use crate::config::HostExecutor;
+use crate::config::{ArgPaths, HostExecutor};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
 use crate::hook::buildlog::BuildLog;
 use crate::util::{lookup_user, Account};
@@ -51,6 +51,14 @@ pub fn run(
                 req.executor.name
             )));
         }
+        if host.arg_paths == ArgPaths::Inputs {
+            check_arg_paths(req).map_err(|why| {
+                Failure::Builder(format!(
+                    "executor {:?}: {why} (arg-paths = \"inputs\"); the command was not run",
+                    req.executor.name
+                ))
+            })?;
+        }
         let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))
     };
@@ -68,6 +76,7 @@ pub fn run(
             .into_iter()
             .map(|(k, v)| (k.into_bytes(), v.into_vec()))
             .collect(),
+        fds: Vec::new(),
     };
     let cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
@@ -179,6 +188,75 @@ fn admin_env(
         }
     }
     env
+}
+
+/// Under `arg-paths = "inputs"`: every argument that names a file by an
+/// absolute path (or an option `-…=` whose value does) resolves,
+/// symlinks followed, inside the derivation's input closure, or lies below
+/// one of its outputs; no argument climbs with `..` (a relative path
+/// resolves in the build dir, next to nix-hatch's own files).
+fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Component, Path};
+    let store = &req.store.real_store_dir;
+    let real_store = std::fs::canonicalize(store).unwrap_or_else(|_| store.clone());
+    let inputs: std::collections::HashSet<&str> = req
+        .inputs
+        .iter()
+        .filter_map(|p| req.store.base_name(p))
+        .collect();
+    for (i, arg) in req.drv.drv.arguments().iter().enumerate() {
+        let bytes = arg.as_bytes();
+        let shown = || {
+            String::from_utf8_lossy(bytes)
+                .chars()
+                .take(200)
+                .collect::<String>()
+        };
+        // `--input=/x`, `-Dkey=/x`: an option's value is a path too.
+        let value = match bytes.iter().position(|&b| b == b'=') {
+            Some(eq) if bytes.starts_with(b"-") => &bytes[eq + 1..],
+            _ => bytes,
+        };
+        let path = Path::new(std::ffi::OsStr::from_bytes(value));
+        if Path::new(std::ffi::OsStr::from_bytes(bytes))
+            .components()
+            .chain(path.components())
+            .any(|c| c == Component::ParentDir)
+        {
+            return Err(format!(
+                "argument {} ({:?}) contains \"..\"",
+                i + 1,
+                shown()
+            ));
+        }
+        if !path.is_absolute() {
+            continue;
+        }
+        let below_output = req.drv.outputs.values().any(|o| path.starts_with(&o.path));
+        if below_output {
+            continue;
+        }
+        // A logical store path is looked at where the store really is.
+        let on_disk = match path.strip_prefix(&req.store.store_dir) {
+            Ok(rest) => store.join(rest),
+            Err(_) => path.to_path_buf(),
+        };
+        let inside = std::fs::canonicalize(&on_disk).ok().is_some_and(|real| {
+            real.strip_prefix(&real_store)
+                .ok()
+                .and_then(|rest| rest.components().next())
+                .is_some_and(|base| inputs.contains(base.as_os_str().to_string_lossy().as_ref()))
+        });
+        if !inside {
+            return Err(format!(
+                "argument {} ({:?}) names a file outside the derivation's inputs",
+                i + 1,
+                shown()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The build dir and the store's upper layer belong to the build account.

@@ -6,9 +6,16 @@
 //! inside and that account on the host. `/nix/store` inside is the staging
 //! dir with only the input closure bound in read-only; outputs are created
 //! there at their real paths.
+//!
+//! Nothing the derivation controls reaches bwrap itself, which runs on the
+//! host before any sandboxing: bwrap starts with an empty environment
+//! (a derivation's `LD_PRELOAD` would otherwise run its code in bwrap), and
+//! the builder's environment and bwrap's options come from a root-only file
+//! handed over as a descriptor (`--args`), applied inside (`--clearenv`,
+//! `--setenv`).
 
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -73,9 +80,8 @@ pub fn run(
     .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     write_build_files(&staging.build, &files).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let etc = staging.root.join("etc");
-    let tmp = staging.root.join("tmp");
     write_etc(&etc).map_err(Failure::Internal)?;
-    prepare_dirs(staging, &tmp, &account).map_err(Failure::Internal)?;
+    prepare_dirs(staging, &account).map_err(Failure::Internal)?;
     if jail.nix_daemon {
         env.insert("NIX_REMOTE".into(), OsString::from("daemon"));
     }
@@ -99,29 +105,61 @@ pub fn run(
         None => None,
     };
 
-    let args = bwrap_args(
+    let mut options = bwrap_args(
         req,
         jail,
         &etc,
-        &tmp,
         proxy.as_ref().map(|p| p.ca_bundle.as_path()),
     );
+    // Descriptor 3 is the options file itself, the filters follow.
+    let filters = super::seccomp::write_filters(&staging.root).map_err(Failure::Internal)?;
+    for i in 0..filters.len() {
+        options.extend([
+            "--add-seccomp-fd".into(),
+            runner::fd_number(1 + i).to_string().into(),
+        ]);
+    }
+    options.push("--clearenv".into());
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.as_bytes().contains(&0) {
+            return Err(Failure::Builder(format!(
+                "executor {:?}: the derivation's environment variable {k:?} cannot be set (a name with '=' or a NUL byte)",
+                req.executor.name
+            )));
+        }
+        options.extend(["--setenv".into(), k.into(), v]);
+    }
+    let args_file = staging
+        .write_root_only("bwrap.args", &nul_separated(&options))
+        .map_err(Failure::Internal)?;
     // bwrap runs as pid 1 of a pid namespace of the runner's: bwrap's own
     // sandbox init has no death signal for a moment after it left our
     // process group (bubblewrap#633), so if the hook died then, the build
     // would outlive it; killing our pid 1 ends every nested namespace too,
     // and the runner exits only once all of them are gone.
-    let mut argv = vec![jail.bwrap.clone().into_os_string().into_vec()];
-    argv.extend(args.into_iter().map(OsString::into_vec));
+    let mut argv: Vec<Vec<u8>> = vec![
+        jail.bwrap.clone().into_os_string().into_vec(),
+        b"--args".to_vec(),
+        runner::fd_number(0).to_string().into_bytes(),
+        b"--".to_vec(),
+    ];
+    argv.push(req.drv.drv.builder().as_bytes().to_vec());
+    argv.extend(
+        req.drv
+            .drv
+            .arguments()
+            .iter()
+            .map(|a| a.as_bytes().to_vec()),
+    );
     let spec = RunSpec {
         overlay: None,
         account: account.clone(),
         cwd: "/".into(),
         argv,
-        env: env
-            .into_iter()
-            .map(|(k, v)| (k.into_bytes(), v.into_vec()))
-            .collect(),
+        // bwrap is an ordinary dynamically linked program running on the
+        // host: no variable of the derivation's may reach its loader.
+        env: Vec::new(),
+        fds: std::iter::once(args_file).chain(filters).collect(),
     };
     let mut cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
     if let Some(p) = &proxy {
@@ -172,12 +210,11 @@ fn start_proxy(
     .map_err(|e| Failure::Internal(format!("executor {:?}: proxy: {e}", req.executor.name)))
 }
 
-/// The bubblewrap command line (after the program name).
+/// bubblewrap's options (what comes before `--` and the builder).
 fn bwrap_args(
     req: &BuildRequest,
     jail: &JailExecutor,
     etc: &Path,
-    tmp: &Path,
     proxy_ca: Option<&Path>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
@@ -228,7 +265,7 @@ fn bwrap_args(
         }
     }
     push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
-    push(&[&"--bind", &tmp, &"/tmp"]);
+    push(&[&"--bind", &req.staging.tmp, &"/tmp"]);
     push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
     for f in ["passwd", "group", "hosts"] {
         let src = etc.join(f);
@@ -261,12 +298,18 @@ fn bwrap_args(
     }
     // Everything not mounted above stays read-only.
     push(&[&"--remount-ro", &"/"]);
-    push(&[&"--chdir", &BUILD_DIR, &"--"]);
-    a.push(OsString::from(req.drv.drv.builder()));
-    for arg in req.drv.drv.arguments() {
-        a.push(OsString::from_vec(arg.as_bytes().to_vec()));
-    }
+    push(&[&"--chdir", &BUILD_DIR]);
     a
+}
+
+/// bwrap's `--args` format: each argument followed by a NUL byte.
+fn nul_separated(args: &[OsString]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in args {
+        out.extend_from_slice(a.as_bytes());
+        out.push(0);
+    }
+    out
 }
 
 fn write_etc(etc: &Path) -> Result<(), String> {
@@ -279,12 +322,9 @@ fn write_etc(etc: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Build dir, store staging and /tmp belong to the jail's account.
-fn prepare_dirs(
-    staging: &super::staging::Staging,
-    tmp: &Path,
-    account: &Account,
-) -> Result<(), String> {
-    std::fs::create_dir_all(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
-    staging.give_to(account, &[(&staging.store, 0o755), (tmp, 0o1777)])
+/// Build dir, store staging and /tmp belong to the jail's account (inside
+/// `private/`, which nobody else can enter: /tmp keeps the mode the jail
+/// expects).
+fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> Result<(), String> {
+    staging.give_to(account, &[(&staging.store, 0o755), (&staging.tmp, 0o1777)])
 }

@@ -5,6 +5,7 @@
 pub mod host;
 pub mod jail;
 pub mod runner;
+pub mod seccomp;
 pub mod ssh;
 pub mod staging;
 pub mod supervise;

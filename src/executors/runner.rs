@@ -41,6 +41,15 @@ pub struct RunSpec {
     /// Program and arguments (bytes: derivation args need not be UTF-8).
     pub argv: Vec<Vec<u8>>,
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Root-only files the command reads through descriptors: the runner
+    /// opens each (as root, read-only, no symlink) and the command gets
+    /// them as fds 3, 4, … in this order.
+    pub fds: Vec<PathBuf>,
+}
+
+/// The descriptor number the command gets for `RunSpec::fds[i]`.
+pub fn fd_number(i: usize) -> i32 {
+    3 + i as i32
 }
 
 /// If this process was started as the runner, runs it and returns the exit
@@ -67,10 +76,8 @@ pub fn maybe_run() -> Option<i32> {
 /// Writes `spec` into the staging dir and returns the runner's command
 /// line for it.
 pub fn prepare(spec: &RunSpec, staging: &super::staging::Staging) -> Result<Command, String> {
-    let spec_path = staging.root.join("run.json");
     let json = serde_json::to_vec(spec).map_err(|e| format!("encoding run spec: {e}"))?;
-    std::fs::write(&spec_path, json)
-        .map_err(|e| format!("writing {}: {e}", spec_path.display()))?;
+    let spec_path = staging.write_root_only("run.json", &json)?;
     command(&spec_path).map_err(|e| format!("{e:#}"))
 }
 
@@ -96,6 +103,41 @@ fn command(spec_path: &std::path::Path) -> Result<Command> {
     Ok(c)
 }
 
+/// Opens the files the command gets as descriptors and puts each at its
+/// number, inheritable. Done first thing, while only stdio is open: every
+/// descriptor the runner opens later (the parent's pidfd, std's exec
+/// error pipe) lands above them and none is replaced.
+fn place_passed_fds(paths: &[PathBuf]) -> Result<()> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    for (i, p) in paths.iter().enumerate() {
+        let want = fd_number(i);
+        if crate::util::fd_is_open(want) {
+            bail!(
+                "descriptor {want} is already in use: cannot pass {}",
+                p.display()
+            );
+        }
+        let f = nix::fcntl::open(
+            p,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+            nix::sys::stat::Mode::empty(),
+        )
+        .with_context(|| format!("opening {}", p.display()))?;
+        if f.as_raw_fd() == want {
+            let _ = f.into_raw_fd();
+            continue;
+        }
+        // SAFETY: dup2 onto a number checked free above; the copy is ours
+        // for the rest of the process (the command inherits it).
+        if unsafe { nix::libc::dup2(f.as_raw_fd(), want) } < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("passing {}", p.display()));
+        }
+    }
+    Ok(())
+}
+
 fn run(spec_path: PathBuf) -> Result<i32> {
     use nix::mount::{mount, MsFlags};
     use nix::sched::{unshare, CloneFlags};
@@ -104,6 +146,7 @@ fn run(spec_path: PathBuf) -> Result<i32> {
         &std::fs::read(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?,
     )
     .with_context(|| format!("parsing {}", spec_path.display()))?;
+    place_passed_fds(&spec.fds)?;
     // The death signal tied to the hook was set before exec (`command`).
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
         .context("creating mount and pid namespaces (needs root)")?;

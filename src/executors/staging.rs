@@ -1,16 +1,29 @@
 //! Private per-build directories under `state-dir/staging`. Each is locked
 //! by the hook that owns it; a directory whose lock is free belongs to a
 //! hook that died, and is removed by the next build.
+//!
+//! Who can reach what: `staging/` and each build's dir are root's and mode
+//! 0711 (nobody lists them, names are guessable, so nothing below may rely
+//! on its name). Everything the build account writes lives in the build's
+//! `private/` dir (mode 0700), which belongs to that account only while its
+//! command runs ([`Staging::give_to`]) and to root again before anything
+//! of it is read ([`Staging::take_back`]). No other account ever reaches a
+//! build's files, kept ones included ([`Staging::keep`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
 pub struct Staging {
+    /// Root's (0711): the lock, the run spec, files nix-hatch writes for
+    /// the command to read, `private/`.
     pub root: PathBuf,
+    /// The build account's while it runs, root's otherwise (0700): holds
+    /// `store`, `work`, `build` and the jail's `tmp`.
+    pub private: PathBuf,
     /// Where outputs appear, by store base name (the builder's `/nix/store`
     /// writes land here).
     pub store: PathBuf,
@@ -18,21 +31,28 @@ pub struct Staging {
     pub work: PathBuf,
     /// The build directory (`NIX_BUILD_TOP`).
     pub build: PathBuf,
+    /// The jail's `/tmp`.
+    pub tmp: PathBuf,
     _lock: Flock<File>,
     /// Set once the dir has moved to `kept/` (then it is not removed).
     keep: std::sync::atomic::AtomicBool,
 }
 
 const LOCK: &str = "lock";
+/// Kept dirs (`keep-failed`) beyond this many, oldest first, are removed.
+pub const KEPT_MAX_COUNT: usize = 10;
+/// Kept dirs older than this (seconds) are removed.
+pub const KEPT_MAX_AGE: u64 = 7 * 24 * 3600;
 /// Name prefix of a staging dir still being set up (see `create`).
 const NEW_PREFIX: &str = ".new-";
 
 impl Staging {
-    /// Hands the build dir (with the files nix-hatch wrote into it) and
-    /// `dirs` (path, mode) over to `account`. The files go first, without
-    /// following symlinks, while the build dir is still root's: once the
-    /// account owns it, another process of that account could swap an entry
-    /// for a symlink to a file root would then chown.
+    /// Hands `private/`, the build dir (with the files nix-hatch wrote into
+    /// it) and `dirs` (path, mode; inside `private/`) over to `account`.
+    /// The files go first, without following symlinks, while the build dir
+    /// is still root's: once the account owns it, another process of that
+    /// account could swap an entry for a symlink to a file root would then
+    /// chown.
     pub fn give_to(
         &self,
         account: &crate::util::Account,
@@ -56,8 +76,12 @@ impl Staging {
                 .map_err(|err| format!("chown {}: {err}", e.path().display()))?;
             }
         }
-        for (dir, mode) in
-            std::iter::once((self.build.as_path(), 0o700)).chain(dirs.iter().copied())
+        for (dir, mode) in [
+            (self.private.as_path(), 0o700),
+            (self.build.as_path(), 0o700),
+        ]
+        .into_iter()
+        .chain(dirs.iter().copied())
         {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
@@ -67,10 +91,34 @@ impl Staging {
         Ok(())
     }
 
+    /// Takes `private/` and the store dir back from the build account once
+    /// its last process is gone: from here on no process of that account
+    /// can reach or change the outputs, which are read only after this.
+    pub fn take_back(&self) -> Result<(), String> {
+        let root = (
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(0)),
+        );
+        for dir in [&self.private, &self.store] {
+            match std::fs::symlink_metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
+            }
+            nix::unistd::chown(dir.as_path(), root.0, root.1)
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        }
+        std::fs::set_permissions(&self.private, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("chmod {}: {e}", self.private.display()))
+    }
+
     /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
     pub fn create(state_dir: &Path, drv_base: &str) -> io::Result<Staging> {
         let parent = state_dir.join("staging");
         std::fs::create_dir_all(&parent).map_err(|e| with_path(e, "creating", &parent))?;
+        // Not listable: which derivations build here is nobody's business.
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| with_path(e, "setting permissions of", &parent))?;
         let stem = drv_base.strip_suffix(".drv").unwrap_or(drv_base);
         // The directory is made and locked under a name the cleanup of
         // other hooks leaves alone, and appears under its own name only
@@ -98,24 +146,48 @@ impl Staging {
             }
         }
         std::fs::create_dir(&fresh).map_err(|e| with_path(e, "creating", &fresh))?;
-        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o711))?;
         let lock_path = fresh.join(LOCK);
         let file = crate::util::open_lock_file(&lock_path)?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| with_path(io::Error::from(e), "locking", &lock_path))?;
         std::fs::rename(&fresh, &root).map_err(|e| with_path(e, "renaming", &fresh))?;
+        let private = root.join("private");
         let staging = Staging {
-            store: root.join("store"),
-            work: root.join("work"),
-            build: root.join("build"),
+            store: private.join("store"),
+            work: private.join("work"),
+            build: private.join("build"),
+            tmp: private.join("tmp"),
+            private,
             root,
             _lock: lock,
             keep: std::sync::atomic::AtomicBool::new(false),
         };
-        for d in [&staging.store, &staging.work, &staging.build] {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging.private)
+            .map_err(|e| with_path(e, "creating", &staging.private))?;
+        for d in [&staging.store, &staging.work, &staging.build, &staging.tmp] {
             std::fs::create_dir(d).map_err(|e| with_path(e, "creating", d))?;
         }
         Ok(staging)
+    }
+
+    /// Writes `name` in the staging root, readable by root only (what the
+    /// runner reads, or hands on as a descriptor).
+    pub fn write_root_only(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, String> {
+        use std::io::Write;
+        let path = self.root.join(name);
+        let _ = std::fs::remove_file(&path);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
     }
 
     /// Where the builder left output `base` (a store base name).
@@ -124,7 +196,10 @@ impl Staging {
     }
 
     /// Keeps the directory after the build (Nix's `keep-failed`): it moves
-    /// out of the way of stale-dir cleanup and is reported to the user.
+    /// out of the way of stale-dir cleanup to `state-dir/kept/` and is
+    /// reported to the user. Any client may ask for this, so what stays is
+    /// defused first: root's, reachable by root only, no setuid or setgid
+    /// bit left; and it doesn't stay for ever ([`prune_kept`]).
     pub fn keep(&self) -> io::Result<PathBuf> {
         let state_dir = self
             .root
@@ -133,9 +208,23 @@ impl Staging {
             .ok_or_else(|| io::Error::other("staging dir has no state dir"))?;
         let kept = state_dir.join("kept");
         std::fs::create_dir_all(&kept)?;
+        std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o700))?;
+        self.take_back().map_err(io::Error::other)?;
+        crate::store::defuse_tree(&self.private)?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
         let target = kept.join(self.root.file_name().unwrap_or_default());
         std::fs::rename(&self.root, &target)?;
         self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Its age (for pruning) counts from now.
+        let now = nix::sys::time::TimeSpec::UTIME_NOW;
+        let _ = nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &target,
+            &now,
+            &now,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        );
+        prune_kept(state_dir, KEPT_MAX_COUNT, KEPT_MAX_AGE);
         Ok(target)
     }
 }
@@ -178,6 +267,31 @@ pub fn remove_stale(state_dir: &Path) -> usize {
                 removed += 1;
             }
             drop(lock);
+        }
+    }
+    removed
+}
+
+/// Removes kept dirs beyond the newest `max_count` and those older than
+/// `max_age` seconds; returns how many went. Best effort.
+pub fn prune_kept(state_dir: &Path, max_count: usize, max_age: u64) -> usize {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("kept")) else {
+        return 0;
+    };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let m = e.path().symlink_metadata().ok()?;
+            Some((m.modified().ok()?, e.path()))
+        })
+        .collect();
+    // Newest first.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    let mut removed = 0;
+    for (i, (mtime, path)) in dirs.iter().enumerate() {
+        let too_old = mtime.elapsed().is_ok_and(|age| age.as_secs() >= max_age);
+        if (i >= max_count || too_old) && crate::store::remove_tree(path).is_ok() {
+            removed += 1;
         }
     }
     removed

@@ -102,8 +102,18 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
     };
     crate::util::fault_point("before-build");
     crate::timing::mark("prepare");
+    // `timeout` is for the whole build: reading the outputs into the store
+    // stops at the same deadline as the builder.
+    let deadline = limits
+        .timeout
+        .and_then(|t| std::time::Instant::now().checked_add(t));
     let ran = executors::run(&req, log, &cancel);
     crate::timing::mark("executor");
+    // No process of the build is left (executors return only then): from
+    // here on its account can neither reach nor change what it left.
+    staging
+        .take_back()
+        .map_err(|e| internal(format!("taking the staging dir back: {e}")))?;
     if let Err(f) = ran {
         if a.settings.get("keep-failed") == Some("true") && !matches!(f, Failure::Cancelled) {
             match staging.keep() {
@@ -163,10 +173,19 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
                     .ok()
                     .map(|u| u.uid),
             },
+            deadline,
+            max_size: a.executor.max_output_size,
         },
         registrar,
     )
-    .map_err(|e| Failure::Builder(e.to_string()))?;
+    .map_err(|e| match e {
+        store::ImportError::TimedOut { .. } => Failure::TimedOut(format!(
+            "executor {:?}: {e}; timeout is {} seconds",
+            a.executor.name,
+            limits.timeout.unwrap_or_default().as_secs()
+        )),
+        e => Failure::Builder(e.to_string()),
+    })?;
     crate::util::fault_point("after-register");
     for r in &registered {
         log.line(&format!(

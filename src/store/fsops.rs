@@ -1,16 +1,22 @@
-//! File system helpers: removing (read-only) trees and moving a finished
-//! output to its store path.
+//! File system helpers: removing (read-only, arbitrarily deep) trees,
+//! defusing kept ones and moving a finished output to its store path.
 
+use std::ffi::{CStr, CString};
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
 /// Remove `path` and everything below it. Works on read-only trees (such as
-/// store paths, whose directories are mode 0555): if removal is refused, the
-/// directories are made writable for their owner and removal is retried.
-/// Symlinks are removed, never followed. A path that does not exist is not
-/// an error.
+/// store paths, whose directories are mode 0555) and on trees of any depth
+/// (a builder may leave one deeper than a process has descriptors or a path
+/// has bytes). Symlinks are removed, never followed. A path that does not
+/// exist is not an error.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     let md = match fs::symlink_metadata(path) {
         Ok(md) => md,
@@ -26,36 +32,230 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
     // Fast path: std's remove_dir_all walks with openat/unlinkat and is
     // immune to symlink swaps; as root, read-only directories don't stop it.
+    // It holds a descriptor per level, though, so a deep tree (or a
+    // read-only one when we are not root) is finished by the bounded walk.
     match fs::remove_dir_all(path) {
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            make_dirs_writable(path)?;
-            not_found_ok(fs::remove_dir_all(path))
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable_if_needed(path)?;
+            walk_tree(
+                path,
+                |dir, name, st| {
+                    if is_dir(st) {
+                        ensure_owner_rwx(dir, name, st)
+                    } else {
+                        ignore_gone(nix::unistd::unlinkat(
+                            dir,
+                            name,
+                            nix::unistd::UnlinkatFlags::NoRemoveDir,
+                        ))
+                    }
+                },
+                |parent, name| {
+                    ignore_gone(nix::unistd::unlinkat(
+                        parent,
+                        name,
+                        nix::unistd::UnlinkatFlags::RemoveDir,
+                    ))
+                },
+            )?;
+            not_found_ok(fs::remove_dir(path))
         }
-        r => not_found_ok(r),
     }
 }
 
-/// Add `u+rwx` to every directory at or below `path` (symlinks are not
-/// followed).
-pub(crate) fn make_dirs_writable(path: &Path) -> io::Result<()> {
-    let mut todo = vec![path.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        let md = fs::symlink_metadata(&dir)?;
-        if !md.is_dir() {
-            continue;
-        }
-        let mode = md.mode() & 0o7777;
-        if mode & 0o700 != 0o700 {
-            fs::set_permissions(&dir, Permissions::from_mode(mode | 0o700))?;
-        }
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                todo.push(entry.path());
+/// Clears every setuid and setgid bit at or below `path` (symlinks are not
+/// followed): what stays of a failed build for an admin to look at must not
+/// hand anyone the build account's rights.
+pub fn defuse_tree(path: &Path) -> io::Result<()> {
+    let md = fs::symlink_metadata(path)?;
+    let strip = |mode: u32| mode & 0o7777 & !0o6000;
+    if md.file_type().is_symlink() {
+        return Ok(());
+    }
+    if md.mode() & 0o6000 != 0 {
+        fs::set_permissions(path, Permissions::from_mode(strip(md.mode())))?;
+    }
+    if !md.is_dir() {
+        return Ok(());
+    }
+    walk_tree(
+        path,
+        |dir, name, st| {
+            let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+            if kind == SFlag::S_IFLNK || st.st_mode & 0o6000 == 0 {
+                return Ok(());
             }
+            ignore_gone(nix::sys::stat::fchmodat(
+                dir,
+                name,
+                Mode::from_bits_truncate(strip(st.st_mode)),
+                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+            ))
+        },
+        |_, _| Ok(()),
+    )
+}
+
+/// The bytes the regular files at or below `path` hold by their sizes
+/// (sparse or not): a lower bound of the tree's NAR size, found without
+/// reading any file.
+pub(crate) fn apparent_size(path: &Path) -> io::Result<u64> {
+    let md = fs::symlink_metadata(path)?;
+    if !md.is_dir() {
+        return Ok(if md.is_file() { md.len() } else { 0 });
+    }
+    let mut total = 0u64;
+    walk_tree(
+        path,
+        |_, _, st| {
+            let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+            if kind == SFlag::S_IFREG {
+                total = total.saturating_add(u64::try_from(st.st_size).unwrap_or(0));
+            }
+            Ok(())
+        },
+        |_, _| Ok(()),
+    )?;
+    Ok(total)
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR
+}
+
+fn ignore_gone(r: nix::Result<()>) -> io::Result<()> {
+    match r {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Adds `u+rwx` to the directory `name` in `dir` if it lacks it (a
+/// read-only directory can't be listed or emptied unless we are root).
+fn ensure_owner_rwx(dir: &OwnedFd, name: &CStr, st: &FileStat) -> io::Result<()> {
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o700 == 0o700 || nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    ignore_gone(nix::sys::stat::fchmodat(
+        dir,
+        name,
+        Mode::from_bits_truncate(mode | 0o700),
+        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+    ))
+}
+
+fn make_writable_if_needed(path: &Path) -> io::Result<()> {
+    let md = fs::symlink_metadata(path)?;
+    let mode = md.mode() & 0o7777;
+    if mode & 0o700 != 0o700 && !nix::unistd::geteuid().is_root() {
+        fs::set_permissions(path, Permissions::from_mode(mode | 0o700))?;
+    }
+    Ok(())
+}
+
+/// One directory on the walk's stack: its entries (read when entered, so
+/// no descriptor stays open for it) and its identity, checked when the
+/// walk comes back up through `..`.
+struct Level {
+    name: Option<CString>,
+    entries: Vec<CString>,
+    next: usize,
+    id: (u64, u64),
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Depth-first walk below the directory `root` holding one directory
+/// descriptor at any depth (two while changing level): `visit(dir, name,
+/// stat)` is called for every entry before a directory is entered (it may
+/// remove a non-directory), `leave(parent, name)` after a directory's
+/// entries are done. Symlinks are never followed; coming back up through
+/// `..` checks that it is still the directory the walk came from, so a
+/// tree moved meanwhile stops the walk with an error instead of leading it
+/// elsewhere. Meant for trees nobody else can change (a staging dir after
+/// its build, a stale store path).
+pub(crate) fn walk_tree(
+    root: &Path,
+    mut visit: impl FnMut(&OwnedFd, &CStr, &FileStat) -> io::Result<()>,
+    mut leave: impl FnMut(&OwnedFd, &CStr) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut cur = nix::fcntl::open(root, DIR_FLAGS, Mode::empty())?;
+    let st = nix::sys::stat::fstat(&cur)?;
+    let mut stack = vec![Level {
+        name: None,
+        entries: list_dir(&cur)?,
+        next: 0,
+        id: (st.st_dev, st.st_ino),
+    }];
+    while let Some(top) = stack.last_mut() {
+        if let Some(name) = top.entries.get(top.next).cloned() {
+            top.next += 1;
+            let st = match nix::sys::stat::fstatat(
+                &cur,
+                name.as_c_str(),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ) {
+                Ok(st) => st,
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            visit(&cur, &name, &st)?;
+            if !is_dir(&st) {
+                continue;
+            }
+            let child = nix::fcntl::openat(&cur, name.as_c_str(), DIR_FLAGS, Mode::empty())?;
+            let cst = nix::sys::stat::fstat(&child)?;
+            if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino) {
+                return Err(io::Error::other("a directory changed while it was walked"));
+            }
+            stack.push(Level {
+                name: Some(name),
+                entries: list_dir(&child)?,
+                next: 0,
+                id: (cst.st_dev, cst.st_ino),
+            });
+            cur = child;
+        } else {
+            let done = stack.pop();
+            let (
+                Some(parent),
+                Some(Level {
+                    name: Some(name), ..
+                }),
+            ) = (stack.last(), done)
+            else {
+                return Ok(());
+            };
+            let up = nix::fcntl::openat(&cur, c"..", DIR_FLAGS, Mode::empty())?;
+            let ust = nix::sys::stat::fstat(&up)?;
+            if (ust.st_dev, ust.st_ino) != parent.id {
+                return Err(io::Error::other("a directory moved while it was walked"));
+            }
+            cur = up;
+            leave(&cur, &name)?;
         }
     }
     Ok(())
+}
+
+/// The names in directory `dir` (without `.` and `..`).
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    let mut d = nix::dir::Dir::from_fd(nix::unistd::dup(dir.as_fd())?)?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
 }
 
 /// Move `from` to `to`, which must not exist. Uses `rename(2)` (with
@@ -69,7 +269,7 @@ pub(crate) fn move_into_place(from: &Path, to: &Path) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {}
         Err(e) => return Err(e),
     }
-    copy_tree(from, to)?;
+    copy_tree(from, to, None)?;
     // The output is in place; a staged copy that can't be removed now is
     // left for the caller's clean-up of the staging directory.
     let _ = remove_tree(from);
@@ -101,23 +301,38 @@ fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Copy the tree at `from` to `to` (which must not exist). On failure,
+/// Copy the tree at `from` to `to` (which must not exist), stopping with
+/// [`io::ErrorKind::TimedOut`] once `deadline` has passed. On failure,
 /// whatever was created at `to` is removed again.
-pub(crate) fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn copy_tree(
+    from: &Path,
+    to: &Path,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<()> {
     let mut created = false;
-    let r = copy_nodes(from, to, &mut created);
+    let r = copy_nodes(from, to, &mut created, deadline);
     if r.is_err() && created {
         let _ = remove_tree(to);
     }
     r
 }
 
-fn copy_nodes(from: &Path, to: &Path, created: &mut bool) -> io::Result<()> {
+fn copy_nodes(
+    from: &Path,
+    to: &Path,
+    created: &mut bool,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<()> {
+    let check = || match deadline {
+        Some(d) if std::time::Instant::now() >= d => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        _ => Ok(()),
+    };
     let mut todo = vec![(from.to_path_buf(), to.to_path_buf())];
     // Directories are created writable and sealed (0555) at the end,
     // deepest first.
     let mut dirs = Vec::new();
     while let Some((src, dst)) = todo.pop() {
+        check()?;
         let md = fs::symlink_metadata(&src)?;
         let ft = md.file_type();
         if ft.is_symlink() {
@@ -133,7 +348,14 @@ fn copy_nodes(from: &Path, to: &Path, created: &mut bool) -> io::Result<()> {
                 .mode(0o600)
                 .open(&dst)?;
             *created = true;
-            io::copy(&mut input, &mut output)?;
+            // In slices, so a deadline stops even a file of many gigabytes.
+            loop {
+                check()?;
+                let n = io::copy(&mut (&mut input).take(super::nar::LIMIT_SLICE), &mut output)?;
+                if n < super::nar::LIMIT_SLICE {
+                    break;
+                }
+            }
             let exec = md.mode() & 0o100 != 0;
             output.set_permissions(Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
         } else if ft.is_dir() {
@@ -185,28 +407,6 @@ mod tests {
     }
 
     #[test]
-    fn make_writable_adds_owner_bits() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("t");
-        fs::create_dir_all(root.join("a/b")).unwrap();
-        fs::write(root.join("a/f"), b"x").unwrap();
-        fs::set_permissions(root.join("a/f"), Permissions::from_mode(0o444)).unwrap();
-        for d in ["a/b", "a", ""] {
-            fs::set_permissions(root.join(d), Permissions::from_mode(0o555)).unwrap();
-        }
-        make_dirs_writable(&root).unwrap();
-        for d in ["a/b", "a", ""] {
-            let m = fs::symlink_metadata(root.join(d)).unwrap().mode() & 0o777;
-            assert_eq!(m, 0o755, "{d}");
-        }
-        // Files are left alone.
-        assert_eq!(
-            fs::metadata(root.join("a/f")).unwrap().mode() & 0o777,
-            0o444
-        );
-    }
-
-    #[test]
     fn copy_tree_preserves_types_and_exec_bit() {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
@@ -216,7 +416,7 @@ mod tests {
         fs::set_permissions(src.join("d/exe"), Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("../d/plain", src.join("d/e/link")).unwrap();
         let dst = tmp.path().join("dst");
-        copy_tree(&src, &dst).unwrap();
+        copy_tree(&src, &dst, None).unwrap();
         assert_eq!(fs::read(dst.join("d/plain")).unwrap(), b"plain");
         assert_eq!(
             fs::metadata(dst.join("d/plain")).unwrap().mode() & 0o777,
@@ -231,9 +431,55 @@ mod tests {
             Path::new("../d/plain")
         );
         // Refuses to overwrite, and leaves the existing tree alone.
-        assert!(copy_tree(&src, &dst).is_err());
+        assert!(copy_tree(&src, &dst, None).is_err());
         assert!(dst.join("d/plain").exists());
         remove_tree(&dst).unwrap();
+    }
+
+    /// A tree deeper than a process may have descriptors (or a path may
+    /// have bytes), read-only on the way down, is removed completely.
+    #[test]
+    fn remove_tree_of_any_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("deep");
+        fs::create_dir(&root).unwrap();
+        let mut fd = nix::fcntl::open(&root, DIR_FLAGS, Mode::empty()).unwrap();
+        for _ in 0..3000 {
+            nix::sys::stat::mkdirat(&fd, c"a", Mode::from_bits_truncate(0o755)).unwrap();
+            let f = nix::fcntl::openat(
+                &fd,
+                c"file",
+                OFlag::O_CREAT | OFlag::O_WRONLY,
+                Mode::from_bits_truncate(0o444),
+            );
+            drop(f.unwrap());
+            let next = nix::fcntl::openat(&fd, c"a", DIR_FLAGS, Mode::empty()).unwrap();
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o555)).unwrap();
+            fd = next;
+        }
+        drop(fd);
+        remove_tree(&root).unwrap();
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn defuse_clears_setuid_and_setgid_below() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("kept");
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::write(root.join("d/e/suid"), b"x").unwrap();
+        fs::set_permissions(root.join("d/e/suid"), Permissions::from_mode(0o6755)).unwrap();
+        fs::set_permissions(root.join("d"), Permissions::from_mode(0o2755)).unwrap();
+        let outside = tmp.path().join("outside");
+        fs::write(&outside, b"x").unwrap();
+        fs::set_permissions(&outside, Permissions::from_mode(0o4755)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        defuse_tree(&root).unwrap();
+        let mode = |p: &str| fs::symlink_metadata(root.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("d/e/suid"), 0o755);
+        assert_eq!(mode("d"), 0o755);
+        // A link is not followed out of the tree.
+        assert_eq!(fs::metadata(&outside).unwrap().mode() & 0o7777, 0o4755);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use nix_derivation::{CAHash, HashAlgorithm, NixHash};
 
 pub use adopt::adopt_added_paths;
-pub use fsops::remove_tree;
+pub use fsops::{defuse_tree, remove_tree};
 pub use nixstore::Registrar;
 
 use digest::ExtraHash;
@@ -173,6 +173,10 @@ pub struct ImportRequest<'a> {
     /// The uid the build ran as: output files may be owned by it or by us,
     /// nobody else (see [`nar::DumpOptions::owner`]).
     pub owner: Option<u32>,
+    /// The build's `timeout` covers its import too: reading stops here.
+    pub deadline: Option<std::time::Instant>,
+    /// NAR bytes all outputs together may have (`max-output-size`).
+    pub max_size: Option<u64>,
 }
 
 /// A registered output.
@@ -297,6 +301,18 @@ pub enum ImportError {
         /// The message.
         message: String,
     },
+    /// The build's deadline passed during the import.
+    TimedOut {
+        /// The store path being read.
+        path: String,
+    },
+    /// The outputs are larger than `max-output-size`.
+    TooLarge {
+        /// The limit (NAR bytes).
+        limit: u64,
+        /// What the outputs have at least (file sizes, or NAR bytes so far).
+        at_least: u64,
+    },
 }
 
 impl fmt::Display for ImportError {
@@ -370,6 +386,14 @@ impl fmt::Display for ImportError {
                 write!(f, "nix-store failed to {action}: {message}")
             }
             E::OutputRejected { message } => f.write_str(message),
+            E::TimedOut { path } => write!(
+                f,
+                "build timed out while its output '{path}' was being read into the store"
+            ),
+            E::TooLarge { limit, at_least } => write!(
+                f,
+                "the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)"
+            ),
         }
     }
 }
@@ -555,10 +579,56 @@ pub fn import<'a>(
     }
     let candidates = candidates;
 
-    // 1. Every output exists; fixed-output preconditions.
-    let mut extras: Vec<Option<ExtraHash>> = Vec::with_capacity(req.outputs.len());
+    // Every output exists; refused before anything is read when the file
+    // sizes alone exceed the limit (a NAR is never smaller).
+    let mut total = 0u64;
     for o in req.outputs {
-        let md = match std::fs::symlink_metadata(&o.staged) {
+        match std::fs::symlink_metadata(&o.staged) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImportError::MissingOutput {
+                    output: o.name.clone(),
+                    path: o.path.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(ImportError::Io {
+                    action: "inspect the staged output",
+                    path: o.staged.display().to_string(),
+                    source,
+                })
+            }
+        }
+        if let Some(limit) = req.max_size {
+            total = total.saturating_add(fsops::apparent_size(&o.staged).map_err(|source| {
+                ImportError::Io {
+                    action: "measure the staged output",
+                    path: o.staged.display().to_string(),
+                    source,
+                }
+            })?);
+            if total > limit {
+                return Err(ImportError::TooLarge {
+                    limit,
+                    at_least: total,
+                });
+            }
+        }
+    }
+    let reals: Vec<PathBuf> = req
+        .outputs
+        .iter()
+        .map(|o| location.real_path(&o.path))
+        .collect::<Result<_, _>>()?;
+    // What is hashed is what goes into the store: an output that must be
+    // copied to another file system is copied first and read at its store
+    // path (a copy made after hashing would read the staged files again).
+    let reads = copy_across_file_systems(req, &reals, &mut registrar)?;
+
+    // 1. Fixed-output preconditions.
+    let mut extras: Vec<Option<ExtraHash>> = Vec::with_capacity(req.outputs.len());
+    for (o, read) in req.outputs.iter().zip(&reads) {
+        let md = match std::fs::symlink_metadata(read) {
             Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImportError::MissingOutput {
@@ -608,20 +678,33 @@ pub fn import<'a>(
     } else {
         req.deriver
     };
-    let options = DumpOptions {
-        seal: true,
-        owner: req.owner,
-    };
     let mut digests = Vec::with_capacity(req.outputs.len());
-    for (o, extra) in req.outputs.iter().zip(&extras) {
+    let mut used = 0u64;
+    for ((o, extra), read) in req.outputs.iter().zip(&extras).zip(&reads) {
+        let options = DumpOptions {
+            seal: true,
+            owner: req.owner,
+            deadline: req.deadline,
+            max_size: req.max_size.map(|m| m.saturating_sub(used)),
+        };
         let d =
-            digest::digest_path(&o.staged, &parts, extra.as_ref(), &options).map_err(|error| {
-                ImportError::Archive {
-                    output: o.name.clone(),
-                    path: o.path.clone(),
-                    error,
-                }
-            })?;
+            digest::digest_path(read, &parts, extra.as_ref(), &options).map_err(
+                |error| match error.kind {
+                    NarErrorKind::TimedOut => ImportError::TimedOut {
+                        path: o.path.clone(),
+                    },
+                    NarErrorKind::TooLarge { .. } => ImportError::TooLarge {
+                        limit: req.max_size.unwrap_or(0),
+                        at_least: req.max_size.unwrap_or(0).saturating_add(1),
+                    },
+                    _ => ImportError::Archive {
+                        output: o.name.clone(),
+                        path: o.path.clone(),
+                        error,
+                    },
+                },
+            )?;
+        used = used.saturating_add(d.nar_size);
         if let Some(wanted) = &o.fixed {
             let got = match wanted {
                 CAHash::Flat(_) => match (d.root, extra) {
@@ -712,13 +795,8 @@ pub fn import<'a>(
     // built in place). Nothing goes into the store if registration can't
     // happen.
     registrar.ensure_running()?;
-    let reals: Vec<PathBuf> = req
-        .outputs
-        .iter()
-        .map(|o| location.real_path(&o.path))
-        .collect::<Result<_, _>>()?;
     let to_move: Vec<usize> = (0..req.outputs.len())
-        .filter(|&i| !same_file(&req.outputs[i].staged, &reals[i]))
+        .filter(|&i| !same_file(&reads[i], &reals[i]))
         .collect();
     let stale: Vec<String> = to_move
         .iter()
@@ -760,6 +838,57 @@ pub fn import<'a>(
     registrar.register(records.as_bytes())?;
     crate::timing::mark("register");
     Ok(registered)
+}
+
+/// Copies each output whose staging dir is on another file system than
+/// the store to its store path (after removing a stale invalid leftover
+/// there), and returns where each output is to be read: its store path
+/// when copied, else where it was staged.
+fn copy_across_file_systems(
+    req: &ImportRequest<'_>,
+    reals: &[PathBuf],
+    registrar: &mut Registrar,
+) -> Result<Vec<PathBuf>, ImportError> {
+    let store_dev = std::fs::metadata(&req.location.real_store_dir)
+        .map_err(|source| ImportError::Io {
+            action: "inspect the store directory",
+            path: req.location.real_store_dir.display().to_string(),
+            source,
+        })?
+        .dev();
+    let mut reads = Vec::with_capacity(req.outputs.len());
+    for (o, real) in req.outputs.iter().zip(reals) {
+        let staged_dev = o
+            .staged
+            .parent()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.dev());
+        if staged_dev.is_none_or(|d| d == store_dev) || same_file(&o.staged, real) {
+            reads.push(o.staged.clone());
+            continue;
+        }
+        // Nothing goes into the store if registration can't happen.
+        registrar.ensure_running()?;
+        remove_stale_outputs(req.location, std::slice::from_ref(&o.path))?;
+        fsops::copy_tree(&o.staged, real, req.deadline).map_err(|source| {
+            if source.kind() == io::ErrorKind::TimedOut {
+                ImportError::TimedOut {
+                    path: o.path.clone(),
+                }
+            } else {
+                ImportError::Io {
+                    action: "copy the output into place at",
+                    path: real.display().to_string(),
+                    source,
+                }
+            }
+        })?;
+        // The staged tree is not needed any more; what is left of it goes
+        // with the staging dir.
+        let _ = remove_tree(&o.staged);
+        reads.push(real.clone());
+    }
+    Ok(reads)
 }
 
 /// Fail like Nix if outputs reference each other in a cycle (self-references

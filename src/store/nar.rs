@@ -174,7 +174,16 @@ pub struct DumpOptions {
     /// could hard-link a file of another user it may write into its output,
     /// and sealing would make that file root's and read-only.
     pub owner: Option<u32>,
+    /// Stop with [`NarErrorKind::TimedOut`] once this instant has passed
+    /// (checked between entries and every [`LIMIT_SLICE`] bytes of a file).
+    pub deadline: Option<std::time::Instant>,
+    /// Stop with [`NarErrorKind::TooLarge`] before the archive would grow
+    /// past this many bytes.
+    pub max_size: Option<u64>,
 }
+
+/// How much of a file is read between two checks of the deadline.
+pub const LIMIT_SLICE: u64 = 64 << 20;
 
 /// Error while archiving a tree; `path` is relative to the tree's root
 /// (empty for the root itself).
@@ -213,6 +222,16 @@ pub enum NarErrorKind {
     Sink(io::Error),
     /// Owned by neither the build's account nor us.
     Ownership,
+    /// A regular file is still open for writing by some process (which
+    /// could change it after it was hashed).
+    OpenForWriting,
+    /// [`DumpOptions::deadline`] passed.
+    TimedOut,
+    /// The archive would exceed [`DumpOptions::max_size`].
+    TooLarge {
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl NarError {
@@ -244,6 +263,13 @@ impl NarError {
             NarErrorKind::Sink(e) => format!("writing the archive of '{path}' failed: {e}"),
             NarErrorKind::Ownership => format!(
                 "invalid ownership on file '{path}' (owned by neither the build's account nor root; a hard link to someone else's file?)"
+            ),
+            NarErrorKind::OpenForWriting => format!(
+                "'{path}' is still open for writing by another process, which could change it after it was hashed"
+            ),
+            NarErrorKind::TimedOut => format!("ran out of time while reading '{path}'"),
+            NarErrorKind::TooLarge { limit } => format!(
+                "'{path}' takes the outputs past the size limit of {limit} bytes (NAR)"
             ),
         }
     }
@@ -301,6 +327,10 @@ struct Dumper<'s, S: ?Sized> {
     sink: &'s mut S,
     seal: Option<(Uid, Gid)>,
     owner: Option<u32>,
+    deadline: Option<std::time::Instant>,
+    max_size: Option<u64>,
+    /// Bytes of archive written so far.
+    written: u64,
     rel: Vec<u8>,
 }
 
@@ -321,11 +351,55 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
 
     fn tokens(&mut self, toks: &[&[u8]]) -> Result<(), NarError> {
         for t in toks {
+            self.grow(string_len(t.len() as u64))?;
             if let Err(e) = write_str(self.sink, t) {
                 return Err(self.err(NarErrorKind::Sink(e)));
             }
         }
         Ok(())
+    }
+
+    /// Accounts for `n` more bytes of archive, refusing them past the size
+    /// limit.
+    fn grow(&mut self, n: u64) -> Result<(), NarError> {
+        let total = self.written.saturating_add(n);
+        if let Some(limit) = self.max_size.filter(|&l| total > l) {
+            return Err(self.err(NarErrorKind::TooLarge { limit }));
+        }
+        self.written = total;
+        Ok(())
+    }
+
+    fn check_deadline(&self) -> Result<(), NarError> {
+        match self.deadline {
+            Some(d) if std::time::Instant::now() >= d => Err(self.err(NarErrorKind::TimedOut)),
+            _ => Ok(()),
+        }
+    }
+
+    /// When sealing: refuses a file some process still has open for
+    /// writing. A read lease is granted only when nobody does (open
+    /// descriptors and shared writable mappings alike), and once the file
+    /// is sealed nobody else can open it for writing again. File systems
+    /// without leases are taken as they are.
+    fn check_not_open_for_writing(&self, fd: BorrowedFd<'_>) -> Result<(), NarError> {
+        if self.seal.is_none() {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let fd = fd.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own; the lease is given back at
+        // once (it was only a question).
+        let rc = unsafe { nix::libc::fcntl(fd, nix::libc::F_SETLEASE, nix::libc::F_RDLCK) };
+        if rc == 0 {
+            // SAFETY: as above.
+            unsafe { nix::libc::fcntl(fd, nix::libc::F_SETLEASE, nix::libc::F_UNLCK) };
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EBUSY => Err(self.err(NarErrorKind::OpenForWriting)),
+            _ => Ok(()),
+        }
     }
 
     fn seal_fd(&self, fd: BorrowedFd<'_>, st: &FileStat, mode: u32) -> Result<(), NarError> {
@@ -410,6 +484,7 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
             top.next += 1;
             let (child, hint) = std::mem::take(slot);
             self.push_rel(&child);
+            self.check_deadline()?;
             self.tokens(&[b"entry", b"(", b"name", child.as_bytes(), b"node"])?;
             match self.kind_of(top.dir.as_fd(), &child, hint)? {
                 Type::Directory => {
@@ -451,25 +526,35 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         }
         let executable = st.st_mode & S_IXUSR != 0;
         self.seal_fd(fd.as_fd(), &st, if executable { 0o555 } else { 0o444 })?;
+        self.check_not_open_for_writing(fd.as_fd())?;
         let size = u64::try_from(st.st_size).unwrap_or(0);
         if executable {
             self.tokens(&[b"(", b"type", b"regular", b"executable", b"", b"contents"])?;
         } else {
             self.tokens(&[b"(", b"type", b"regular", b"contents"])?;
         }
+        self.grow(
+            8u64.saturating_add(size)
+                .saturating_add(padding_len(size) as u64),
+        )?;
         if let Err(e) = self.sink.write(&size.to_le_bytes()) {
             return Err(self.err(NarErrorKind::Sink(e)));
         }
         let mut file = File::from(fd);
-        if size > 0 {
-            self.sink.contents(&mut file, size).map_err(|e| match e {
+        // In slices, so a deadline stops even a file of many gigabytes.
+        let mut done = 0;
+        while done < size {
+            self.check_deadline()?;
+            let slice = (size - done).min(LIMIT_SLICE);
+            self.sink.contents(&mut file, slice).map_err(|e| match e {
                 ContentsError::Read(source) => self.err(NarErrorKind::Io { op: "read", source }),
                 ContentsError::Truncated { got } => self.err(NarErrorKind::Truncated {
                     expected: size,
-                    got,
+                    got: done + got,
                 }),
                 ContentsError::Sink(e) => self.err(NarErrorKind::Sink(e)),
             })?;
+            done += slice;
         }
         if let Err(e) = write_padding(self.sink, size) {
             return Err(self.err(NarErrorKind::Sink(e)));
@@ -549,6 +634,9 @@ pub fn dump_path<S: NarSink + ?Sized>(
         sink,
         seal: options.seal.then(|| (geteuid(), getegid())),
         owner: options.owner,
+        deadline: options.deadline,
+        max_size: options.max_size,
+        written: 0,
         rel: Vec::new(),
     };
     let (parent, name) = match (path.parent(), path.file_name()) {

@@ -63,6 +63,7 @@ fn plain() -> DumpOptions {
     DumpOptions {
         seal: false,
         owner: None,
+        ..Default::default()
     }
 }
 
@@ -213,6 +214,30 @@ impl TestStore {
                 outputs,
                 checks: &Default::default(),
                 owner: None,
+                deadline: None,
+                max_size: None,
+            },
+            registrar,
+        )
+    }
+
+    fn import_limited(
+        &self,
+        outputs: &[StagedOutput],
+        deadline: Option<std::time::Instant>,
+        max_size: Option<u64>,
+    ) -> Result<Vec<Registered>, ImportError> {
+        let registrar = Registrar::spawn(&self.location).unwrap();
+        import(
+            &ImportRequest {
+                location: &self.location,
+                deriver: "",
+                inputs: &[],
+                outputs,
+                checks: &Default::default(),
+                owner: None,
+                deadline,
+                max_size,
             },
             registrar,
         )
@@ -349,6 +374,7 @@ fn nar_seal_sets_canonical_modes_without_changing_the_hash() {
         &DumpOptions {
             seal: true,
             owner: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -920,6 +946,8 @@ fn registrar_failures_and_drop() {
             outputs: &[output("out", &late, &s, None)],
             checks: &Default::default(),
             owner: None,
+            deadline: None,
+            max_size: None,
         },
         registrar,
     )
@@ -1137,4 +1165,97 @@ fn adoption_moves_what_it_can_and_reports_the_rest() {
         fs::read_to_string(loc.real_store_dir.join(names[0]).join("f")).unwrap(),
         names[0]
     );
+}
+
+// ---------------------------------------------------------- limits (#14)
+
+/// A sparse file whose size alone passes the limit is refused before a
+/// byte of it is read; a tree whose NAR passes it while being read is
+/// refused then; nothing is registered either way.
+#[test]
+fn max_size_refuses_before_and_while_reading() {
+    let st = TestStore::new();
+    let big = st.path("sparse");
+    let s = st.stage.join("sparse");
+    let f = fs::File::create(&s).unwrap();
+    f.set_len(24 << 30).unwrap();
+    drop(f);
+    let t = std::time::Instant::now();
+    let err = st
+        .import_limited(&[output("out", &big, &s, None)], None, Some(1 << 30))
+        .unwrap_err();
+    assert!(matches!(err, ImportError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("max-output-size"), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "it was read"
+    );
+    assert!(!st.is_valid(&big));
+    // Empty files: no bytes by size, but each costs the NAR ~150 bytes.
+    let many = st.path("many");
+    let d = st.stage.join("many");
+    fs::create_dir(&d).unwrap();
+    for i in 0..100 {
+        fs::write(d.join(format!("f{i}")), b"").unwrap();
+    }
+    let err = st
+        .import_limited(&[output("out", &many, &d, None)], None, Some(4096))
+        .unwrap_err();
+    assert!(matches!(err, ImportError::TooLarge { .. }), "{err}");
+    assert!(!st.is_valid(&many));
+    // Under the limit: imported.
+    let small = st.path("small");
+    let s = st.stage.join("small");
+    fs::write(&s, b"small").unwrap();
+    st.import_limited(&[output("out", &small, &s, None)], None, Some(4096))
+        .unwrap();
+    assert!(st.is_valid(&small));
+}
+
+/// The build's deadline stops the import, even inside one large file.
+#[test]
+fn deadline_stops_the_import() {
+    let st = TestStore::new();
+    let big = st.path("slow");
+    let s = st.stage.join("slow");
+    let f = fs::File::create(&s).unwrap();
+    f.set_len(2 << 30).unwrap();
+    drop(f);
+    let t = std::time::Instant::now();
+    let err = st
+        .import_limited(
+            &[output("out", &big, &s, None)],
+            Some(std::time::Instant::now() + std::time::Duration::from_millis(200)),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ImportError::TimedOut { .. }), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!st.is_valid(&big));
+}
+
+/// A file someone still holds open for writing could be changed after it
+/// was hashed: the import refuses it.
+#[test]
+fn a_file_open_for_writing_is_refused() {
+    let st = TestStore::new();
+    let p = st.path("held");
+    let d = st.stage.join("held");
+    fs::create_dir(&d).unwrap();
+    let held = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(d.join("file"))
+        .unwrap();
+    let err = st
+        .import_limited(&[output("out", &p, &d, None)], None, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("still open for writing"), "{err}");
+    assert!(!st.is_valid(&p));
+    drop(held);
 }

@@ -385,6 +385,113 @@ pub fn busybox() -> &'static str {
     })
 }
 
+/// A command prefix that runs what follows as `user` (its primary group
+/// only), e.g. `as_user("nobody").args(["cat", "/x"])`.
+pub fn as_user(user: &str) -> Command {
+    let (_, gid) = account_ids(user).unwrap_or_else(|| panic!("no account {user}"));
+    let mut c = nix_cmd("setpriv");
+    c.args([
+        "--reuid",
+        user,
+        "--regid",
+        &gid.to_string(),
+        "--clear-groups",
+    ]);
+    c
+}
+
+/// (uid, gid) of `name`, if the account exists.
+pub fn account_ids(name: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| {
+        let o = Command::new("id").args([flag, name]).output().ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// A system account only the tests use (created on first use, with a group
+/// of its own; `groups` are extra groups it is made a member of, created
+/// too). Returns (uid, gid).
+pub fn test_account(name: &str, groups: &[&str]) -> (u32, u32) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for g in groups {
+        if !Command::new("getent")
+            .args(["group", g])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            // Another test binary may create it at the same moment.
+            let _ = Command::new("groupadd").args(["--system", g]).output();
+        }
+    }
+    if account_ids(name).is_none() {
+        let out = run(
+            Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--user-group",
+                name,
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.success() || account_ids(name).is_some(),
+            "cannot create test account {name}:\n{}",
+            out.describe()
+        );
+    }
+    for g in groups {
+        run(
+            Command::new("usermod").args(["--append", "--groups", g, name]),
+            Duration::from_secs(60),
+        )
+        .assert_ok();
+    }
+    account_ids(name).unwrap_or_else(|| panic!("no account {name} after creating it"))
+}
+
+/// The LD_PRELOAD probe library (tests/support/preload.c), compiled with
+/// the machine's C compiler into cargo's test temp dir. Inside a Nix root
+/// (no compiler there) the copy scripts/test built on the host is used.
+pub fn preload_library() -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/preload.c");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hatch-preload.so");
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = match (mtime(&out), mtime(&src)) {
+        (Some(o), Some(s)) => o >= s,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    if !fresh {
+        let built = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .output();
+        match built {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "cc failed to build {}: {}",
+                src.display(),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!(
+                "no C compiler to build {} ({e}); scripts/test builds it on the host before the suites run in a Nix root",
+                src.display()
+            ),
+        }
+    }
+    out
+}
+
 /// The end-to-end tests use the system Nix store as root (single-user
 /// mode, `--option build-hook`, their own nix-daemon).
 #[track_caller]
@@ -785,27 +892,29 @@ impl TestEnv {
         attrs: &[&str],
         extra: &[&str],
     ) -> Output {
-        fs::set_permissions(self.root(), fs::Permissions::from_mode(0o755)).unwrap();
-        let gid = run(
-            Command::new("id").args(["-g", user]),
-            Duration::from_secs(10),
-        );
-        gid.assert_ok();
-        let inner = self.nix_build_cmd(expr, attrs, extra);
-        let mut c = nix_cmd("setpriv");
-        c.args([
-            "--reuid",
-            user,
-            "--regid",
-            gid.stdout.trim(),
-            "--clear-groups",
-        ])
-        .arg("env")
-        .arg("HOME=/tmp")
-        .arg(inner.get_program())
-        .args(inner.get_args());
-        daemon.client_env(&mut c);
+        let mut c = self.nix_build_via_as_user_command(daemon, user, expr, attrs, extra);
         run(&mut c, NIX_LIMIT)
+    }
+
+    /// The command [`TestEnv::nix_build_via_as_user`] runs, for tests that
+    /// start it in the background.
+    pub fn nix_build_via_as_user_command(
+        &self,
+        daemon: &Daemon,
+        user: &str,
+        expr: &Path,
+        attrs: &[&str],
+        extra: &[&str],
+    ) -> Command {
+        fs::set_permissions(self.root(), fs::Permissions::from_mode(0o755)).unwrap();
+        let inner = self.nix_build_cmd(expr, attrs, extra);
+        let mut c = as_user(user);
+        c.arg("env")
+            .arg("HOME=/tmp")
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        daemon.client_env(&mut c);
+        c
     }
 
     /// The command [`TestEnv::nix_build`] runs, for tests that spawn it

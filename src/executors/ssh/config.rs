@@ -55,6 +55,7 @@ pub(crate) fn parse(
         .unwrap_or_else(|| DEFAULT_AGENT.to_owned());
     let command = k.string_list(p, "command");
     let pass_env = k.string_list(p, "pass-env").unwrap_or_default();
+    crate::config::check_pass_env(ctx, &pass_env, p);
     let connect_timeout = k
         .uint(p, "connect-timeout")
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
