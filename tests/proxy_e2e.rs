@@ -585,7 +585,6 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         &env,
         &format!(
             r#"
-    r wget -q -O - http://localhost:{h}/secret > $out/http
     r {CURL} https://localhost:{s}/secret > $out/https
     r {CURL} -H 'Authorization: Bearer forged' https://localhost:{s}/secret > $out/forged
     r {CURL_REASON} -X TRACE https://localhost:{s}/secret > $out/trace
@@ -601,7 +600,6 @@ fn credentials_are_injected_and_never_reach_the_jail() {
     );
     let (out, log) = build_probe(&env, &e);
     let got = |f: &str| read(format!("{out}/{f}"));
-    assert_eq!(got("http"), "ok authorized over http \n");
     assert_eq!(got("https"), "ok authorized over https \n");
     // A header the build sets is replaced by the credential.
     assert_eq!(got("forged"), "ok authorized over https \n");
@@ -616,15 +614,10 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         seen.iter()
             .filter(|l| l.ends_with("/secret auth=ok"))
             .count(),
-        3,
+        2,
         "{seen:#?}"
     );
     assert!(!seen.iter().any(|l| l.contains("TRACE")), "{seen:#?}");
-    assert_has(
-        &log,
-        &format!("nix-hatch proxy: allow GET localhost:{h}/secret (credential: authorization)"),
-        "build log",
-    );
     assert_has(
         &log,
         &format!(
@@ -650,6 +643,98 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         "env",
     );
     assert!(!jail_env.contains(&secret));
+}
+
+/// A credential goes only into requests the proxy sends upstream over
+/// TLS: a plain `http://` request to its host still goes out, without it,
+/// and the build log and the audit record name the header withheld. A
+/// credential with `plain-http = true` is sent over plain HTTP too.
+#[test]
+fn credentials_are_withheld_from_plain_http_unless_plain_http_is_set() {
+    let env = TestEnv::new("proxy-cred-plain");
+    let secret = format!("nhsecret{}", nonce());
+    let srv = start_servers(&env, &secret);
+    let value_file = env.path("token");
+    fs::write(&value_file, format!("{secret}\n")).unwrap();
+    fs::set_permissions(&value_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let vf = toml_str(&value_file.to_string_lossy());
+    proxy_config(
+        &env,
+        &srv,
+        &format!(
+            r#"allow = [ {{ host = 'localhost' }}, {{ host = '127\.0\.0\.1' }} ]
+[[executors.px.credentials]]
+host = 'localhost'
+header = "Authorization"
+prefix = "Bearer "
+value-file = {vf}
+[[executors.px.credentials]]
+host = '127\.0\.0\.1'
+header = "Authorization"
+prefix = "Bearer "
+value-file = {vf}
+plain-http = true
+"#
+        ),
+    );
+    let (h, s) = (srv.http, srv.https);
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL_REASON} http://localhost:{h}/secret > $out/withheld
+    r {CURL} https://localhost:{s}/secret > $out/tls
+    r {CURL} http://127.0.0.1:{h}/secret > $out/plain-http
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    // The server answered the plain request itself: it got no credential.
+    assert_eq!(got("withheld"), "ok 401 \n");
+    assert_eq!(got("tls"), "ok authorized over https \n");
+    assert_eq!(got("plain-http"), "ok authorized over http \n");
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /secret auth=none".to_owned(),
+            "https GET /secret auth=ok".to_owned(),
+            "http GET /secret auth=ok".to_owned(),
+        ]
+    );
+    assert_has(
+        &log,
+        &format!(
+            "nix-hatch proxy: allow GET localhost:{h}/secret (credential withheld, not TLS: authorization)\n"
+        ),
+        "build log",
+    );
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: allow GET 127.0.0.1:{h}/secret (credential: authorization)\n"),
+        "build log",
+    );
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let plain = |host: &str| {
+        records
+            .iter()
+            .find(|r| r["scheme"] == "http" && r["host"] == host)
+            .unwrap_or_else(|| panic!("no record for http://{host}: {audit}"))
+    };
+    let withheld = plain("localhost");
+    assert_eq!(withheld["decision"], "allow");
+    assert_eq!(withheld["credentials_withheld"][0], "authorization");
+    assert_eq!(withheld["reason"], "credential withheld, not TLS");
+    assert!(withheld.get("credentials").is_none(), "{withheld}");
+    let sent = plain("127.0.0.1");
+    assert_eq!(sent["credentials"][0], "authorization");
+    assert!(sent.get("credentials_withheld").is_none(), "{sent}");
+    assert!(!log.contains(&secret), "secret in the build log");
+    assert!(!audit.contains(&secret), "secret in the audit file");
 }
 
 #[test]

@@ -110,6 +110,10 @@ pub struct Decision<'a> {
     /// Names of headers a credential was injected into (never values).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub credentials: &'a [String],
+    /// Names of headers whose credential matched but was not injected:
+    /// the request went upstream without TLS (see `credentials`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub credentials_withheld: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -456,6 +460,7 @@ mod tests {
                 reason: None,
                 mode: Some("forward"),
                 credentials: &creds,
+                credentials_withheld: &[],
             },
         );
         ev.line("bad\nline");
@@ -487,6 +492,7 @@ mod tests {
             reason: Some("no rule"),
             mode: Some("forward"),
             credentials: &[],
+            credentials_withheld: &[],
         }
     }
 

@@ -1,7 +1,8 @@
 //! HTTP forwarding: requests from the jail (absolute-form `GET http://…`,
 //! or origin-form inside an intercepted TLS connection) are judged by the
-//! policy, get their credentials, and are sent upstream over a connection
-//! the proxy makes from the host's network. Bodies stream both ways.
+//! policy, get their credentials (over TLS only, unless a credential sets
+//! `plain-http`), and are sent upstream over a connection the proxy makes
+//! from the host's network. Bodies stream both ways.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +28,10 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub const REASON_HEADER: &str = "x-nix-hatch-proxy";
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a matching credential was not added (the decision's reason; the
+/// log line names the headers after it).
+const WITHHELD: &str = "credential withheld, not TLS";
 
 /// Methods whose answer echoes the request (with its injected credentials).
 const ECHO_METHODS: [&str; 2] = ["TRACE", "TRACK"];
@@ -192,6 +197,7 @@ pub async fn judge_and_send(
         reason: None,
         mode: Some(mode),
         credentials: &[],
+        credentials_withheld: &[],
     };
     // TRACE (and IIS's TRACK) make the server echo the request back,
     // credentials the proxy added included: never forwarded.
@@ -227,13 +233,22 @@ pub async fn judge_and_send(
     if let Ok(v) = HeaderValue::from_str(&origin.host_header()) {
         headers.insert(header::HOST, v);
     }
-    let injected = credentials::inject(&shared.credentials, &origin.host, headers);
+    let creds = credentials::inject(&shared.credentials, &origin.host, origin.tls, headers);
     d.rule = Some(rule + 1);
-    d.credentials = &injected;
-    let suffix = if injected.is_empty() {
+    d.credentials = &creds.added;
+    d.credentials_withheld = &creds.withheld;
+    let mut notes = Vec::new();
+    if !creds.added.is_empty() {
+        notes.push(format!("credential: {}", creds.added.join(", ")));
+    }
+    if !creds.withheld.is_empty() {
+        d.reason = Some(WITHHELD);
+        notes.push(format!("{WITHHELD}: {}", creds.withheld.join(", ")));
+    }
+    let suffix = if notes.is_empty() {
         String::new()
     } else {
-        format!(" (credential: {})", injected.join(", "))
+        format!(" ({})", notes.join("; "))
     };
     shared.events.decision(&format!("allow {what}{suffix}"), &d);
     let req = req.map(|b| b.boxed());
@@ -249,6 +264,7 @@ pub async fn judge_and_send(
                 decision: "error",
                 reason: Some(&reason),
                 credentials: &[],
+                credentials_withheld: &[],
                 ..d
             };
             shared

@@ -54,6 +54,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) ->
         reason: None,
         mode: None,
         credentials: &[],
+        credentials_withheld: &[],
     };
     match shared.policy.connect(&host, port, needs_inside) {
         ConnectVerdict::Deny { reason } => {
