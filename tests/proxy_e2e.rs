@@ -47,7 +47,8 @@ struct Servers {
     https: u16,
     /// The test CA (PEM), for `upstream-ca`.
     ca_file: PathBuf,
-    /// One line per request: `<scheme> <method> <path> auth=<ok|none|wrong>`.
+    /// One line per request: `<scheme> <method> <path> auth=<ok|none|wrong>`,
+    /// then ` override=<value>` for each method-override header.
     seen: Arc<Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
@@ -113,9 +114,20 @@ async fn respond(
         Some(_) => "wrong",
     };
     let path = req.uri().path().to_owned();
-    seen.lock()
-        .unwrap()
-        .push(format!("{scheme} {} {path} auth={auth}", req.method()));
+    // Method-override headers, when the request has any.
+    let overrides: String = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ]
+    .iter()
+    .flat_map(|h| req.headers().get_all(*h))
+    .map(|v| format!(" override={}", String::from_utf8_lossy(v.as_bytes())))
+    .collect();
+    seen.lock().unwrap().push(format!(
+        "{scheme} {} {path} auth={auth}{overrides}",
+        req.method()
+    ));
     let resp = match path.as_str() {
         "/pub/a" => Response::new(body(format!("pub-a over {scheme}\n"))),
         "/priv/b" => Response::new(body(format!("priv-b over {scheme}\n"))),
@@ -735,6 +747,63 @@ plain-http = true
     assert!(sent.get("credentials_withheld").is_none(), "{sent}");
     assert!(!log.contains(&secret), "secret in the build log");
     assert!(!audit.contains(&secret), "secret in the audit file");
+}
+
+/// A rule with `methods = ["GET"]` allows the GET, but the server never
+/// sees a method-override header that would make it a DELETE: neither
+/// over plain HTTP nor inside the intercepted TLS connection. Under a rule
+/// without `methods` the header passes like any other.
+#[test]
+fn method_overrides_never_reach_the_server_under_a_method_rule() {
+    let env = TestEnv::new("proxy-override");
+    let srv = start_servers(&env, "unused");
+    proxy_config(
+        &env,
+        &srv,
+        "allow = [ { host = '127\\.0\\.0\\.1', methods = [\"GET\"] }, { host = 'localhost' } ]\n",
+    );
+    let (h, s) = (srv.http, srv.https);
+    let o = "-H 'X-HTTP-Method-Override: DELETE' -H 'x-method-override: DELETE'";
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL} {o} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} {o} https://127.0.0.1:{s}/pub/a > $out/https
+    r {CURL} {o} http://localhost:{h}/pub/a > $out/unrestricted
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    for f in ["http", "https", "unrestricted"] {
+        assert!(got(f).starts_with("ok pub-a over http"), "{f}: {}", got(f));
+    }
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /pub/a auth=none".to_owned(),
+            "https GET /pub/a auth=none".to_owned(),
+            "http GET /pub/a auth=none override=DELETE override=DELETE".to_owned(),
+        ]
+    );
+    for shown in [format!("127.0.0.1:{h}"), format!("https://127.0.0.1:{s}")] {
+        assert_has(
+            &log,
+            &format!("nix-hatch proxy: allow GET {shown}/pub/a (method override removed (rule 1 restricts methods): x-http-method-override, x-method-override)\n"),
+            "build log",
+        );
+    }
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let removed: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r.get("removed_headers").cloned())
+        .collect();
+    assert_eq!(
+        removed,
+        vec![serde_json::json!(["x-http-method-override", "x-method-override"]); 2]
+    );
 }
 
 #[test]

@@ -114,6 +114,10 @@ pub struct Decision<'a> {
     /// the request went upstream without TLS (see `credentials`).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub credentials_withheld: &'a [String],
+    /// Names of headers the proxy removed from the request before
+    /// forwarding it (method overrides under a rule with `methods`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub removed_headers: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -461,6 +465,7 @@ mod tests {
                 mode: Some("forward"),
                 credentials: &creds,
                 credentials_withheld: &[],
+                removed_headers: &[],
             },
         );
         ev.line("bad\nline");
@@ -493,6 +498,7 @@ mod tests {
             mode: Some("forward"),
             credentials: &[],
             credentials_withheld: &[],
+            removed_headers: &[],
         }
     }
 

@@ -36,6 +36,14 @@ const WITHHELD: &str = "credential withheld, not TLS";
 /// Methods whose answer echoes the request (with its injected credentials).
 const ECHO_METHODS: [&str; 2] = ["TRACE", "TRACK"];
 
+/// Headers that tell a server to take the request for another method
+/// (Rails, Laravel, Express's method-override and others honour them).
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
@@ -134,6 +142,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Removes the [`METHOD_OVERRIDE_HEADERS`] (header names are matched
+/// case-insensitively) and returns the names that were there.
+fn strip_method_overrides(h: &mut HeaderMap) -> Vec<String> {
+    METHOD_OVERRIDE_HEADERS
+        .into_iter()
+        .filter(|name| h.remove(*name).is_some())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// An absolute-form request (`GET http://host/path`) from the jail.
 pub async fn plain(
     req: Request<Incoming>,
@@ -198,6 +216,7 @@ pub async fn judge_and_send(
         mode: Some(mode),
         credentials: &[],
         credentials_withheld: &[],
+        removed_headers: &[],
     };
     // TRACE (and IIS's TRACK) make the server echo the request back,
     // credentials the proxy added included: never forwarded.
@@ -230,6 +249,13 @@ pub async fn judge_and_send(
     };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // The rule allowed this method only: the server must not be told to
+    // treat the request as another one (a GET as a DELETE).
+    let removed = if shared.policy.restricts_methods(rule) {
+        strip_method_overrides(headers)
+    } else {
+        Vec::new()
+    };
     if let Ok(v) = HeaderValue::from_str(&origin.host_header()) {
         headers.insert(header::HOST, v);
     }
@@ -237,7 +263,15 @@ pub async fn judge_and_send(
     d.rule = Some(rule + 1);
     d.credentials = &creds.added;
     d.credentials_withheld = &creds.withheld;
+    d.removed_headers = &removed;
     let mut notes = Vec::new();
+    if !removed.is_empty() {
+        notes.push(format!(
+            "method override removed (rule {} restricts methods): {}",
+            rule + 1,
+            removed.join(", ")
+        ));
+    }
     if !creds.added.is_empty() {
         notes.push(format!("credential: {}", creds.added.join(", ")));
     }
@@ -265,6 +299,7 @@ pub async fn judge_and_send(
                 reason: Some(&reason),
                 credentials: &[],
                 credentials_withheld: &[],
+                removed_headers: &[],
                 ..d
             };
             shared
@@ -391,7 +426,8 @@ fn reachable(
 
 #[cfg(test)]
 mod tests {
-    use super::reachable;
+    use super::{reachable, strip_method_overrides};
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
     use std::net::SocketAddr;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -440,5 +476,37 @@ mod tests {
         ] {
             assert_eq!(reachable(host, addrs(&[a])).unwrap(), addrs(&[a]), "{host}");
         }
+    }
+
+    /// Every spelling and every value of the three override headers
+    /// goes, and only they.
+    #[test]
+    fn method_overrides_are_stripped_in_any_case() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("x-http-method", "PUT"),
+            ("X-Method-OVERRIDE", "PATCH"),
+            ("x-http-method-override", "POST"),
+            ("X-HTTP-Method-Override-Not", "kept"),
+            ("Accept", "*/*"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        assert_eq!(
+            strip_method_overrides(&mut h),
+            vec![
+                "x-http-method-override",
+                "x-http-method",
+                "x-method-override"
+            ]
+        );
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["accept", "x-http-method-override-not"]);
+        assert!(strip_method_overrides(&mut h).is_empty());
     }
 }

@@ -4,7 +4,9 @@
 //! `^(?:host)$`, so `github\.com` cannot be widened to
 //! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
 //! (unanchored) regex over the path without the query; `methods` lists the
-//! allowed methods; `ports` the allowed ports (any when absent).
+//! allowed methods (a request it allows is forwarded without
+//! method-override headers, see `forward`); `ports` the allowed ports (any
+//! when absent).
 //!
 //! A `path` regex never matches an *ambiguous* path (see
 //! [`ambiguous_path`]): one a server may resolve to another resource than
@@ -255,6 +257,11 @@ impl Policy {
                 (true, true, None) => "no rule for this path or method".into(),
             },
         }
+    }
+
+    /// Whether rule `rule` (0-based) allows only some methods.
+    pub fn restricts_methods(&self, rule: usize) -> bool {
+        self.rules.get(rule).is_some_and(|r| r.methods.is_some())
     }
 
     /// A CONNECT to `host` (normalized):`port`. `needs_inside` is set when
@@ -511,6 +518,17 @@ mod tests {
             Some(r#"ambiguous path: a "." or ".." segment"#)
         );
         assert_eq!(ambiguous_path("/a/b"), None);
+    }
+
+    #[test]
+    fn rules_with_methods_restrict_methods() {
+        let p = policy(&[
+            (r"a\.example", None, Some(&["GET"])),
+            (r"b\.example", None, None),
+        ]);
+        assert!(p.restricts_methods(0));
+        assert!(!p.restricts_methods(1));
+        assert!(!p.restricts_methods(2));
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) ->
         mode: None,
         credentials: &[],
         credentials_withheld: &[],
+        removed_headers: &[],
     };
     match shared.policy.connect(&host, port, needs_inside) {
         ConnectVerdict::Deny { reason } => {
