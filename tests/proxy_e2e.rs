@@ -806,6 +806,100 @@ fn method_overrides_never_reach_the_server_under_a_method_rule() {
     );
 }
 
+/// The proxy connects from the host's network: `{ host = '.*' }` must not
+/// hand the build the host's own services. With that rule alone, the test
+/// servers on the host's 127.0.0.1 (also as `localhost` and `[::1]`) and
+/// the metadata address are refused, over HTTP and CONNECT, with the
+/// reason; a later rule `127\.0\.0\.1` names the address literally and
+/// reaches them.
+#[test]
+fn a_pattern_rule_does_not_reach_this_machine() {
+    let env = TestEnv::new("proxy-local");
+    let srv = start_servers(&env, "unused");
+    proxy_config(&env, &srv, "allow = [ { host = '.*' } ]\n");
+    let (h, s) = (srv.http, srv.https);
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL_REASON} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} https://127.0.0.1:{s}/pub/a > $out/https
+    r {CURL_REASON} http://localhost:{h}/pub/a > $out/localhost
+    r {CURL_REASON} 'http://[::1]:{h}/pub/a' > $out/ipv6
+    r {CURL_REASON} http://169.254.169.254/latest/meta-data/ > $out/metadata
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    let why = "(this machine or link-local: a rule must name this host literally)";
+    for (f, shown) in [
+        ("http", format!("127.0.0.1:{h}/pub/a")),
+        ("localhost", format!("localhost:{h}/pub/a")),
+        ("ipv6", format!("[::1]:{h}/pub/a")),
+        ("metadata", "169.254.169.254/latest/meta-data/".to_owned()),
+    ] {
+        assert_eq!(got(f), format!("ok 403 denied GET {shown} {why}\n"), "{f}");
+        assert_has(
+            &log,
+            &format!("nix-hatch proxy: deny GET {shown} {why}\n"),
+            "build log",
+        );
+    }
+    let https = got("https");
+    assert!(
+        https.starts_with("fail") && https.contains("403"),
+        "{https}"
+    );
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: deny CONNECT 127.0.0.1:{s} {why}\n"),
+        "build log",
+    );
+    assert_eq!(srv.seen(), Vec::<String>::new());
+
+    // A rule naming the address literally reaches it, after `.*` too.
+    proxy_config(
+        &env,
+        &srv,
+        "allow = [ { host = '.*' }, { host = '127\\.0\\.0\\.1' } ]\n",
+    );
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} https://127.0.0.1:{s}/pub/a > $out/https
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    assert_eq!(got("http"), "ok pub-a over http \n");
+    assert_eq!(got("https"), "ok pub-a over https \n");
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: allow CONNECT 127.0.0.1:{s} (tunnel)\n"),
+        "build log",
+    );
+    // Both allowed by rule 2, the literal one.
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let allowed: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["decision"] == "allow")
+        .map(|r| r["rule"].clone())
+        .collect();
+    assert_eq!(allowed, vec![serde_json::json!(2); 2], "{audit}");
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /pub/a auth=none".to_owned(),
+            "https GET /pub/a auth=none".to_owned()
+        ]
+    );
+}
+
 #[test]
 fn bad_traffic_does_not_stop_a_concurrent_download() {
     let env = TestEnv::new("proxy-bad");

@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 
 use super::audit::{clip_shown, shown, Decision};
 use super::credentials;
-use super::rules::{normalize_host, Verdict};
+use super::rules::{local_host, local_ip, normalize_host, Verdict};
 use super::server::Shared;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -391,27 +391,18 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
 /// this machine (loopback, unspecified) or to link-local addresses (cloud
 /// metadata at 169.254.169.254) is not followed there — an allowed domain
 /// pointing at 127.0.0.1 would otherwise hand the build the host's own
-/// services, which the proxy can reach from the host's namespace. Rules
-/// that name such a host literally (`localhost`, `127.0.0.1`, `[::1]`)
-/// still reach it.
+/// services, which the proxy can reach from the host's namespace. A host
+/// that is such an address by name (`localhost`, `127.0.0.1`, `::1`) is
+/// reached: the policy allowed it only through a rule naming it literally
+/// (see `rules`).
 fn reachable(
     host: &str,
     addrs: Vec<std::net::SocketAddr>,
 ) -> Result<Vec<std::net::SocketAddr>, String> {
-    let literal = host.parse::<std::net::IpAddr>().is_ok()
-        || host == "localhost"
-        || host.ends_with(".localhost");
-    if literal {
+    if host.parse::<std::net::IpAddr>().is_ok() || local_host(host) {
         return Ok(addrs);
     }
-    // IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
-    let local = |ip: std::net::IpAddr| match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local()
-        }
-    };
-    let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local(a.ip()));
+    let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local_ip(a.ip()));
     if ok.is_empty() {
         return Err(match skipped.first() {
             Some(a) => format!(

@@ -257,6 +257,40 @@ async fn method_overrides_never_reach_the_server_under_a_method_rule() {
     );
 }
 
+/// `{ host = '.*' }` does not hand the build this machine: a request and
+/// a CONNECT to 127.0.0.1 are refused with the reason, and nothing reaches
+/// the servers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_rule_does_not_reach_this_machine() {
+    let (up, seen) = http_upstream().await;
+    let echo = echo_upstream().await;
+    let mut p = proxy(vec![rule(".*", None)], 8).await;
+    let head = ask(
+        p.addr,
+        &format!("GET http://127.0.0.1:{up}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.contains("(this machine or link-local: a rule must name this host literally)"),
+        "{head}"
+    );
+    let head = ask(
+        p.addr,
+        &format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\nHost: 127.0.0.1:{echo}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(seen.lock().unwrap().is_empty());
+    let log = p.lines();
+    for line in [
+        format!("nix-hatch proxy: deny GET 127.0.0.1:{up}/x (this machine or link-local: a rule must name this host literally)\n"),
+        format!("nix-hatch proxy: deny CONNECT 127.0.0.1:{echo} (this machine or link-local: a rule must name this host literally)\n"),
+    ] {
+        assert!(log.contains(&line), "no {line:?} in {log}");
+    }
+}
+
 /// Opens a tunnel through the proxy to the echo server and checks it
 /// echoes; `None` if the proxy closed the connection instead.
 async fn tunnel(proxy: SocketAddr, echo: u16) -> Option<TcpStream> {
