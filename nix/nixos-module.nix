@@ -91,6 +91,8 @@ in
             user = "nix-hatch-jail";
             network = "proxy";
             allow = [ { host = "github\\.com"; } ];
+            # Added to requests that leave over TLS; `plain-http = true;`
+            # would send it on plain http:// requests too (trusted networks).
             credentials = [ { host = "api\\.example\\.com"; header = "Authorization";
                               value-file = "/run/keys/example-token"; prefix = "Bearer "; } ];
           };

@@ -134,6 +134,7 @@ fn sample_settings(dir: &Path) -> String {
     ];
     credentials = [
       {{ host = "api\\.example\\.com"; header = "Authorization"; value-file = "{d}/token"; prefix = "Bearer "; }}
+      {{ host = "mirror\\.lan"; header = "X-Token"; value-file = "{d}/token"; plain-http = true; }}
     ];
     ro-binds = [ "/etc/ssl/certs" ];
     max-jobs = 4;

@@ -47,7 +47,8 @@ struct Servers {
     https: u16,
     /// The test CA (PEM), for `upstream-ca`.
     ca_file: PathBuf,
-    /// One line per request: `<scheme> <method> <path> auth=<ok|none|wrong>`.
+    /// One line per request: `<scheme> <method> <path> auth=<ok|none|wrong>`,
+    /// then ` override=<value>` for each method-override header.
     seen: Arc<Mutex<Vec<String>>>,
     _rt: tokio::runtime::Runtime,
 }
@@ -113,9 +114,20 @@ async fn respond(
         Some(_) => "wrong",
     };
     let path = req.uri().path().to_owned();
-    seen.lock()
-        .unwrap()
-        .push(format!("{scheme} {} {path} auth={auth}", req.method()));
+    // Method-override headers, when the request has any.
+    let overrides: String = [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ]
+    .iter()
+    .flat_map(|h| req.headers().get_all(*h))
+    .map(|v| format!(" override={}", String::from_utf8_lossy(v.as_bytes())))
+    .collect();
+    seen.lock().unwrap().push(format!(
+        "{scheme} {} {path} auth={auth}{overrides}",
+        req.method()
+    ));
     let resp = match path.as_str() {
         "/pub/a" => Response::new(body(format!("pub-a over {scheme}\n"))),
         "/priv/b" => Response::new(body(format!("priv-b over {scheme}\n"))),
@@ -585,7 +597,6 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         &env,
         &format!(
             r#"
-    r wget -q -O - http://localhost:{h}/secret > $out/http
     r {CURL} https://localhost:{s}/secret > $out/https
     r {CURL} -H 'Authorization: Bearer forged' https://localhost:{s}/secret > $out/forged
     r {CURL_REASON} -X TRACE https://localhost:{s}/secret > $out/trace
@@ -601,7 +612,6 @@ fn credentials_are_injected_and_never_reach_the_jail() {
     );
     let (out, log) = build_probe(&env, &e);
     let got = |f: &str| read(format!("{out}/{f}"));
-    assert_eq!(got("http"), "ok authorized over http \n");
     assert_eq!(got("https"), "ok authorized over https \n");
     // A header the build sets is replaced by the credential.
     assert_eq!(got("forged"), "ok authorized over https \n");
@@ -616,15 +626,10 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         seen.iter()
             .filter(|l| l.ends_with("/secret auth=ok"))
             .count(),
-        3,
+        2,
         "{seen:#?}"
     );
     assert!(!seen.iter().any(|l| l.contains("TRACE")), "{seen:#?}");
-    assert_has(
-        &log,
-        &format!("nix-hatch proxy: allow GET localhost:{h}/secret (credential: authorization)"),
-        "build log",
-    );
     assert_has(
         &log,
         &format!(
@@ -650,6 +655,249 @@ fn credentials_are_injected_and_never_reach_the_jail() {
         "env",
     );
     assert!(!jail_env.contains(&secret));
+}
+
+/// A credential goes only into requests the proxy sends upstream over
+/// TLS: a plain `http://` request to its host still goes out, without it,
+/// and the build log and the audit record name the header withheld. A
+/// credential with `plain-http = true` is sent over plain HTTP too.
+#[test]
+fn credentials_are_withheld_from_plain_http_unless_plain_http_is_set() {
+    let env = TestEnv::new("proxy-cred-plain");
+    let secret = format!("nhsecret{}", nonce());
+    let srv = start_servers(&env, &secret);
+    let value_file = env.path("token");
+    fs::write(&value_file, format!("{secret}\n")).unwrap();
+    fs::set_permissions(&value_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let vf = toml_str(&value_file.to_string_lossy());
+    proxy_config(
+        &env,
+        &srv,
+        &format!(
+            r#"allow = [ {{ host = 'localhost' }}, {{ host = '127\.0\.0\.1' }} ]
+[[executors.px.credentials]]
+host = 'localhost'
+header = "Authorization"
+prefix = "Bearer "
+value-file = {vf}
+[[executors.px.credentials]]
+host = '127\.0\.0\.1'
+header = "Authorization"
+prefix = "Bearer "
+value-file = {vf}
+plain-http = true
+"#
+        ),
+    );
+    let (h, s) = (srv.http, srv.https);
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL_REASON} http://localhost:{h}/secret > $out/withheld
+    r {CURL} https://localhost:{s}/secret > $out/tls
+    r {CURL} http://127.0.0.1:{h}/secret > $out/plain-http
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    // The server answered the plain request itself: it got no credential.
+    assert_eq!(got("withheld"), "ok 401 \n");
+    assert_eq!(got("tls"), "ok authorized over https \n");
+    assert_eq!(got("plain-http"), "ok authorized over http \n");
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /secret auth=none".to_owned(),
+            "https GET /secret auth=ok".to_owned(),
+            "http GET /secret auth=ok".to_owned(),
+        ]
+    );
+    assert_has(
+        &log,
+        &format!(
+            "nix-hatch proxy: allow GET localhost:{h}/secret (credential withheld, not TLS: authorization)\n"
+        ),
+        "build log",
+    );
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: allow GET 127.0.0.1:{h}/secret (credential: authorization)\n"),
+        "build log",
+    );
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let plain = |host: &str| {
+        records
+            .iter()
+            .find(|r| r["scheme"] == "http" && r["host"] == host)
+            .unwrap_or_else(|| panic!("no record for http://{host}: {audit}"))
+    };
+    let withheld = plain("localhost");
+    assert_eq!(withheld["decision"], "allow");
+    assert_eq!(withheld["credentials_withheld"][0], "authorization");
+    assert_eq!(withheld["reason"], "credential withheld, not TLS");
+    assert!(withheld.get("credentials").is_none(), "{withheld}");
+    let sent = plain("127.0.0.1");
+    assert_eq!(sent["credentials"][0], "authorization");
+    assert!(sent.get("credentials_withheld").is_none(), "{sent}");
+    assert!(!log.contains(&secret), "secret in the build log");
+    assert!(!audit.contains(&secret), "secret in the audit file");
+}
+
+/// A rule with `methods = ["GET"]` allows the GET, but the server never
+/// sees a method-override header that would make it a DELETE: neither
+/// over plain HTTP nor inside the intercepted TLS connection. Under a rule
+/// without `methods` the header passes like any other.
+#[test]
+fn method_overrides_never_reach_the_server_under_a_method_rule() {
+    let env = TestEnv::new("proxy-override");
+    let srv = start_servers(&env, "unused");
+    proxy_config(
+        &env,
+        &srv,
+        "allow = [ { host = '127\\.0\\.0\\.1', methods = [\"GET\"] }, { host = 'localhost' } ]\n",
+    );
+    let (h, s) = (srv.http, srv.https);
+    let o = "-H 'X-HTTP-Method-Override: DELETE' -H 'x-method-override: DELETE'";
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL} {o} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} {o} https://127.0.0.1:{s}/pub/a > $out/https
+    r {CURL} {o} http://localhost:{h}/pub/a > $out/unrestricted
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    for f in ["http", "https", "unrestricted"] {
+        assert!(got(f).starts_with("ok pub-a over http"), "{f}: {}", got(f));
+    }
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /pub/a auth=none".to_owned(),
+            "https GET /pub/a auth=none".to_owned(),
+            "http GET /pub/a auth=none override=DELETE override=DELETE".to_owned(),
+        ]
+    );
+    for shown in [format!("127.0.0.1:{h}"), format!("https://127.0.0.1:{s}")] {
+        assert_has(
+            &log,
+            &format!("nix-hatch proxy: allow GET {shown}/pub/a (method override removed (rule 1 restricts methods): x-http-method-override, x-method-override)\n"),
+            "build log",
+        );
+    }
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let removed: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r.get("removed_headers").cloned())
+        .collect();
+    assert_eq!(
+        removed,
+        vec![serde_json::json!(["x-http-method-override", "x-method-override"]); 2]
+    );
+}
+
+/// The proxy connects from the host's network: `{ host = '.*' }` must not
+/// hand the build the host's own services. With that rule alone, the test
+/// servers on the host's 127.0.0.1 (also as `localhost` and `[::1]`) and
+/// the metadata address are refused, over HTTP and CONNECT, with the
+/// reason; a later rule `127\.0\.0\.1` names the address literally and
+/// reaches them.
+#[test]
+fn a_pattern_rule_does_not_reach_this_machine() {
+    let env = TestEnv::new("proxy-local");
+    let srv = start_servers(&env, "unused");
+    proxy_config(&env, &srv, "allow = [ { host = '.*' } ]\n");
+    let (h, s) = (srv.http, srv.https);
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL_REASON} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} https://127.0.0.1:{s}/pub/a > $out/https
+    r {CURL_REASON} http://localhost:{h}/pub/a > $out/localhost
+    r {CURL_REASON} 'http://[::1]:{h}/pub/a' > $out/ipv6
+    r {CURL_REASON} http://169.254.169.254/latest/meta-data/ > $out/metadata
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    let why = "(this machine or link-local: a rule must name this host literally)";
+    for (f, shown) in [
+        ("http", format!("127.0.0.1:{h}/pub/a")),
+        ("localhost", format!("localhost:{h}/pub/a")),
+        ("ipv6", format!("[::1]:{h}/pub/a")),
+        ("metadata", "169.254.169.254/latest/meta-data/".to_owned()),
+    ] {
+        assert_eq!(got(f), format!("ok 403 denied GET {shown} {why}\n"), "{f}");
+        assert_has(
+            &log,
+            &format!("nix-hatch proxy: deny GET {shown} {why}\n"),
+            "build log",
+        );
+    }
+    let https = got("https");
+    assert!(
+        https.starts_with("fail") && https.contains("403"),
+        "{https}"
+    );
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: deny CONNECT 127.0.0.1:{s} {why}\n"),
+        "build log",
+    );
+    assert_eq!(srv.seen(), Vec::<String>::new());
+
+    // A rule naming the address literally reaches it, after `.*` too.
+    proxy_config(
+        &env,
+        &srv,
+        "allow = [ { host = '.*' }, { host = '127\\.0\\.0\\.1' } ]\n",
+    );
+    let e = probe_expr(
+        &env,
+        &format!(
+            r#"
+    r {CURL} http://127.0.0.1:{h}/pub/a > $out/http
+    r {CURL} https://127.0.0.1:{s}/pub/a > $out/https
+"#
+        ),
+    );
+    let (out, log) = build_probe(&env, &e);
+    let got = |f: &str| read(format!("{out}/{f}"));
+    assert_eq!(got("http"), "ok pub-a over http \n");
+    assert_eq!(got("https"), "ok pub-a over https \n");
+    assert_has(
+        &log,
+        &format!("nix-hatch proxy: allow CONNECT 127.0.0.1:{s} (tunnel)\n"),
+        "build log",
+    );
+    // Both allowed by rule 2, the literal one.
+    let audit = read(env.state_dir().join(nix_hatch::proxy::audit::AUDIT_FILE));
+    let allowed: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["decision"] == "allow")
+        .map(|r| r["rule"].clone())
+        .collect();
+    assert_eq!(allowed, vec![serde_json::json!(2); 2], "{audit}");
+    assert_eq!(
+        srv.seen(),
+        vec![
+            "http GET /pub/a auth=none".to_owned(),
+            "https GET /pub/a auth=none".to_owned()
+        ]
+    );
 }
 
 #[test]

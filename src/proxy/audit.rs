@@ -110,6 +110,14 @@ pub struct Decision<'a> {
     /// Names of headers a credential was injected into (never values).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub credentials: &'a [String],
+    /// Names of headers whose credential matched but was not injected:
+    /// the request went upstream without TLS (see `credentials`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub credentials_withheld: &'a [String],
+    /// Names of headers the proxy removed from the request before
+    /// forwarding it (method overrides under a rule with `methods`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub removed_headers: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -456,6 +464,8 @@ mod tests {
                 reason: None,
                 mode: Some("forward"),
                 credentials: &creds,
+                credentials_withheld: &[],
+                removed_headers: &[],
             },
         );
         ev.line("bad\nline");
@@ -487,6 +497,8 @@ mod tests {
             reason: Some("no rule"),
             mode: Some("forward"),
             credentials: &[],
+            credentials_withheld: &[],
+            removed_headers: &[],
         }
     }
 

@@ -33,7 +33,7 @@ impl ProxySettings {
     }
 }
 
-/// `{ host = regex, header = "Authorization", value-file = "/root/x", prefix = "Bearer " }`
+/// `{ host = regex, header = "Authorization", value-file = "/root/x", prefix = "Bearer ", plain-http = false }`
 #[derive(Debug, Clone)]
 pub struct CredentialSpec {
     pub host_src: String,
@@ -41,6 +41,9 @@ pub struct CredentialSpec {
     pub header: String,
     pub value_file: PathBuf,
     pub prefix: String,
+    /// `plain-http = true`: also added to requests sent upstream without
+    /// TLS (an internal mirror on a trusted network). Default: TLS only.
+    pub plain_http: bool,
 }
 
 /// Reads the proxy keys of `[executors.<name>]`; `Some` exactly when
@@ -108,7 +111,13 @@ pub(crate) fn parse(
         let header = str_key(&at, t, "header", p, true);
         let value_file = str_key(&at, t, "value-file", p, true).map(PathBuf::from);
         let prefix = str_key(&at, t, "prefix", p, false).unwrap_or_default();
-        unknown_keys(&at, t, &["host", "header", "value-file", "prefix"], p);
+        let plain_http = bool_key(&at, t, "plain-http", p).unwrap_or(false);
+        unknown_keys(
+            &at,
+            t,
+            &["host", "header", "value-file", "prefix", "plain-http"],
+            p,
+        );
         let host_re = host.as_ref().and_then(|h| {
             rules::compile(&format!("^(?:{h})$"), h)
                 .map_err(|e| p.push(format!("{at}.host: {e}")))
@@ -143,6 +152,7 @@ pub(crate) fn parse(
                 header,
                 value_file,
                 prefix,
+                plain_http,
             });
         }
     }
@@ -191,6 +201,17 @@ fn str_key(
             if required {
                 p.push(format!("{at}: missing `{key}`"));
             }
+            None
+        }
+    }
+}
+
+/// An optional boolean under `key`; anything else is one problem line.
+fn bool_key(at: &str, t: &toml::Table, key: &str, p: &mut Problems) -> Option<bool> {
+    match t.get(key)? {
+        Value::Boolean(b) => Some(*b),
+        other => {
+            p.push(format!("{at}.{key}: expected true or false, got {other}"));
             None
         }
     }
@@ -277,6 +298,11 @@ host = 'api\.example'
 header = "Authorization"
 value-file = "/root/token"
 prefix = "Bearer "
+[[executors.f.credentials]]
+host = 'mirror\.lan'
+header = "X-Token"
+value-file = "/root/mirror-token"
+plain-http = true
 "#,
         )
         .unwrap();
@@ -294,6 +320,9 @@ prefix = "Bearer "
         );
         assert_eq!(px.credentials[0].header, "Authorization");
         assert_eq!(px.credentials[0].prefix, "Bearer ");
+        // TLS only unless the credential says otherwise.
+        assert!(!px.credentials[0].plain_http);
+        assert!(px.credentials[1].plain_http);
         assert_eq!(px.upstream_ca_path(), Path::new("/etc/test-ca.pem"));
     }
 
@@ -309,6 +338,7 @@ allow = [ { host = '(unclosed' }, { path = '^/x' }, { host = 'a', port = 3 }, "s
 host = 'api'
 header = "Bad Header"
 value-file = "relative"
+plain-http = "yes"
 [executors.g]
 kind = "jail"
 allow = [ { host = 'a' } ]
@@ -325,6 +355,7 @@ allow = [ { host = 'a' } ]
             "executors.f.allow[6].ports: expected a non-empty list of port numbers",
             "executors.f.credentials[0].header: \"Bad Header\" is not a valid header name",
             "executors.f.credentials[0].value-file: must be an absolute path",
+            "executors.f.credentials[0].plain-http: expected true or false, got \"yes\"",
             "executors.g.allow: only used with network = \"proxy\"",
         ] {
             assert!(

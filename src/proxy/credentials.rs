@@ -3,6 +3,12 @@
 //! memory (as a header value marked sensitive) and never written anywhere
 //! the jail can see: not the environment, files, the build log, the audit
 //! file or the outputs. Log lines name the header, never the value.
+//!
+//! A credential goes only into requests the proxy sends upstream over TLS
+//! (inside an intercepted CONNECT): on a plain `http://` request anyone on
+//! the path could read it. The request itself still goes out, without
+//! the credential; a credential with `plain-http = true` (an internal
+//! mirror on a trusted network) is added there too.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -20,6 +26,8 @@ pub struct Credential {
     pub host: Regex,
     pub header: HeaderName,
     value: HeaderValue,
+    /// Also added to requests that go upstream without TLS.
+    pub plain_http: bool,
 }
 
 impl std::fmt::Debug for Credential {
@@ -28,6 +36,7 @@ impl std::fmt::Debug for Credential {
             .field("host", &self.host.as_str())
             .field("header", &self.header)
             .field("value", &"<secret>")
+            .field("plain_http", &self.plain_http)
             .finish()
     }
 }
@@ -112,6 +121,7 @@ pub fn load(specs: &[CredentialSpec]) -> Result<Vec<Credential>, String> {
             host: c.host.clone(),
             header,
             value,
+            plain_http: c.plain_http,
         });
     }
     Ok(out)
@@ -125,15 +135,32 @@ pub fn for_host<'a>(
     creds.iter().filter(move |c| c.host.is_match(host))
 }
 
-/// Sets every matching credential's header (replacing what the build sent)
-/// and returns the header names, for the log.
-pub fn inject(creds: &[Credential], host: &str, headers: &mut HeaderMap) -> Vec<String> {
-    let mut names = Vec::new();
+/// Header names of the credentials [`inject`] added and withheld, for
+/// the log and the audit record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Injected {
+    pub added: Vec<String>,
+    /// Matching credentials not added: the request goes upstream without
+    /// TLS and they lack `plain-http`.
+    pub withheld: Vec<String>,
+}
+
+/// Sets the header of every credential matching `host` (replacing what the
+/// build sent) when the request goes upstream over TLS (`tls`) or the
+/// credential allows plain HTTP; the others are withheld, the request
+/// keeping what the build sent.
+pub fn inject(creds: &[Credential], host: &str, tls: bool, headers: &mut HeaderMap) -> Injected {
+    let mut out = Injected::default();
     for c in for_host(creds, host) {
-        headers.insert(c.header.clone(), c.value.clone());
-        names.push(c.header.as_str().to_owned());
+        let name = c.header.as_str().to_owned();
+        if tls || c.plain_http {
+            headers.insert(c.header.clone(), c.value.clone());
+            out.added.push(name);
+        } else {
+            out.withheld.push(name);
+        }
     }
-    names
+    out
 }
 
 #[cfg(test)]
@@ -153,28 +180,74 @@ mod tests {
         assert!(read_value_file(&dir.path().join("missing")).is_err());
     }
 
-    #[test]
-    fn injection_replaces_and_hides() {
+    /// A credential for `host` in header `header`, value `s3cret`.
+    fn credential(host: &str, header: &str, plain_http: bool) -> Credential {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("token");
         std::fs::write(&p, "s3cret").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let spec = CredentialSpec {
-            host_src: "api\\.example".into(),
-            host: Regex::new("^(?:api\\.example)$").unwrap(),
-            header: "Authorization".into(),
+            host_src: host.into(),
+            host: Regex::new(&format!("^(?:{host})$")).unwrap(),
+            header: header.into(),
             value_file: p,
             prefix: "Bearer ".into(),
+            plain_http,
         };
-        let creds = load(&[spec]).unwrap();
+        load(&[spec]).unwrap().remove(0)
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn injection_replaces_and_hides() {
+        let creds = [credential(r"api\.example", "Authorization", false)];
         assert!(!format!("{creds:?}").contains("s3cret"));
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer forged"));
-        assert_eq!(inject(&creds, "api.example", &mut h), vec!["authorization"]);
+        assert_eq!(
+            inject(&creds, "api.example", true, &mut h).added,
+            names(&["authorization"])
+        );
         assert_eq!(h["authorization"], "Bearer s3cret");
         assert!(h["authorization"].is_sensitive());
         let mut h = HeaderMap::new();
-        assert!(inject(&creds, "other.example", &mut h).is_empty());
+        assert_eq!(
+            inject(&creds, "other.example", true, &mut h),
+            Injected::default()
+        );
         assert!(h.is_empty());
+    }
+
+    /// Without TLS only a `plain-http` credential is added; the others are
+    /// named as withheld and the request keeps what the build sent.
+    #[test]
+    fn plain_http_gets_only_plain_http_credentials() {
+        let creds = [
+            credential(r"api\.example", "Authorization", false),
+            credential(r"api\.example", "X-Mirror-Token", true),
+        ];
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer mine"));
+        assert_eq!(
+            inject(&creds, "api.example", false, &mut h),
+            Injected {
+                added: names(&["x-mirror-token"]),
+                withheld: names(&["authorization"]),
+            }
+        );
+        assert_eq!(h["authorization"], "Bearer mine");
+        assert_eq!(h["x-mirror-token"], "Bearer s3cret");
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            inject(&creds, "api.example", true, &mut h),
+            Injected {
+                added: names(&["authorization", "x-mirror-token"]),
+                withheld: Vec::new(),
+            }
+        );
+        assert_eq!(h["authorization"], "Bearer s3cret");
     }
 }

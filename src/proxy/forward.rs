@@ -1,7 +1,8 @@
 //! HTTP forwarding: requests from the jail (absolute-form `GET http://…`,
 //! or origin-form inside an intercepted TLS connection) are judged by the
-//! policy, get their credentials, and are sent upstream over a connection
-//! the proxy makes from the host's network. Bodies stream both ways.
+//! policy, get their credentials (over TLS only, unless a credential sets
+//! `plain-http`), and are sent upstream over a connection the proxy makes
+//! from the host's network. Bodies stream both ways.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::sync::Mutex;
 
 use super::audit::{clip_shown, shown, Decision};
 use super::credentials;
-use super::rules::{normalize_host, Verdict};
+use super::rules::{local_host, local_ip, normalize_host, Verdict};
 use super::server::Shared;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -28,8 +29,20 @@ pub const REASON_HEADER: &str = "x-nix-hatch-proxy";
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why a matching credential was not added (the decision's reason; the
+/// log line names the headers after it).
+const WITHHELD: &str = "credential withheld, not TLS";
+
 /// Methods whose answer echoes the request (with its injected credentials).
 const ECHO_METHODS: [&str; 2] = ["TRACE", "TRACK"];
+
+/// Headers that tell a server to take the request for another method
+/// (Rails, Laravel, Express's method-override and others honour them).
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
@@ -129,6 +142,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Removes the [`METHOD_OVERRIDE_HEADERS`] (header names are matched
+/// case-insensitively) and returns the names that were there.
+fn strip_method_overrides(h: &mut HeaderMap) -> Vec<String> {
+    METHOD_OVERRIDE_HEADERS
+        .into_iter()
+        .filter(|name| h.remove(*name).is_some())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// An absolute-form request (`GET http://host/path`) from the jail.
 pub async fn plain(
     req: Request<Incoming>,
@@ -192,6 +215,8 @@ pub async fn judge_and_send(
         reason: None,
         mode: Some(mode),
         credentials: &[],
+        credentials_withheld: &[],
+        removed_headers: &[],
     };
     // TRACE (and IIS's TRACK) make the server echo the request back,
     // credentials the proxy added included: never forwarded.
@@ -224,16 +249,40 @@ pub async fn judge_and_send(
     };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // The rule allowed this method only: the server must not be told to
+    // treat the request as another one (a GET as a DELETE).
+    let removed = if shared.policy.restricts_methods(rule) {
+        strip_method_overrides(headers)
+    } else {
+        Vec::new()
+    };
     if let Ok(v) = HeaderValue::from_str(&origin.host_header()) {
         headers.insert(header::HOST, v);
     }
-    let injected = credentials::inject(&shared.credentials, &origin.host, headers);
+    let creds = credentials::inject(&shared.credentials, &origin.host, origin.tls, headers);
     d.rule = Some(rule + 1);
-    d.credentials = &injected;
-    let suffix = if injected.is_empty() {
+    d.credentials = &creds.added;
+    d.credentials_withheld = &creds.withheld;
+    d.removed_headers = &removed;
+    let mut notes = Vec::new();
+    if !removed.is_empty() {
+        notes.push(format!(
+            "method override removed (rule {} restricts methods): {}",
+            rule + 1,
+            removed.join(", ")
+        ));
+    }
+    if !creds.added.is_empty() {
+        notes.push(format!("credential: {}", creds.added.join(", ")));
+    }
+    if !creds.withheld.is_empty() {
+        d.reason = Some(WITHHELD);
+        notes.push(format!("{WITHHELD}: {}", creds.withheld.join(", ")));
+    }
+    let suffix = if notes.is_empty() {
         String::new()
     } else {
-        format!(" (credential: {})", injected.join(", "))
+        format!(" ({})", notes.join("; "))
     };
     shared.events.decision(&format!("allow {what}{suffix}"), &d);
     let req = req.map(|b| b.boxed());
@@ -249,6 +298,8 @@ pub async fn judge_and_send(
                 decision: "error",
                 reason: Some(&reason),
                 credentials: &[],
+                credentials_withheld: &[],
+                removed_headers: &[],
                 ..d
             };
             shared
@@ -340,27 +391,18 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
 /// this machine (loopback, unspecified) or to link-local addresses (cloud
 /// metadata at 169.254.169.254) is not followed there — an allowed domain
 /// pointing at 127.0.0.1 would otherwise hand the build the host's own
-/// services, which the proxy can reach from the host's namespace. Rules
-/// that name such a host literally (`localhost`, `127.0.0.1`, `[::1]`)
-/// still reach it.
+/// services, which the proxy can reach from the host's namespace. A host
+/// that is such an address by name (`localhost`, `127.0.0.1`, `::1`) is
+/// reached: the policy allowed it only through a rule naming it literally
+/// (see `rules`).
 fn reachable(
     host: &str,
     addrs: Vec<std::net::SocketAddr>,
 ) -> Result<Vec<std::net::SocketAddr>, String> {
-    let literal = host.parse::<std::net::IpAddr>().is_ok()
-        || host == "localhost"
-        || host.ends_with(".localhost");
-    if literal {
+    if host.parse::<std::net::IpAddr>().is_ok() || local_host(host) {
         return Ok(addrs);
     }
-    // IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
-    let local = |ip: std::net::IpAddr| match ip.to_canonical() {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local()
-        }
-    };
-    let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local(a.ip()));
+    let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local_ip(a.ip()));
     if ok.is_empty() {
         return Err(match skipped.first() {
             Some(a) => format!(
@@ -375,7 +417,8 @@ fn reachable(
 
 #[cfg(test)]
 mod tests {
-    use super::reachable;
+    use super::{reachable, strip_method_overrides};
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
     use std::net::SocketAddr;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -424,5 +467,37 @@ mod tests {
         ] {
             assert_eq!(reachable(host, addrs(&[a])).unwrap(), addrs(&[a]), "{host}");
         }
+    }
+
+    /// Every spelling and every value of the three override headers
+    /// goes, and only they.
+    #[test]
+    fn method_overrides_are_stripped_in_any_case() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("x-http-method", "PUT"),
+            ("X-Method-OVERRIDE", "PATCH"),
+            ("x-http-method-override", "POST"),
+            ("X-HTTP-Method-Override-Not", "kept"),
+            ("Accept", "*/*"),
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        assert_eq!(
+            strip_method_overrides(&mut h),
+            vec![
+                "x-http-method-override",
+                "x-http-method",
+                "x-method-override"
+            ]
+        );
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["accept", "x-http-method-override-not"]);
+        assert!(strip_method_overrides(&mut h).is_empty());
     }
 }

@@ -3,8 +3,9 @@
 //! the one way out is this build's proxy, listening on 127.0.0.1:3128 in
 //! that namespace and announced in `http_proxy`/`https_proxy` (and the
 //! upper-case forms). Default deny; every decision is a build-log line and
-//! an audit record; credentials are added on the way out and never enter
-//! the jail.
+//! an audit record; credentials are added on the way out (to requests
+//! that leave over TLS, unless a credential sets `plain-http`) and never
+//! enter the jail.
 //!
 //! Modules, one responsibility each: `netns` (namespace and listener),
 //! `server` (accept loop, limits), `rules` (the policy), `forward` (plain

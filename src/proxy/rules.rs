@@ -4,20 +4,32 @@
 //! `^(?:host)$`, so `github\.com` cannot be widened to
 //! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
 //! (unanchored) regex over the path without the query; `methods` lists the
-//! allowed methods; `ports` the allowed ports (any when absent).
+//! allowed methods (a request it allows is forwarded without
+//! method-override headers, see `forward`); `ports` the allowed ports (any
+//! when absent).
 //!
 //! A `path` regex never matches an *ambiguous* path (see
 //! [`ambiguous_path`]): one a server may resolve to another resource than
 //! the one the regex saw, such as `/pub/../secret`.
+//!
+//! A host that is this machine or link-local by its name ([`local_host`]:
+//! `localhost`, `127.0.0.1`, `::1`, `169.254.169.254`, ...) is matched only
+//! by a rule that names it literally ([`Rule::names`]): the proxy connects
+//! from the host's network, and `.*` must not hand the build the host's
+//! own services or the cloud metadata service.
 
 use regex::Regex;
 use std::borrow::Cow;
+use std::net::IpAddr;
 
 #[derive(Debug, Clone)]
 pub struct Rule {
     /// As the admin wrote it (for messages).
     pub host_src: String,
     pub host: Regex,
+    /// The one host `host_src` names when it is a plain literal (see
+    /// [`literal_host`]).
+    literal: Option<String>,
     pub path: Option<Regex>,
     /// Upper-case method names; `None` = any.
     pub methods: Option<Vec<String>>,
@@ -53,6 +65,7 @@ impl Rule {
         Ok(Rule {
             host_src: host.to_owned(),
             host: host_re,
+            literal: literal_host(host),
             path,
             methods,
             ports: None,
@@ -65,6 +78,19 @@ impl Rule {
         self
     }
 
+    /// Whether the rule names `host` (normalized) literally: its host
+    /// pattern matches that one string and no other.
+    pub fn names(&self, host: &str) -> bool {
+        self.literal.as_deref() == Some(host)
+    }
+
+    /// Whether the rule applies to `host` (normalized; `local` when it is
+    /// [`local_host`]): its regex matches, and for a local host the rule
+    /// names it literally.
+    fn reaches(&self, host: &str, local: bool) -> bool {
+        self.host.is_match(host) && (!local || self.names(host))
+    }
+
     fn allows_port(&self, port: u16) -> bool {
         self.ports.as_ref().is_none_or(|ps| ps.contains(&port))
     }
@@ -75,6 +101,57 @@ impl Rule {
         self.path.is_none() && self.methods.is_none()
     }
 }
+
+/// The one string `pattern` (a host regex, before anchoring) matches, when
+/// it is a plain literal: metacharacters only escaped (`127\.0\.0\.1`),
+/// optionally anchored (`^localhost$`). `None` when it might match more
+/// than one string (`.*`, `127\..*`, `(localhost)`, `\d`, flags, ...):
+/// for safety any syntax beyond escaped punctuation counts as a pattern.
+pub fn literal_host(pattern: &str) -> Option<String> {
+    let p = pattern.strip_prefix('^').unwrap_or(pattern);
+    let p = p.strip_suffix('$').unwrap_or(p);
+    let mut out = String::with_capacity(p.len());
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // `\<` and `\>` are word boundaries, not characters.
+            '\\' => match chars.next() {
+                Some(e) if e.is_ascii_punctuation() && !matches!(e, '<' | '>') => out.push(e),
+                _ => return None,
+            },
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                return None
+            }
+            c => out.push(c),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Whether `host` (normalized) is this machine or link-local by its name:
+/// `localhost`, a name under `.localhost`, or an IP address [`local_ip`]
+/// calls local. (A DNS name that resolves there is refused when the proxy
+/// connects, see `forward`.)
+pub fn local_host(host: &str) -> bool {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => local_ip(ip),
+        Err(_) => host == "localhost" || host.ends_with(".localhost"),
+    }
+}
+
+/// Loopback, unspecified or link-local (169.254.0.0/16 with the cloud
+/// metadata service, fe80::/10); an IPv4-mapped IPv6 address counts as the
+/// IPv4 address it carries.
+pub fn local_ip(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified() || v6.is_unicast_link_local(),
+    }
+}
+
+/// Why a local host (see [`local_host`]) that only patterns matched is denied.
+pub const NOT_NAMED_LITERALLY: &str =
+    "this machine or link-local: a rule must name this host literally";
 
 /// Compiles `pattern`; a syntax error becomes one line naming `shown`.
 pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
@@ -215,12 +292,13 @@ impl Policy {
     /// without one allows any path, so the path's ambiguity cannot matter
     /// to it.
     pub fn request(&self, method: &str, host: &str, port: u16, path: &str) -> Verdict {
+        let local = local_host(host);
         let (mut host_seen, mut port_seen) = (false, false);
         // Computed when a path regex is first consulted; when it says the
         // path is ambiguous, every path rule was skipped for that.
         let mut ambiguity: Option<Option<&'static str>> = None;
         for (i, r) in self.rules.iter().enumerate() {
-            if !r.host.is_match(host) {
+            if !r.reaches(host, local) {
                 continue;
             }
             host_seen = true;
@@ -249,7 +327,7 @@ impl Policy {
         }
         Verdict::Deny {
             reason: match (host_seen, port_seen, ambiguity.flatten()) {
-                (false, _, _) => "no rule".into(),
+                (false, _, _) => self.no_rule(host, local).into(),
                 (true, false, _) => "no rule for this port".into(),
                 (true, true, Some(why)) => why.into(),
                 (true, true, None) => "no rule for this path or method".into(),
@@ -257,19 +335,35 @@ impl Policy {
         }
     }
 
+    /// Why no rule applies to `host`: none matches it, or (a local host)
+    /// only patterns do.
+    fn no_rule(&self, host: &str, local: bool) -> &'static str {
+        if local && self.rules.iter().any(|r| r.host.is_match(host)) {
+            NOT_NAMED_LITERALLY
+        } else {
+            "no rule"
+        }
+    }
+
+    /// Whether rule `rule` (0-based) allows only some methods.
+    pub fn restricts_methods(&self, rule: usize) -> bool {
+        self.rules.get(rule).is_some_and(|r| r.methods.is_some())
+    }
+
     /// A CONNECT to `host` (normalized):`port`. `needs_inside` is set when
     /// something other than the rules (a credential) must see the requests.
     pub fn connect(&self, host: &str, port: u16, needs_inside: Option<String>) -> ConnectVerdict {
+        let local = local_host(host);
         let mut hosts = self
             .rules
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.host.is_match(host));
+            .filter(|(_, r)| r.reaches(host, local));
         let Some((i, r)) = hosts.clone().find(|(_, r)| r.allows_port(port)) else {
             let reason = if hosts.next().is_some() {
                 "no rule for this port"
             } else {
-                "no rule"
+                self.no_rule(host, local)
             };
             return ConnectVerdict::Deny {
                 reason: reason.into(),
@@ -511,6 +605,171 @@ mod tests {
             Some(r#"ambiguous path: a "." or ".." segment"#)
         );
         assert_eq!(ambiguous_path("/a/b"), None);
+    }
+
+    #[test]
+    fn literal_hosts() {
+        for (pattern, want) in [
+            ("localhost", Some("localhost")),
+            (r"127\.0\.0\.1", Some("127.0.0.1")),
+            (r"^127\.0\.0\.1$", Some("127.0.0.1")),
+            ("::1", Some("::1")),
+            (r"svc-a\.localhost", Some("svc-a.localhost")),
+            (r"svc\-a\.localhost", Some("svc-a.localhost")),
+            // `.` is any character: this also matches `127x0y0z1`.
+            ("127.0.0.1", None),
+            (".*", None),
+            (r"127\..*", None),
+            (r"127\.0\.0\.[0-9]", None),
+            ("(localhost)", None),
+            ("localhost|evil", None),
+            ("localhost?", None),
+            (r"\d+\.0\.0\.1", None),
+            (r"\x6cocalhost", None),
+            ("(?i)localhost", None),
+            (r"\<localhost\>", None),
+            (r"localhost\$", None),
+            ("", None),
+            ("^$", None),
+        ] {
+            assert_eq!(literal_host(pattern).as_deref(), want, "{pattern}");
+        }
+    }
+
+    #[test]
+    fn local_hosts_by_name() {
+        for host in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "svc.localhost",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in [
+            "example.org",
+            "10.1.2.3",
+            "192.168.1.1",
+            "2001:db8::1",
+            "localhost.example",
+            "notlocalhost",
+        ] {
+            assert!(!local_host(host), "{host}");
+        }
+    }
+
+    /// `{ host = '.*' }` does not reach this machine or link-local hosts,
+    /// for requests and CONNECTs alike; a rule naming the host literally
+    /// does, also after a pattern that matched first.
+    #[test]
+    fn local_hosts_need_a_rule_naming_them_literally() {
+        let not_named = || NOT_NAMED_LITERALLY.to_owned();
+        let p = policy(&[(".*", None, None)]);
+        for host in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "svc.localhost",
+        ] {
+            assert_eq!(
+                p.request("GET", host, 80, "/"),
+                Verdict::Deny {
+                    reason: not_named()
+                },
+                "{host}"
+            );
+            assert_eq!(
+                p.connect(host, 443, None),
+                ConnectVerdict::Deny {
+                    reason: not_named()
+                },
+                "{host}"
+            );
+        }
+        for host in ["example.org", "10.1.2.3", "192.168.1.1"] {
+            assert_eq!(
+                p.request("GET", host, 80, "/"),
+                Verdict::Allow { rule: 0 },
+                "{host}"
+            );
+            assert_eq!(
+                p.connect(host, 443, None),
+                ConnectVerdict::Tunnel { rule: 0 }
+            );
+        }
+
+        let p = policy(&[
+            (".*", Some("^/x"), None),
+            (r"127\.0\.0\.1", None, None),
+            ("localhost", None, Some(&["GET"])),
+            ("::1", None, None),
+        ]);
+        assert_eq!(
+            p.request("GET", "127.0.0.1", 80, "/y"),
+            Verdict::Allow { rule: 1 }
+        );
+        // Rule 1 would intercept: it is not the one that applies.
+        assert_eq!(
+            p.connect("127.0.0.1", 443, None),
+            ConnectVerdict::Tunnel { rule: 1 }
+        );
+        assert_eq!(
+            p.request("GET", "localhost", 80, "/x"),
+            Verdict::Allow { rule: 2 }
+        );
+        assert_eq!(
+            p.request("POST", "localhost", 80, "/x"),
+            Verdict::Deny {
+                reason: "no rule for this path or method".into()
+            }
+        );
+        assert!(matches!(
+            p.connect("localhost", 443, None),
+            ConnectVerdict::Intercept { .. }
+        ));
+        assert_eq!(p.request("GET", "::1", 80, "/"), Verdict::Allow { rule: 3 });
+        assert_eq!(
+            p.request("GET", "127.0.0.2", 80, "/x"),
+            Verdict::Deny {
+                reason: not_named()
+            }
+        );
+
+        // Unescaped, `127.0.0.1` is a pattern; no rule at all is "no rule".
+        let p = policy(&[("127.0.0.1", None, None), (r"example\.org", None, None)]);
+        assert_eq!(
+            p.request("GET", "127.0.0.1", 80, "/"),
+            Verdict::Deny {
+                reason: not_named()
+            }
+        );
+        assert_eq!(
+            p.connect("localhost", 443, None),
+            ConnectVerdict::Deny {
+                reason: "no rule".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rules_with_methods_restrict_methods() {
+        let p = policy(&[
+            (r"a\.example", None, Some(&["GET"])),
+            (r"b\.example", None, None),
+        ]);
+        assert!(p.restricts_methods(0));
+        assert!(!p.restricts_methods(1));
+        assert!(!p.restricts_methods(2));
     }
 
     #[test]

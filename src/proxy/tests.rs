@@ -58,9 +58,21 @@ async fn proxy(rules: Vec<Rule>, max: usize) -> Proxy {
     }
 }
 
+/// What a test upstream received: each request's header, as sent.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// The request lines of what the upstream received.
+fn request_lines(seen: &Seen) -> Vec<String> {
+    let heads = seen.lock().unwrap();
+    heads
+        .iter()
+        .map(|h| h.lines().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// An HTTP server that answers every request `200 ok` and records its
-/// request line.
-async fn http_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+/// header.
+async fn http_upstream() -> (u16, Seen) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -70,9 +82,7 @@ async fn http_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
             let seen = s2.clone();
             tokio::spawn(async move {
                 let head = read_head(&mut s).await;
-                if let Some(line) = head.lines().next() {
-                    seen.lock().unwrap().push(line.to_owned());
-                }
+                seen.lock().unwrap().push(head);
                 let _ = s
                     .write_all(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
@@ -149,7 +159,7 @@ async fn trace_and_track_are_refused() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert_eq!(*seen.lock().unwrap(), vec!["GET /x HTTP/1.1".to_owned()]);
+    assert_eq!(request_lines(&seen), vec!["GET /x HTTP/1.1".to_owned()]);
 }
 
 /// Plain HTTP: an ambiguous path is refused under a path rule, with the
@@ -188,9 +198,97 @@ async fn ambiguous_paths_are_refused_and_allowed_ones_forwarded_as_judged() {
     .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(
-        *seen.lock().unwrap(),
+        request_lines(&seen),
         vec!["GET /pub/a%20b?q=1 HTTP/1.1".to_owned()]
     );
+}
+
+/// Under a rule with `methods`, the method-override headers, however
+/// spelled, never reach the server (it would take the allowed GET for a
+/// DELETE); the log line names them. Under a rule without `methods` they
+/// pass, like any header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_overrides_never_reach_the_server_under_a_method_rule() {
+    let (up, seen) = http_upstream().await;
+    let mut p = proxy(
+        vec![
+            Rule::new(
+                r"127\.0\.0\.1",
+                Some("^/get-only/"),
+                Some(vec!["GET".into()]),
+            )
+            .unwrap(),
+            rule(r"127\.0\.0\.1", None),
+        ],
+        8,
+    )
+    .await;
+    let overrides = "X-HTTP-Method-Override: DELETE\r\nx-http-method: DELETE\r\nX-Method-OVERRIDE: DELETE\r\nx-http-method-override: PUT\r\n";
+    for path in ["/get-only/a", "/open/b"] {
+        let head = ask(
+            p.addr,
+            &format!("GET http://127.0.0.1:{up}{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Other: kept\r\n{overrides}\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    }
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    let restricted = heads[0].to_ascii_lowercase();
+    assert!(restricted.starts_with("get /get-only/a "), "{restricted}");
+    assert!(!restricted.contains("method"), "{restricted}");
+    assert!(!restricted.contains("delete"), "{restricted}");
+    assert!(restricted.contains("x-other: kept\r\n"), "{restricted}");
+    let open = heads[1].to_ascii_lowercase();
+    assert!(open.starts_with("get /open/b "), "{open}");
+    assert_eq!(open.matches("method").count(), 4, "{open}");
+    let log = p.lines();
+    assert!(
+        log.contains(&format!(
+            "nix-hatch proxy: allow GET 127.0.0.1:{up}/get-only/a (method override removed (rule 1 restricts methods): x-http-method-override, x-http-method, x-method-override)\n"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "nix-hatch proxy: allow GET 127.0.0.1:{up}/open/b\n"
+        )),
+        "{log}"
+    );
+}
+
+/// `{ host = '.*' }` does not hand the build this machine: a request and
+/// a CONNECT to 127.0.0.1 are refused with the reason, and nothing reaches
+/// the servers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_rule_does_not_reach_this_machine() {
+    let (up, seen) = http_upstream().await;
+    let echo = echo_upstream().await;
+    let mut p = proxy(vec![rule(".*", None)], 8).await;
+    let head = ask(
+        p.addr,
+        &format!("GET http://127.0.0.1:{up}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.contains("(this machine or link-local: a rule must name this host literally)"),
+        "{head}"
+    );
+    let head = ask(
+        p.addr,
+        &format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\nHost: 127.0.0.1:{echo}\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(seen.lock().unwrap().is_empty());
+    let log = p.lines();
+    for line in [
+        format!("nix-hatch proxy: deny GET 127.0.0.1:{up}/x (this machine or link-local: a rule must name this host literally)\n"),
+        format!("nix-hatch proxy: deny CONNECT 127.0.0.1:{echo} (this machine or link-local: a rule must name this host literally)\n"),
+    ] {
+        assert!(log.contains(&line), "no {line:?} in {log}");
+    }
 }
 
 /// Opens a tunnel through the proxy to the echo server and checks it

@@ -54,6 +54,8 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) ->
         reason: None,
         mode: None,
         credentials: &[],
+        credentials_withheld: &[],
+        removed_headers: &[],
     };
     match shared.policy.connect(&host, port, needs_inside) {
         ConnectVerdict::Deny { reason } => {

@@ -45,6 +45,8 @@ in
           host = "web";
           header = "X-Token";
           value-file = "/var/lib/nix-hatch-secrets/web-token";
+          # The web node speaks plain HTTP on the test network.
+          plain-http = true;
         }];
         max-jobs = 2;
         timeout = 120;
