@@ -83,8 +83,12 @@ in
           executors.signer = {
             kind = "host";
             command = [ "''${signScript}" ];
+            # The default: the derivation's argument paths must be its
+            # inputs (it chooses them; the command runs as root).
+            arg-paths = "inputs";
             max-jobs = 1;
             timeout = 600;
+            max-output-size = "1M";
           };
           executors.fetcher = {
             kind = "jail";
