@@ -297,7 +297,17 @@ fn probe_expr(env: &TestEnv, script: &str) -> PathBuf {
 
 /// Builds the probe and returns (output dir, build log).
 fn build_probe(env: &TestEnv, e: &Path) -> (String, String) {
-    let out = env.nix_build(e, &["probe"], &[]);
+    build_probe_by(env, e, None)
+}
+
+/// [`build_probe`], through a private nix-daemon as the unprivileged
+/// `user` when there is one (an untrusted client on a shared machine).
+fn build_probe_by(env: &TestEnv, e: &Path, user: Option<&str>) -> (String, String) {
+    let daemon = user.map(|_| Daemon::start(env, Some(&hook_bin())));
+    let out = match (&daemon, user) {
+        (Some(d), Some(u)) => env.nix_build_via_as_user(d, u, e, &["probe"], &[]),
+        _ => env.nix_build(e, &["probe"], &[]),
+    };
     let log = nix_log(&env.drv_path(e, "probe")).stdout;
     assert!(
         out.success(),
@@ -661,6 +671,8 @@ fn credentials_are_injected_and_never_reach_the_jail() {
 /// TLS: a plain `http://` request to its host still goes out, without it,
 /// and the build log and the audit record name the header withheld. A
 /// credential with `plain-http = true` is sent over plain HTTP too.
+/// Finding 4 of the security review (issue 14): a credential matching a
+/// host went out on plain `http://` requests too, in cleartext.
 #[test]
 fn credentials_are_withheld_from_plain_http_unless_plain_http_is_set() {
     let env = TestEnv::new("proxy-cred-plain");
@@ -700,7 +712,10 @@ plain-http = true
 "#
         ),
     );
-    let (out, log) = build_probe(&env, &e);
+    // As on a shared build machine: an unprivileged account asks, through
+    // the daemon.
+    test_account("nhtest-mallory", &[]);
+    let (out, log) = build_probe_by(&env, &e, Some("nhtest-mallory"));
     let got = |f: &str| read(format!("{out}/{f}"));
     // The server answered the plain request itself: it got no credential.
     assert_eq!(got("withheld"), "ok 401 \n");
