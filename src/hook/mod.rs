@@ -108,7 +108,10 @@ fn hook_main() -> i32 {
 }
 
 /// The conversation with Nix over `input` (its commands) and `replies`
-/// (our stderr).
+/// (our stderr): settings, then one [`Decider::decide`] per `try` and its
+/// answer, until Nix is done or a build was accepted (ours or the
+/// delegate's) — like Nix's own build-remote: settings → try → decide →
+/// accept → build.
 pub fn run(
     config: Result<Config, String>,
     input: &mut impl BufRead,
@@ -127,12 +130,8 @@ pub fn run(
         // Staging left by a hook that was killed (one readdir when clean).
         crate::executors::staging::remove_stale(&cfg.state_dir);
     }
-    let store = StoreLocation::from_setting(settings.get("store"));
-    let local_systems =
-        route::local_systems(settings.get("system"), settings.get("extra-platforms"));
+    let mut decider = Decider::new(&config, &settings);
     let mut reader = CommandReader::default();
-    let mut reported: HashSet<String> = HashSet::new();
-    let mut config_reported = false;
     // The hook non-escape derivations go to, started on first use.
     let mut delegate = Delegation::NotStarted;
     loop {
@@ -144,105 +143,174 @@ pub fn run(
                 return 1;
             }
         };
-        // A broken config must not break unrelated builds: they still go
-        // where they would have gone without nix-hatch.
-        let (fallback, routes_empty) = match &config {
-            Ok(cfg) => (&cfg.fallback, cfg.routes.is_empty()),
-            Err(_) => (&Fallback::Auto, false),
-        };
-        let mut pass_on = |req: &TryRequest, input: &mut _, replies: &mut _| {
-            delegate.reply(
-                fallback,
-                routes_empty,
-                &settings,
-                verbosity,
-                req,
-                input,
-                replies,
-            )
-        };
-        let reply = match &config {
-            Err(reason) => {
-                if !req.required_features.is_empty() && !config_reported {
-                    config_reported = true;
-                    tell(replies, reason);
-                }
-                match pass_on(req, input, replies) {
+        let Decision { step, say } = decider.decide(req);
+        if let Some(msg) = say {
+            tell(replies, &msg);
+        }
+        let reply = match step {
+            Step::Reply(r) => r,
+            Step::PassOn => {
+                match delegate.reply(&decider, &settings, verbosity, req, input, replies) {
                     Ok(r) => r,
+                    // The delegate accepted and ran the build.
                     Err(code) => return code,
                 }
             }
-            Ok(cfg) => match route::route(cfg, req, &local_systems) {
-                Route::NotOurs => match pass_on(req, input, replies) {
-                    Ok(r) => r,
-                    Err(code) => return code,
-                },
-                Route::Refuse(reason) => {
-                    if first_report(&mut reported, &req.drv_path) {
-                        tell(replies, &format!("nix-hatch: declining: {reason}"));
-                    }
-                    match pass_on(req, input, replies) {
-                        Ok(r) => r,
-                        Err(code) => return code,
-                    }
-                }
-                Route::Executor(executor) => {
-                    crate::timing::mark("wait");
-                    let drv = match Drv::load(&store, &req.drv_path) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            // Nix only asks about valid .drv paths, so this
-                            // is rare (unreadable store, a .drv our parser
-                            // can't take); exiting would abort Nix's whole
-                            // run, declining fails only this derivation.
-                            if first_report(&mut reported, &req.drv_path) {
-                                tell(replies, &format!("nix-hatch: declining: {e:#}"));
-                            }
-                            if hook::write_reply(replies, Reply::Decline).is_err() {
-                                return 1;
-                            }
-                            continue;
-                        }
-                    };
-                    crate::timing::mark("drv-parse");
-                    if let Some(reason) = &drv.unsupported {
-                        if first_report(&mut reported, &req.drv_path) {
-                            tell(replies, &format!("nix-hatch: declining: {reason}"));
-                        }
-                        let _ = hook::write_reply(replies, Reply::Decline);
-                        continue;
-                    }
-                    match slots::try_acquire(&cfg.state_dir, &executor.name, executor.max_jobs) {
-                        Ok(None) => Reply::Postpone,
-                        Err(e) => {
-                            if first_report(&mut reported, &req.drv_path) {
-                                tell(
-                                    replies,
-                                    &format!(
-                                        "nix-hatch: declining {}: state dir unusable: {e}",
-                                        req.drv_path
-                                    ),
-                                );
-                            }
-                            Reply::Decline
-                        }
-                        Ok(Some(slot)) => {
-                            crate::util::fault_point("before-accept");
-                            // An idle delegate would hold the log pipe's
-                            // read side (fd 5) for the whole build.
-                            drop(std::mem::replace(&mut delegate, Delegation::Done));
-                            return accept(
-                                cfg, &settings, &store, executor, drv, slot, input, replies,
-                                builder,
-                            );
-                        }
-                    }
-                }
-            },
+            Step::Accept {
+                config,
+                executor,
+                drv,
+                slot,
+            } => {
+                crate::util::fault_point("before-accept");
+                // An idle delegate would hold the log pipe's read side
+                // (fd 5) for the whole build.
+                drop(delegate);
+                return accept(
+                    config,
+                    &settings,
+                    &decider.store,
+                    executor,
+                    *drv,
+                    slot,
+                    input,
+                    replies,
+                    builder,
+                );
+            }
         };
         if hook::write_reply(replies, reply).is_err() {
             // Nix is gone.
             return 1;
+        }
+    }
+}
+
+/// What to do with one `try`.
+enum Step<'c> {
+    /// Answer Nix with this.
+    Reply(Reply),
+    /// Not nix-hatch's to build: the fallback (Nix's build-remote, another
+    /// hook, or a decline) answers.
+    PassOn,
+    /// Build it with `executor` in `slot`.
+    Accept {
+        config: &'c Config,
+        executor: &'c crate::config::Executor,
+        // Boxed: a parsed derivation is large, the other steps are a word.
+        drv: Box<Drv>,
+        slot: slots::Slot,
+    },
+}
+
+/// A [`Step`] and what the user should be told first (shown once per
+/// derivation: Nix asks again whenever a build slot frees).
+struct Decision<'c> {
+    step: Step<'c>,
+    say: Option<String>,
+}
+
+/// Decides each `try`; remembers what it has told the user already.
+struct Decider<'c> {
+    config: &'c Result<Config, String>,
+    store: StoreLocation,
+    local_systems: Vec<String>,
+    reported: HashSet<String>,
+    config_reported: bool,
+}
+
+impl<'c> Decider<'c> {
+    fn new(config: &'c Result<Config, String>, settings: &Settings) -> Self {
+        Decider {
+            config,
+            store: StoreLocation::from_setting(settings.get("store")),
+            local_systems: route::local_systems(
+                settings.get("system"),
+                settings.get("extra-platforms"),
+            ),
+            reported: HashSet::new(),
+            config_reported: false,
+        }
+    }
+
+    /// Where non-escape derivations go and whether nix-hatch routes
+    /// anything at all. A broken config must not break unrelated builds:
+    /// they still go where they would have gone without nix-hatch.
+    fn fallback(&self) -> (&Fallback, bool) {
+        match self.config {
+            Ok(cfg) => (&cfg.fallback, cfg.routes.is_empty()),
+            Err(_) => (&Fallback::Auto, false),
+        }
+    }
+
+    fn decide(&mut self, req: &TryRequest) -> Decision<'c> {
+        let cfg = match self.config {
+            Err(reason) => {
+                let first = !req.required_features.is_empty() && !self.config_reported;
+                self.config_reported |= first;
+                return Decision {
+                    step: Step::PassOn,
+                    say: first.then(|| reason.clone()),
+                };
+            }
+            Ok(cfg) => cfg,
+        };
+        let executor = match route::route(cfg, req, &self.local_systems) {
+            Route::NotOurs => return self.step(Step::PassOn),
+            Route::Refuse(reason) => {
+                return self.once(req, Step::PassOn, format!("nix-hatch: declining: {reason}"))
+            }
+            Route::Executor(executor) => executor,
+        };
+        crate::timing::mark("wait");
+        let drv = match Drv::load(&self.store, &req.drv_path) {
+            Ok(d) => d,
+            // Nix only asks about valid .drv paths, so this is rare
+            // (unreadable store, a .drv our parser can't take); exiting
+            // would abort Nix's whole run, declining fails only this one.
+            Err(e) => {
+                return self.once(
+                    req,
+                    Step::Reply(Reply::Decline),
+                    format!("nix-hatch: declining: {e:#}"),
+                )
+            }
+        };
+        crate::timing::mark("drv-parse");
+        if let Some(reason) = &drv.unsupported {
+            let msg = format!("nix-hatch: declining: {reason}");
+            return self.once(req, Step::Reply(Reply::Decline), msg);
+        }
+        match slots::try_acquire(&cfg.state_dir, &executor.name, executor.max_jobs) {
+            Ok(Some(slot)) => self.step(Step::Accept {
+                config: cfg,
+                executor,
+                drv: Box::new(drv),
+                slot,
+            }),
+            Ok(None) => self.step(Step::Reply(Reply::Postpone)),
+            Err(e) => self.once(
+                req,
+                Step::Reply(Reply::Decline),
+                format!(
+                    "nix-hatch: declining {}: state dir unusable: {e}",
+                    req.drv_path
+                ),
+            ),
+        }
+    }
+
+    fn step(&self, step: Step<'c>) -> Decision<'c> {
+        Decision { step, say: None }
+    }
+
+    /// `step`, saying `msg` the first time this derivation is decided.
+    fn once(&mut self, req: &TryRequest, step: Step<'c>, msg: String) -> Decision<'c> {
+        let first =
+            !self.reported.contains(&req.drv_path) && self.reported.insert(req.drv_path.clone());
+        Decision {
+            step,
+            say: first.then_some(msg),
         }
     }
 }
@@ -258,17 +326,16 @@ enum Delegation {
 impl Delegation {
     /// The reply for a `try` nix-hatch doesn't build itself; `Err(status)`
     /// when the delegate accepted and ran the build (the hook is done).
-    #[allow(clippy::too_many_arguments)]
     fn reply(
         &mut self,
-        fallback: &Fallback,
-        routes_empty: bool,
+        decider: &Decider<'_>,
         settings: &Settings,
         verbosity: &str,
         req: &TryRequest,
         input: &mut impl BufRead,
         replies: &mut impl Write,
     ) -> Result<Reply, i32> {
+        let (fallback, routes_empty) = decider.fallback();
         if let Delegation::NotStarted = self {
             *self = match fallback::delegate_argv(fallback, settings, verbosity) {
                 Ok(None) => Delegation::Done,
@@ -313,11 +380,6 @@ impl Delegation {
             }
         }
     }
-}
-
-/// Whether `drv` is reported for the first time (allocates only then).
-fn first_report(reported: &mut HashSet<String>, drv: &str) -> bool {
-    !reported.contains(drv) && reported.insert(drv.to_owned())
 }
 
 /// A message Nix shows the user before the reply. `@nix` lines reach the
