@@ -6,6 +6,7 @@
 //! is the state machine Nix talks to, `executors` run accepted builds,
 //! `store` turns a finished build into valid store paths.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod derivation;

@@ -1,7 +1,9 @@
-//! The `nix-hatch` command line: `check`, `explain`, and `hook` (the build
-//! hook entry for Nix versions whose `build-hook` takes arguments).
+//! The `nix-hatch` command line: `check`, `explain`, `audit`, and `hook`
+//! (the build hook entry for Nix versions whose `build-hook` takes
+//! arguments).
 
 pub mod agent;
+pub mod audit;
 pub mod check;
 pub mod explain;
 pub mod nix_version;
@@ -45,6 +47,27 @@ enum Cmd {
         #[arg(long)]
         store: Option<String>,
     },
+    /// Show the record of escape builds (state-dir/audit.jsonl): who ran
+    /// which executor, when, and how it ended.
+    Audit {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only builds requested by this account.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Only builds of this executor.
+        #[arg(long, value_name = "NAME")]
+        executor: Option<String>,
+        /// Only builds started since: 2026-12-01T09:00:00Z, 2026-12-01, or an age (12h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only builds that ended so: built, failed, timed-out, refused, error.
+        #[arg(long, value_name = "RESULT")]
+        result: Option<String>,
+    },
     /// Run as Nix's build hook (`build-hook = nix-hatch hook` on Nix ≥ 2.19).
     Hook {
         /// Config file for this hook.
@@ -79,6 +102,35 @@ pub fn main() -> i32 {
             &drv,
             store.as_deref(),
         ),
+        Cmd::Audit {
+            config,
+            json,
+            user,
+            executor,
+            since,
+            result,
+        } => {
+            let now = std::time::SystemTime::now();
+            let since = since.map(|s| audit::parse_since(&s, now)).transpose();
+            let result = result.map(|r| audit::parse_result(&r)).transpose();
+            let (since, result) = match (since, result) {
+                (Ok(s), Ok(r)) => (s, r),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: {e}");
+                    return 2;
+                }
+            };
+            audit::run(
+                &config.unwrap_or_else(crate::config::default_path),
+                json,
+                &audit::Filter {
+                    user,
+                    executor,
+                    since,
+                    result,
+                },
+            )
+        }
         Cmd::Hook { config, rest: _ } => {
             if let Some(c) = config {
                 std::env::set_var("NIX_HATCH_CONFIG", c);

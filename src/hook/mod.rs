@@ -7,9 +7,11 @@
 //! nix-hatch doesn't take: a broken config or state dir declines with the
 //! reason shown once.
 
+pub mod access;
 pub mod build;
 pub mod buildlog;
 pub mod fallback;
+pub mod requester;
 pub mod route;
 pub mod slots;
 
