@@ -14,10 +14,27 @@ pub enum Level {
 
 /// A `msg` action line, newline included.
 pub fn msg_line(level: Level, msg: &str) -> String {
+    msg_line_at(level as u8, msg)
+}
+
+/// A `msg` action line at Nix level `level` (0 error … 7 vomit).
+pub fn msg_line_at(level: u8, msg: &str) -> String {
     let mut line = String::from("@nix ");
-    line.push_str(&json!({"action": "msg", "level": level as u8, "msg": msg}).to_string());
+    line.push_str(&json!({"action": "msg", "level": level, "msg": msg}).to_string());
     line.push('\n');
     line
+}
+
+/// Nix's level for a `tracing` level: error, warn and info as in Nix,
+/// debug as talkative (`-v`), trace as debug (`-vvv`).
+pub fn nix_level(level: &tracing::Level) -> u8 {
+    match *level {
+        tracing::Level::ERROR => 0,
+        tracing::Level::WARN => 1,
+        tracing::Level::INFO => 3,
+        tracing::Level::DEBUG => 4,
+        tracing::Level::TRACE => 6,
+    }
 }
 
 #[cfg(test)]

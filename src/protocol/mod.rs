@@ -6,7 +6,9 @@
 //! the hook's stderr after `# accept`; `hatch` the framed protocol between
 //! the `ssh` executor and `nix-hatch agent`.
 
+pub mod activity;
 pub mod hatch;
 pub mod hook;
 pub mod log;
+pub mod messages;
 pub mod wire;
