@@ -22,7 +22,8 @@ use hyper::body::{Bytes, Frame};
 use hyper::service::service_fn;
 use hyper::Response;
 use hyper_util::rt::TokioIo;
-use nix_hatch::proxy::{self, audit::Events, rules::Rule, ProxySettings};
+use nix_hatch::config::proxy::{ProxySettings, Rule};
+use nix_hatch::proxy::{self, audit::Events};
 
 const CHUNK: usize = 1024 * 1024;
 

@@ -185,7 +185,7 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
             if !k.is_empty()
                 && !k.contains('=')
                 && !k.contains('\0')
-                && !hatch::AGENT_VARS.contains(&k)
+                && !crate::config::host::AGENT_VARS.contains(&k)
             {
                 set(k, OsString::from_vec(v.clone()));
             }

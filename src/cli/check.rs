@@ -1,7 +1,16 @@
 //! `nix-hatch check`: every problem one line, exit 1 if any; else the routes.
+//!
+//! Parsing the config (`crate::config`) finds what the file itself gets
+//! wrong; the probes here find what only this machine can tell: accounts,
+//! programs, devices, key and known-hosts files, credential value files,
+//! trust stores, and (with `--connect`) the far side of an `ssh` executor.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use crate::config::jail::{Bind, JailExecutor};
+use crate::config::proxy::ProxySettings;
+use crate::config::ssh::SshExecutor;
 use crate::config::{Config, ExecutorKind};
 
 /// Problems only visible on this machine (accounts, programs).
@@ -19,7 +28,6 @@ pub fn environment_problems(config: &Config) -> Vec<String> {
                 if let Some(prog) = h.command.first() {
                     match std::fs::metadata(prog) {
                         Ok(m) if m.is_file() => {
-                            use std::os::unix::fs::PermissionsExt;
                             if m.permissions().mode() & 0o111 == 0 {
                                 problems.push(format!(
                                     "executors.{}.command: {prog} is not executable",
@@ -38,9 +46,7 @@ pub fn environment_problems(config: &Config) -> Vec<String> {
                 }
             }
             ExecutorKind::Jail(j) => problems.extend(jail_problems(&e.name, &e.user, j)),
-            ExecutorKind::Ssh(s) => {
-                problems.extend(crate::executors::ssh::config::file_problems(&e.name, s))
-            }
+            ExecutorKind::Ssh(s) => problems.extend(ssh_problems(&e.name, s)),
         }
     }
     problems
@@ -48,10 +54,10 @@ pub fn environment_problems(config: &Config) -> Vec<String> {
 
 /// bwrap present and able to build a user namespace as the jail's account;
 /// configured devices and ro-binds present.
-fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec<String> {
+fn jail_problems(name: &str, user: &str, j: &JailExecutor) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some(px) = &j.proxy {
-        problems.extend(crate::proxy::config::file_problems(name, px, &j.ro_binds));
+        problems.extend(proxy_problems(name, px, &j.ro_binds));
     }
     for d in &j.devices {
         if !d.exists() {
@@ -104,6 +110,84 @@ fn jail_problems(name: &str, user: &str, j: &crate::config::JailExecutor) -> Vec
             crate::util::first_line(&String::from_utf8_lossy(&o.stderr))
         )),
         Err(e) => problems.push(format!("executors.{name}: running {}: {e}", j.bwrap.display())),
+    }
+    problems
+}
+
+/// What `nix-hatch check` verifies of a jail's proxy on this machine: every
+/// value file is a root-owned regular file without group or other
+/// permissions, readable, and not exposed to the jail by a `ro-binds`
+/// entry; the upstream CA bundle holds certificates.
+fn proxy_problems(name: &str, s: &ProxySettings, ro_binds: &[Bind]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, c) in s.credentials.iter().enumerate() {
+        let at = format!("executors.{name}.credentials[{i}].value-file");
+        if let Err(e) = crate::proxy::credentials::read_value_file(&c.value_file) {
+            out.push(format!("{at}: {e}"));
+        }
+        for b in ro_binds {
+            if c.value_file.starts_with(&b.src) {
+                out.push(format!(
+                    "{at}: {} is inside ro-binds entry {}: the jail could read the secret",
+                    c.value_file.display(),
+                    b.src.display()
+                ));
+            }
+        }
+    }
+    if let Err(e) = crate::proxy::ca::read_pem_bundle(s.upstream_ca_path()) {
+        out.push(format!("executors.{name}.upstream-ca: {e}"));
+    }
+    out
+}
+
+/// An `ssh` executor's problems visible without connecting: key and
+/// known-hosts files.
+fn ssh_problems(name: &str, s: &SshExecutor) -> Vec<String> {
+    let mut problems = Vec::new();
+    match std::fs::metadata(&s.identity) {
+        Err(e) => problems.push(format!(
+            "executors.{name}.identity: {}: {e}",
+            s.identity.display()
+        )),
+        Ok(m) if !m.is_file() => problems.push(format!(
+            "executors.{name}.identity: {} is not a file",
+            s.identity.display()
+        )),
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                problems.push(format!(
+                    "executors.{name}.identity: {} is accessible by group or others (mode {mode:o}); chmod 600 it",
+                    s.identity.display()
+                ));
+            }
+            if let Err(e) = std::fs::File::open(&s.identity) {
+                problems.push(format!(
+                    "executors.{name}.identity: {}: {e}",
+                    s.identity.display()
+                ));
+            }
+        }
+    }
+    match std::fs::read_to_string(&s.known_hosts) {
+        Err(e) => problems.push(format!(
+            "executors.{name}.known-hosts: {}: {e}",
+            s.known_hosts.display()
+        )),
+        Ok(text) => {
+            if let Err(e) = crate::executors::ssh::connect::parse_known_hosts(&s.known_hosts) {
+                problems.push(format!("executors.{name}.known-hosts: {e}"));
+            } else if text.lines().all(|l| {
+                let l = l.trim();
+                l.is_empty() || l.starts_with('#')
+            }) {
+                problems.push(format!(
+                    "executors.{name}.known-hosts: {} has no host keys; every connection would be refused",
+                    s.known_hosts.display()
+                ));
+            }
+        }
     }
     problems
 }

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStringExt;
 use super::runner::{self, Overlay, RunSpec};
 use super::supervise::{self, Cancel, Outcome};
 use super::{BuildRequest, Failure};
-use crate::config::{ArgPaths, HostExecutor};
+use crate::config::host::{ArgPaths, HostExecutor};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
 use crate::hook::buildlog::BuildLog;
 use crate::util::{lookup_user, Account};

@@ -22,7 +22,7 @@ use std::path::Path;
 use super::runner::{self, RunSpec};
 use super::supervise::{self, Cancel};
 use super::{host, BuildRequest, Failure};
-use crate::config::{JailExecutor, Network};
+use crate::config::jail::{JailExecutor, Network};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
 use crate::hook::buildlog::BuildLog;
 use crate::proxy::Proxy;
@@ -194,7 +194,7 @@ pub fn run(
 /// own network namespace.
 fn start_proxy(
     req: &BuildRequest,
-    settings: &crate::proxy::ProxySettings,
+    settings: &crate::config::proxy::ProxySettings,
 ) -> Result<Proxy, Failure> {
     let root = &req.staging.root;
     let state_dir = root.parent().and_then(Path::parent).unwrap_or(root);
@@ -293,7 +293,7 @@ fn bwrap_args(
         push(&[
             &"--bind",
             &jail.daemon_socket,
-            &crate::config::DEFAULT_DAEMON_SOCKET,
+            &crate::config::jail::DEFAULT_DAEMON_SOCKET,
         ]);
     }
     // Everything not mounted above stays read-only.

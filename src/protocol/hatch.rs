@@ -29,6 +29,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use super::wire::{self, WireError};
+use crate::config::host::AGENT_VARS;
 
 pub const VERSION: u64 = 1;
 
@@ -260,24 +261,6 @@ pub fn valid_output_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
 }
-
-/// Variables the agent sets itself (besides one per output); a host
-/// executor sets the same for its command.
-pub const AGENT_VARS: &[&str] = &[
-    "PATH",
-    "HOME",
-    "USER",
-    "LOGNAME",
-    "NIX_BUILD_TOP",
-    "TMPDIR",
-    "TEMPDIR",
-    "TMP",
-    "TEMP",
-    "PWD",
-    "NIX_LOG_FD",
-    "TERM",
-    "outputs",
-];
 
 /// Lower-case variables with a meaning to common programs (curl, wget...).
 const SPECIAL_LOWER: &[&str] = &[

@@ -17,7 +17,7 @@ use std::path::Path;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
 
-use super::config::CredentialSpec;
+use crate::config::proxy::CredentialSpec;
 
 /// Values larger than this are surely a mistake.
 const MAX_VALUE: u64 = 64 * 1024;
@@ -39,24 +39,6 @@ impl std::fmt::Debug for Credential {
             .field("plain_http", &self.plain_http)
             .finish()
     }
-}
-
-/// Headers the proxy itself manages: a credential there would be replaced
-/// or break framing.
-pub fn is_reserved(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    matches!(
-        n.as_str(),
-        "host"
-            | "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "upgrade"
-            | "te"
-            | "trailer"
-            | "keep-alive"
-            | "proxy-connection"
-    )
 }
 
 /// Reads a value file after checking it is safe: a regular file owned by

@@ -10,11 +10,11 @@
 //! Modules, one responsibility each: `netns` (namespace and listener),
 //! `server` (accept loop, limits), `rules` (the policy), `forward` (plain
 //! HTTP), `tunnel` (CONNECT), `intercept` + `ca` (TLS interception with a
-//! per-build CA), `credentials`, `audit`, `config` (the executor's keys).
+//! per-build CA), `credentials`, `audit`. The executor's keys (rules,
+//! credentials, trust store) are read by `config::proxy`.
 
 pub mod audit;
 pub mod ca;
-pub mod config;
 pub mod credentials;
 pub mod forward;
 pub mod intercept;
@@ -34,7 +34,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::ProxySettings;
+use crate::config::proxy::ProxySettings;
 
 /// The proxy's port inside the jail (each jail has its own namespace, so
 /// a fixed port never collides).

@@ -1,7 +1,7 @@
 //! The policy: ordered `allow` rules, first match wins, default deny.
 //!
-//! A rule's `host` regex must match the whole host name (it is compiled as
-//! `^(?:host)$`, so `github\.com` cannot be widened to
+//! A rule's `host` regex must match the whole host name (`config::proxy`
+//! compiles it as `^(?:host)$`, so `github\.com` cannot be widened to
 //! `github.com.evil.example` by a forgotten anchor); `path` is an ordinary
 //! (unanchored) regex over the path without the query; `methods` lists the
 //! allowed methods (a request it allows is forwarded without
@@ -18,72 +18,14 @@
 //! from the host's network, and `.*` must not hand the build the host's
 //! own services or the cloud metadata service.
 
-use regex::Regex;
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-#[derive(Debug, Clone)]
-pub struct Rule {
-    /// As the admin wrote it (for messages).
-    pub host_src: String,
-    pub host: Regex,
-    /// The one host `host_src` names when it is a plain literal (see
-    /// [`literal_host`]).
-    literal: Option<String>,
-    pub path: Option<Regex>,
-    /// Upper-case method names; `None` = any.
-    pub methods: Option<Vec<String>>,
-    /// Ports the rule allows; `None` = any.
-    pub ports: Option<Vec<u16>>,
-}
+use crate::config::proxy::Rule;
 
+/// What a rule decides; the rule itself (its data and compilation) is
+/// `config::proxy`.
 impl Rule {
-    /// Compiles one rule; errors are one line.
-    pub fn new(
-        host: &str,
-        path: Option<&str>,
-        methods: Option<Vec<String>>,
-    ) -> Result<Rule, String> {
-        let host_re = compile(&format!("^(?:{host})$"), host)?;
-        let path = match path {
-            Some(p) => Some(compile(p, p)?),
-            None => None,
-        };
-        let methods = match methods {
-            Some(ms) => {
-                let mut out = Vec::new();
-                for m in ms {
-                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
-                        return Err(format!("{m:?} is not an HTTP method"));
-                    }
-                    out.push(m.to_ascii_uppercase());
-                }
-                Some(out)
-            }
-            None => None,
-        };
-        Ok(Rule {
-            host_src: host.to_owned(),
-            host: host_re,
-            literal: literal_host(host),
-            path,
-            methods,
-            ports: None,
-        })
-    }
-
-    /// The rule, restricted to `ports`.
-    pub fn with_ports(mut self, ports: Vec<u16>) -> Rule {
-        self.ports = Some(ports);
-        self
-    }
-
-    /// Whether the rule names `host` (normalized) literally: its host
-    /// pattern matches that one string and no other.
-    pub fn names(&self, host: &str) -> bool {
-        self.literal.as_deref() == Some(host)
-    }
-
     /// Whether the rule applies to `host` (normalized; `local` when it is
     /// [`local_host`]): its regex matches, and for a local host the rule
     /// names it literally.
@@ -100,32 +42,6 @@ impl Rule {
     fn host_only(&self) -> bool {
         self.path.is_none() && self.methods.is_none()
     }
-}
-
-/// The one string `pattern` (a host regex, before anchoring) matches, when
-/// it is a plain literal: metacharacters only escaped (`127\.0\.0\.1`),
-/// optionally anchored (`^localhost$`). `None` when it might match more
-/// than one string (`.*`, `127\..*`, `(localhost)`, `\d`, flags, ...):
-/// for safety any syntax beyond escaped punctuation counts as a pattern.
-pub fn literal_host(pattern: &str) -> Option<String> {
-    let p = pattern.strip_prefix('^').unwrap_or(pattern);
-    let p = p.strip_suffix('$').unwrap_or(p);
-    let mut out = String::with_capacity(p.len());
-    let mut chars = p.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            // `\<` and `\>` are word boundaries, not characters.
-            '\\' => match chars.next() {
-                Some(e) if e.is_ascii_punctuation() && !matches!(e, '<' | '>') => out.push(e),
-                _ => return None,
-            },
-            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
-                return None
-            }
-            c => out.push(c),
-        }
-    }
-    (!out.is_empty()).then_some(out)
 }
 
 /// Whether `host` (normalized) is this machine or link-local by its name:
@@ -152,24 +68,6 @@ pub fn local_ip(ip: IpAddr) -> bool {
 /// Why a local host (see [`local_host`]) that only patterns matched is denied.
 pub const NOT_NAMED_LITERALLY: &str =
     "this machine or link-local: a rule must name this host literally";
-
-/// Compiles `pattern`; a syntax error becomes one line naming `shown`.
-pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
-    Regex::new(pattern).map_err(|e| {
-        let detail = match &e {
-            regex::Error::Syntax(s) => s
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("syntax error")
-                .trim()
-                .trim_start_matches("error: ")
-                .to_owned(),
-            other => other.to_string(),
-        };
-        format!("invalid regex {shown:?}: {detail}")
-    })
-}
 
 /// What to do with one HTTP request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -608,35 +506,6 @@ mod tests {
     }
 
     #[test]
-    fn literal_hosts() {
-        for (pattern, want) in [
-            ("localhost", Some("localhost")),
-            (r"127\.0\.0\.1", Some("127.0.0.1")),
-            (r"^127\.0\.0\.1$", Some("127.0.0.1")),
-            ("::1", Some("::1")),
-            (r"svc-a\.localhost", Some("svc-a.localhost")),
-            (r"svc\-a\.localhost", Some("svc-a.localhost")),
-            // `.` is any character: this also matches `127x0y0z1`.
-            ("127.0.0.1", None),
-            (".*", None),
-            (r"127\..*", None),
-            (r"127\.0\.0\.[0-9]", None),
-            ("(localhost)", None),
-            ("localhost|evil", None),
-            ("localhost?", None),
-            (r"\d+\.0\.0\.1", None),
-            (r"\x6cocalhost", None),
-            ("(?i)localhost", None),
-            (r"\<localhost\>", None),
-            (r"localhost\$", None),
-            ("", None),
-            ("^$", None),
-        ] {
-            assert_eq!(literal_host(pattern).as_deref(), want, "{pattern}");
-        }
-    }
-
-    #[test]
     fn local_hosts_by_name() {
         for host in [
             "127.0.0.1",
@@ -770,14 +639,6 @@ mod tests {
         assert!(p.restricts_methods(0));
         assert!(!p.restricts_methods(1));
         assert!(!p.restricts_methods(2));
-    }
-
-    #[test]
-    fn bad_regex_is_one_line() {
-        let e = Rule::new("(abc", None, None).unwrap_err();
-        assert!(e.starts_with("invalid regex \"(abc\""), "{e}");
-        assert!(!e.contains('\n'), "{e}");
-        assert!(Rule::new("a", None, Some(vec!["G ET".into()])).is_err());
     }
 
     #[test]

@@ -11,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::audit::Events;
-use super::rules::{Policy, Rule};
+use super::rules::Policy;
 use super::{ca, server};
+use crate::config::proxy::Rule;
 
 const T: Duration = Duration::from_secs(10);
 

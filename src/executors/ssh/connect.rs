@@ -9,7 +9,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use ssh2::{CheckResult, HostKeyType, KnownHostFileKind, MethodType, Session};
 
-use super::config::SshExecutor;
+use crate::config::ssh::SshExecutor;
 
 /// An authenticated session and the socket under it (polled directly while
 /// the session is non-blocking).

@@ -9,7 +9,6 @@
 //! digest match every byte received; a truncated or corrupted stream leaves
 //! only the staging dir, which is removed.
 
-pub mod config;
 pub mod connect;
 mod unpack;
 
@@ -24,11 +23,11 @@ use ssh2::{BlockDirections, Channel};
 
 use super::supervise::Cancel;
 use super::{BuildRequest, Failure};
+use crate::config::ssh::SshExecutor;
 use crate::hook::buildlog::BuildLog;
 use crate::protocol::hatch::{
     self, FrameError, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
 };
-use config::SshExecutor;
 use connect::Connection;
 
 /// Extra time the local side allows beyond the limits the agent enforces,

@@ -1,16 +1,17 @@
-//! The proxy's keys in a `jail` executor: `allow`, `credentials`,
-//! `upstream-ca`. Parsing reports every problem as one line (like the rest
-//! of the config); [`file_problems`] checks what only this machine can tell
-//! (value files and their permissions, the CA bundle) for `nix-hatch check`.
+//! The policy proxy's keys in a `jail` executor: `allow`, `credentials`,
+//! `upstream-ca`, and what they compile to (a [`Rule`] per `allow` entry,
+//! a [`CredentialSpec`] per credential). Parsing reports every problem as
+//! one line (like the rest of the config); what only this machine can tell
+//! (value files and their permissions, the CA bundle) is checked by
+//! `nix-hatch check` (`cli::check`). How the rules decide is the proxy's
+//! business (`proxy::rules`).
 
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
 use toml::Value;
 
-use super::credentials;
-use super::rules::{self, Rule};
-use crate::config::{Bind, Keys, Problems};
+use super::keys::{Keys, Problems};
 
 /// The host trust store the upstream side is verified against by default
 /// (Debian, NixOS and most distributions have this bundle).
@@ -46,10 +47,138 @@ pub struct CredentialSpec {
     pub plain_http: bool,
 }
 
+/// One `allow` entry, compiled. The policy it takes part in (first match
+/// wins, default deny, local hosts only by a rule naming them literally)
+/// is `proxy::rules`.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// As the admin wrote it (for messages).
+    pub host_src: String,
+    pub host: Regex,
+    /// The one host `host_src` names when it is a plain literal (see
+    /// [`literal_host`]).
+    literal: Option<String>,
+    pub path: Option<Regex>,
+    /// Upper-case method names; `None` = any.
+    pub methods: Option<Vec<String>>,
+    /// Ports the rule allows; `None` = any.
+    pub ports: Option<Vec<u16>>,
+}
+
+impl Rule {
+    /// Compiles one rule; errors are one line.
+    pub fn new(
+        host: &str,
+        path: Option<&str>,
+        methods: Option<Vec<String>>,
+    ) -> Result<Rule, String> {
+        let host_re = compile(&format!("^(?:{host})$"), host)?;
+        let path = match path {
+            Some(p) => Some(compile(p, p)?),
+            None => None,
+        };
+        let methods = match methods {
+            Some(ms) => {
+                let mut out = Vec::new();
+                for m in ms {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
+                        return Err(format!("{m:?} is not an HTTP method"));
+                    }
+                    out.push(m.to_ascii_uppercase());
+                }
+                Some(out)
+            }
+            None => None,
+        };
+        Ok(Rule {
+            host_src: host.to_owned(),
+            host: host_re,
+            literal: literal_host(host),
+            path,
+            methods,
+            ports: None,
+        })
+    }
+
+    /// The rule, restricted to `ports`.
+    pub fn with_ports(mut self, ports: Vec<u16>) -> Rule {
+        self.ports = Some(ports);
+        self
+    }
+
+    /// Whether the rule names `host` (normalized) literally: its host
+    /// pattern matches that one string and no other.
+    pub fn names(&self, host: &str) -> bool {
+        self.literal.as_deref() == Some(host)
+    }
+}
+
+/// The one string `pattern` (a host regex, before anchoring) matches, when
+/// it is a plain literal: metacharacters only escaped (`127\.0\.0\.1`),
+/// optionally anchored (`^localhost$`). `None` when it might match more
+/// than one string (`.*`, `127\..*`, `(localhost)`, `\d`, flags, ...):
+/// for safety any syntax beyond escaped punctuation counts as a pattern.
+pub fn literal_host(pattern: &str) -> Option<String> {
+    let p = pattern.strip_prefix('^').unwrap_or(pattern);
+    let p = p.strip_suffix('$').unwrap_or(p);
+    let mut out = String::with_capacity(p.len());
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // `\<` and `\>` are word boundaries, not characters.
+            '\\' => match chars.next() {
+                Some(e) if e.is_ascii_punctuation() && !matches!(e, '<' | '>') => out.push(e),
+                _ => return None,
+            },
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => {
+                return None
+            }
+            c => out.push(c),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Compiles `pattern`; a syntax error becomes one line naming `shown`.
+pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
+    Regex::new(pattern).map_err(|e| {
+        let detail = match &e {
+            regex::Error::Syntax(s) => s
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("syntax error")
+                .trim()
+                .trim_start_matches("error: ")
+                .to_owned(),
+            other => other.to_string(),
+        };
+        format!("invalid regex {shown:?}: {detail}")
+    })
+}
+
+/// Headers the proxy itself manages: a credential there would be replaced
+/// or break framing.
+pub fn is_reserved(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
 /// Reads the proxy keys of `[executors.<name>]`; `Some` exactly when
 /// `network = "proxy"`. With another network the keys are an error (they
 /// would silently do nothing).
-pub(crate) fn parse(
+pub(super) fn parse(
     ctx: &str,
     k: &mut Keys,
     p: &mut Problems,
@@ -119,14 +248,14 @@ pub(crate) fn parse(
             p,
         );
         let host_re = host.as_ref().and_then(|h| {
-            rules::compile(&format!("^(?:{h})$"), h)
+            compile(&format!("^(?:{h})$"), h)
                 .map_err(|e| p.push(format!("{at}.host: {e}")))
                 .ok()
         });
         if let Some(h) = &header {
             if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 p.push(format!("{at}.header: {h:?} is not a valid header name"));
-            } else if credentials::is_reserved(h) {
+            } else if is_reserved(h) {
                 p.push(format!(
                     "{at}.header: {h:?} is managed by the proxy and cannot carry a credential"
                 ));
@@ -248,40 +377,48 @@ fn unknown_keys(at: &str, t: &toml::Table, known: &[&str], p: &mut Problems) {
     }
 }
 
-/// What `nix-hatch check` verifies on this machine: every value file is a
-/// root-owned regular file without group or other permissions, readable,
-/// and not exposed to the jail by a `ro-binds` entry; the upstream CA
-/// bundle holds certificates.
-pub fn file_problems(name: &str, s: &ProxySettings, ro_binds: &[Bind]) -> Vec<String> {
-    let mut out = Vec::new();
-    for (i, c) in s.credentials.iter().enumerate() {
-        let at = format!("executors.{name}.credentials[{i}].value-file");
-        if let Err(e) = credentials::read_value_file(&c.value_file) {
-            out.push(format!("{at}: {e}"));
-        }
-        for b in ro_binds {
-            if c.value_file.starts_with(&b.src) {
-                out.push(format!(
-                    "{at}: {} is inside ro-binds entry {}: the jail could read the secret",
-                    c.value_file.display(),
-                    b.src.display()
-                ));
-            }
-        }
-    }
-    if let Err(e) = super::ca::read_pem_bundle(s.upstream_ca_path()) {
-        out.push(format!("executors.{name}.upstream-ca: {e}"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, ExecutorKind, Network};
-    use std::path::Path;
+    use super::*;
+    use crate::config::jail::Network;
+    use crate::config::tests::parse;
+    use crate::config::ExecutorKind;
 
-    fn parse(s: &str) -> Result<Config, Vec<String>> {
-        Config::parse(s, Path::new("/test.toml"))
+    #[test]
+    fn literal_hosts() {
+        for (pattern, want) in [
+            ("localhost", Some("localhost")),
+            (r"127\.0\.0\.1", Some("127.0.0.1")),
+            (r"^127\.0\.0\.1$", Some("127.0.0.1")),
+            ("::1", Some("::1")),
+            (r"svc-a\.localhost", Some("svc-a.localhost")),
+            (r"svc\-a\.localhost", Some("svc-a.localhost")),
+            // `.` is any character: this also matches `127x0y0z1`.
+            ("127.0.0.1", None),
+            (".*", None),
+            (r"127\..*", None),
+            (r"127\.0\.0\.[0-9]", None),
+            ("(localhost)", None),
+            ("localhost|evil", None),
+            ("localhost?", None),
+            (r"\d+\.0\.0\.1", None),
+            (r"\x6cocalhost", None),
+            ("(?i)localhost", None),
+            (r"\<localhost\>", None),
+            (r"localhost\$", None),
+            ("", None),
+            ("^$", None),
+        ] {
+            assert_eq!(literal_host(pattern).as_deref(), want, "{pattern}");
+        }
+    }
+
+    #[test]
+    fn bad_regex_is_one_line() {
+        let e = Rule::new("(abc", None, None).unwrap_err();
+        assert!(e.starts_with("invalid regex \"(abc\""), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(Rule::new("a", None, Some(vec!["G ET".into()])).is_err());
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! `kind = "ssh"` in the configuration, and the checks `nix-hatch check`
-//! runs on it.
+//! `kind = "ssh"`: the admin's command on another machine, reached over
+//! SSH. What `nix-hatch check` verifies on this machine (the key and
+//! known-hosts files) is in `cli::check`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use crate::config::{Keys, Problems};
+use super::host::check_pass_env;
+use super::keys::{Keys, Problems};
 
 pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
 pub const DEFAULT_AGENT: &str = "nix-hatch";
@@ -39,11 +40,9 @@ pub fn local_user_name() -> String {
         .unwrap_or_else(|| "root".to_owned())
 }
 
-pub(crate) fn parse(
-    ctx: &str,
-    k: &mut Keys,
-    p: &mut Problems,
-) -> Option<crate::config::ExecutorKind> {
+/// Reads the keys of a `kind = "ssh"` executor; `None` when it cannot be
+/// used (the problems say why).
+pub(super) fn parse(ctx: &str, k: &mut Keys, p: &mut Problems) -> Option<SshExecutor> {
     let host = k.string(p, "host");
     let port = k.uint(p, "port").unwrap_or(22);
     let identity = k.string(p, "identity");
@@ -55,7 +54,7 @@ pub(crate) fn parse(
         .unwrap_or_else(|| DEFAULT_AGENT.to_owned());
     let command = k.string_list(p, "command");
     let pass_env = k.string_list(p, "pass-env").unwrap_or_default();
-    crate::config::check_pass_env(ctx, &pass_env, p);
+    check_pass_env(ctx, &pass_env, p);
     let connect_timeout = k
         .uint(p, "connect-timeout")
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
@@ -138,66 +137,14 @@ pub(crate) fn parse(
     if connect_timeout == 0 {
         bad(p, format!("{ctx}.connect-timeout: must be at least 1"));
     }
-    ok.then(|| {
-        crate::config::ExecutorKind::Ssh(SshExecutor {
-            host,
-            port: port as u16,
-            identity,
-            known_hosts: PathBuf::from(known_hosts),
-            agent,
-            command,
-            pass_env,
-            connect_timeout,
-        })
+    ok.then(|| SshExecutor {
+        host,
+        port: port as u16,
+        identity,
+        known_hosts: PathBuf::from(known_hosts),
+        agent,
+        command,
+        pass_env,
+        connect_timeout,
     })
-}
-
-/// Problems visible without connecting: key and known-hosts files.
-pub fn file_problems(name: &str, s: &SshExecutor) -> Vec<String> {
-    let mut problems = Vec::new();
-    match std::fs::metadata(&s.identity) {
-        Err(e) => problems.push(format!(
-            "executors.{name}.identity: {}: {e}",
-            s.identity.display()
-        )),
-        Ok(m) if !m.is_file() => problems.push(format!(
-            "executors.{name}.identity: {} is not a file",
-            s.identity.display()
-        )),
-        Ok(m) => {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                problems.push(format!(
-                    "executors.{name}.identity: {} is accessible by group or others (mode {mode:o}); chmod 600 it",
-                    s.identity.display()
-                ));
-            }
-            if let Err(e) = std::fs::File::open(&s.identity) {
-                problems.push(format!(
-                    "executors.{name}.identity: {}: {e}",
-                    s.identity.display()
-                ));
-            }
-        }
-    }
-    match std::fs::read_to_string(&s.known_hosts) {
-        Err(e) => problems.push(format!(
-            "executors.{name}.known-hosts: {}: {e}",
-            s.known_hosts.display()
-        )),
-        Ok(text) => {
-            if let Err(e) = super::connect::parse_known_hosts(&s.known_hosts) {
-                problems.push(format!("executors.{name}.known-hosts: {e}"));
-            } else if text.lines().all(|l| {
-                let l = l.trim();
-                l.is_empty() || l.starts_with('#')
-            }) {
-                problems.push(format!(
-                    "executors.{name}.known-hosts: {} has no host keys; every connection would be refused",
-                    s.known_hosts.display()
-                ));
-            }
-        }
-    }
-    problems
 }
