@@ -34,6 +34,10 @@ impl Builder for NoBuild {
     fn build(&self, _: Accepted<'_>) -> i32 {
         0
     }
+
+    fn refuse(&self, _: crate::hook::Refused<'_>) -> i32 {
+        100
+    }
 }
 
 /// The whole hook conversation (settings, tries, an accepted job) with a

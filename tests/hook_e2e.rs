@@ -162,7 +162,9 @@ fn escape_derivation_built_through_private_daemon() {
 #[test]
 fn unprivileged_user_builds_escape_through_the_daemon() {
     let env = TestEnv::new("untrusted");
-    env.write_host_config(&env.standard_config());
+    let mut cfg = env.standard_config();
+    cfg.extra = "allowed-users = [\"nobody\"]\n".into();
+    env.write_host_config(&cfg);
     let daemon = Daemon::start(&env, Some(&hook_bin()));
     let expr = env.write_expr(
         "untrusted.nix",

@@ -687,6 +687,7 @@ fn credentials_are_withheld_from_plain_http_unless_plain_http_is_set() {
         &srv,
         &format!(
             r#"allow = [ {{ host = 'localhost' }}, {{ host = '127\.0\.0\.1' }} ]
+allowed-users = ["nhtest-mallory"]
 [[executors.px.credentials]]
 host = 'localhost'
 header = "Authorization"

@@ -30,7 +30,7 @@ fn jail_config(env: &TestEnv, extra: &str) {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "state-dir = {}\nfallback = \"decline\"\n[routes]\nescape-j = \"jx\"\n[executors.jx]\nkind = \"jail\"\nuser = \"{JAIL_USER}\"\nmax-jobs = 4\ntimeout = 120",
+        "state-dir = {}\nfallback = \"decline\"\n[routes]\nescape-j = \"jx\"\n[executors.jx]\nkind = \"jail\"\nuser = \"{JAIL_USER}\"\nmax-jobs = 4\ntimeout = 120\nallowed-users = [\"{MALLORY}\"]",
         toml_str(&env.state_dir().to_string_lossy())
     );
     s.push_str(extra);
@@ -246,6 +246,7 @@ fn a_kept_build_dir_holds_nothing_another_account_can_use() {
     // A host command (no seccomp there) run as an unprivileged account.
     let mut cfg = env.standard_config();
     cfg.user = JAIL_USER.into();
+    cfg.extra = format!("allowed-users = [\"{MALLORY}\"]\n");
     env.write_host_config(&cfg);
     let e = env.write_expr(
         "kept.nix",
@@ -316,6 +317,7 @@ fn the_demo_signer_signs_only_the_derivations_inputs() {
     let signer = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sign");
     let mut cfg = HostConfig::new(&[signer.to_str().unwrap(), "--key", key.to_str().unwrap()]);
     cfg.feature = "escape-sign".into();
+    cfg.extra = format!("allowed-users = [\"{MALLORY}\"]\n");
     env.write_host_config(&cfg);
     let e = env.write_expr(
         "sign.nix",

@@ -9,6 +9,31 @@ use crate::hook::route::{local_systems, route, Route};
 use crate::protocol::hook::TryRequest;
 use crate::store::StoreLocation;
 
+/// Who may use `e`, as `explain` and `check` say it. Without
+/// `allowed-users`, Nix's `trusted-users` decide: read from this machine's
+/// Nix here (the hook gets them in its settings).
+pub fn who_may(e: &crate::config::Executor) -> String {
+    use crate::hook::access;
+    match &e.allowed_users {
+        Some(list) => format!(
+            "allowed users: {} (allowed-users)",
+            access::describe(&access::entries(Some(list), None))
+        ),
+        None => {
+            let trusted = crate::cli::nix_version::trusted_users();
+            format!(
+                "allowed users: {} (no allowed-users: Nix's trusted-users{})",
+                access::describe(&access::entries(None, trusted.as_deref())),
+                if trusted.is_none() {
+                    ", not readable here; Nix's default is root"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
+}
+
 pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
     let store = StoreLocation::from_setting(store);
     let drv = match Drv::load(&store, drv_path) {
@@ -48,16 +73,11 @@ pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
     };
     let local = local_systems(crate::util::nix_system(), None);
     match route(&config, &req, &local) {
-        Route::Executor(e) => {
+        Route::Executor(e, feature) => {
             if let Some(reason) = &drv.unsupported {
                 println!("not built by nix-hatch: {reason}");
                 return 1;
             }
-            let feature = features
-                .iter()
-                .find(|f| config.routes.get(*f) == Some(&e.name))
-                .cloned()
-                .unwrap_or_default();
             println!(
                 "route: feature {feature} -> executor {} (kind {}, user {}, max-jobs {})",
                 e.name,
@@ -65,6 +85,7 @@ pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
                 e.user,
                 e.max_jobs
             );
+            println!("{}", who_may(e));
             0
         }
         Route::Refuse(reason) => {

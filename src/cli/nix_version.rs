@@ -55,6 +55,35 @@ pub fn report_lines(version: &str) -> Vec<String> {
     lines
 }
 
+/// Nix's `trusted-users` on this machine (whitespace-separated), as `nix
+/// show-config` reports it; `None` when Nix can't be asked. The hook
+/// itself gets the value in its settings.
+pub fn trusted_users() -> Option<String> {
+    let out = Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "show-config",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    match &v.get("trusted-users")?["value"] {
+        serde_json::Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        serde_json::Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// `nix-store --version` of the Nix on `PATH`, or why there is none.
 pub fn detect() -> Result<String, String> {
     let out = Command::new("nix-store")

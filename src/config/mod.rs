@@ -70,6 +70,9 @@ pub struct Executor {
     pub systems: Option<Vec<String>>,
     /// NAR bytes all outputs of one build may have; `None` = no limit.
     pub max_output_size: Option<u64>,
+    /// Who may use the executor, in nix.conf's syntax (names, `@group`,
+    /// `*`); `None`: Nix's `trusted-users`.
+    pub allowed_users: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +214,14 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
     let max_silent_time = k.uint(p, "max-silent-time").unwrap_or(0);
     let systems = k.string_list(p, "systems");
     let max_output_size = k.size(p, "max-output-size");
+    let allowed_users = k.string_list(p, "allowed-users");
+    for u in allowed_users.iter().flatten() {
+        if u.is_empty() || u == "@" || u.contains(char::is_whitespace) {
+            p.push(format!(
+                "{ctx}.allowed-users: {u:?} is not an account name, @group or \"*\""
+            ));
+        }
+    }
     let kind = match kind.as_deref() {
         None => {
             p.push(format!(
@@ -238,6 +249,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
         max_silent_time,
         systems,
         max_output_size,
+        allowed_users,
     })
 }
 
@@ -323,6 +335,25 @@ user = "root"
             );
         }
         assert!(errs.iter().all(|e| !e.contains('\n')), "{errs:#?}");
+    }
+
+    #[test]
+    fn allowed_users() {
+        let c = parse(
+            "[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nallowed-users = [\"ci\", \"@release\", \"*\"]\n[executors.b]\nkind = \"host\"\ncommand = [\"/x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.executors["a"].allowed_users.as_deref(),
+            Some(&["ci".to_owned(), "@release".to_owned(), "*".to_owned()][..])
+        );
+        assert_eq!(c.executors["b"].allowed_users, None);
+        let errs = parse(
+            "[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nallowed-users = [\"@\", \"a b\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("executors.a.allowed-users: \"@\" is not"));
     }
 
     #[test]

@@ -2,25 +2,140 @@
 //! ends as one `nix-hatch: …` line in the build log (Nix prints its tail)
 //! and an exit status Nix understands.
 
+use std::time::{Instant, SystemTime};
+
 use super::buildlog::BuildLog;
-use super::{Accepted, Builder};
+use super::requester::Requester;
+use super::{Accepted, Builder, Refused};
+use crate::audit::{self, Outcome};
+use crate::config::Executor;
+use crate::derivation::Drv;
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
-use crate::store::{self, ImportRequest, Registrar, StagedOutput};
+use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput};
 
 pub struct RealBuilder;
 
 impl Builder for RealBuilder {
     fn build(&self, a: Accepted<'_>) -> i32 {
+        let (started, clock) = (SystemTime::now(), Instant::now());
         let mut log = BuildLog::from_nix();
-        match build(&a, &mut log) {
-            Ok(()) => 0,
+        messages_to_build_log();
+        tracing::info!(
+            "{} asked for {} (feature {:?})",
+            a.requester,
+            a.drv.path,
+            a.feature
+        );
+        let ran = build(&a, &mut log);
+        let (code, outcome, reason, outputs) = match ran {
+            Ok(registered) => (0, Outcome::Built, None, registered),
             Err(f) => {
                 log.line(&f.to_string());
-                f.exit_code()
+                let outcome = match f {
+                    Failure::Builder(_) => Outcome::Failed,
+                    Failure::TimedOut(_) => Outcome::TimedOut,
+                    Failure::Cancelled | Failure::Internal(_) => Outcome::Error,
+                };
+                (f.exit_code(), outcome, Some(f.to_string()), Vec::new())
             }
-        }
+        };
+        let mut record = record_of(
+            a.executor,
+            &a.drv,
+            &a.requester,
+            &a.feature,
+            started,
+            clock,
+            outcome,
+        );
+        record.reason = reason;
+        record.outputs = outputs
+            .iter()
+            .map(|r| audit::OutputRecord {
+                path: r.path.clone(),
+                nar_hash: format!("sha256:{}", nix_derivation::nixbase32::encode(&r.nar_hash)),
+                size: r.nar_size,
+            })
+            .collect();
+        write_record(&a.config.state_dir, &record);
+        code
+    }
+
+    fn refuse(&self, r: Refused<'_>) -> i32 {
+        let (started, clock) = (SystemTime::now(), Instant::now());
+        messages_to_build_log();
+        tracing::error!("{}", r.reason);
+        let mut record = record_of(
+            r.executor,
+            &r.drv,
+            &r.requester,
+            &r.feature,
+            started,
+            clock,
+            Outcome::Refused,
+        );
+        record.reason = Some(r.reason.clone());
+        write_record(&r.config.state_dir, &record);
+        // A permanent failure: Nix neither retries nor builds it elsewhere.
+        100
+    }
+}
+
+/// From now on nix-hatch's messages are lines of the build log (fd 4).
+fn messages_to_build_log() {
+    use std::os::fd::BorrowedFd;
+    if !crate::util::fd_is_open(super::buildlog::LOG_FD) {
+        return;
+    }
+    // SAFETY: fd 4 is Nix's log pipe, open for the life of the hook.
+    let fd = unsafe { BorrowedFd::borrow_raw(super::buildlog::LOG_FD) };
+    // Close-on-exec: nothing the build starts may inherit the log.
+    if let Ok(copy) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+        let copy = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
+        crate::protocol::messages::to_build_log(std::fs::File::from(copy));
+    }
+}
+
+/// The audit record of an escape attempt, without its outcome's details.
+fn record_of(
+    executor: &Executor,
+    drv: &Drv,
+    requester: &Requester,
+    feature: &str,
+    started: SystemTime,
+    clock: Instant,
+    result: Outcome,
+) -> audit::Record {
+    let mut record = audit::Record {
+        time: audit::timestamp(started),
+        duration_s: audit::seconds(clock.elapsed()),
+        user: requester.user.clone(),
+        uid: requester.uid,
+        via: requester.via.as_str().to_owned(),
+        drv: drv.path.clone(),
+        feature: feature.to_owned(),
+        executor: executor.name.clone(),
+        kind: executor.kind.name().to_owned(),
+        args: Vec::new(),
+        args_total: None,
+        result,
+        exit_status: None,
+        reason: None,
+        outputs: Vec::new(),
+        proxy: None,
+    };
+    record.set_args(drv.drv.arguments().iter().map(|a| a.as_bytes()));
+    record
+}
+
+/// Appends to the audit log; a log that can't be written is said in the
+/// build log (the build's own result stands).
+fn write_record(state_dir: &std::path::Path, record: &audit::Record) {
+    if let Err(e) = audit::append(state_dir, record) {
+        tracing::warn!("cannot write the audit record: {e}");
     }
 }
 
@@ -56,7 +171,7 @@ pub fn wanted_outputs(a: &Accepted<'_>) -> Result<Vec<(String, String)>, Failure
     Ok(out)
 }
 
-fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
+fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failure> {
     let internal = |e: String| Failure::Internal(e);
     let cancel =
         Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
@@ -198,5 +313,5 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
     if let Some(t) = crate::timing::report() {
         log.line(&format!("timing: {t}"));
     }
-    Ok(())
+    Ok(registered)
 }

@@ -18,11 +18,12 @@ pub mod slots;
 use std::collections::HashSet;
 use std::io::{self, BufRead, Write};
 
-use crate::config::{Config, Fallback};
+use crate::config::{Config, Executor, Fallback};
 use crate::derivation::Drv;
 use crate::protocol::hook::{self, AcceptedJob, CommandReader, Reply, Settings, TryRequest};
 use crate::protocol::log::{msg_line, Level};
 use crate::store::StoreLocation;
+use requester::Requester;
 use route::Route;
 
 /// Everything the build phase needs once Nix's `# accept` handshake is done.
@@ -30,15 +31,35 @@ pub struct Accepted<'a> {
     pub config: &'a Config,
     pub settings: &'a Settings,
     pub store: &'a StoreLocation,
-    pub executor: &'a crate::config::Executor,
+    pub executor: &'a Executor,
     pub drv: Drv,
     pub job: AcceptedJob,
     pub slot: slots::Slot,
+    /// Who asked for it.
+    pub requester: Requester,
+    /// The escape feature that routed it.
+    pub feature: String,
 }
 
-/// Runs an accepted build and returns the hook's exit status.
+/// A build the requesting account may not have: accepted (so that Nix
+/// neither builds it elsewhere nor waits for it) and failed at once,
+/// with nothing run.
+pub struct Refused<'a> {
+    pub config: &'a Config,
+    pub executor: &'a Executor,
+    pub drv: Drv,
+    pub job: AcceptedJob,
+    pub requester: Requester,
+    pub feature: String,
+    /// The one line the user sees (without the `nix-hatch: ` prefix).
+    pub reason: String,
+}
+
+/// Runs an accepted build, or reports a refused one, and returns the
+/// hook's exit status.
 pub trait Builder {
     fn build(&self, accepted: Accepted<'_>) -> i32;
+    fn refuse(&self, refused: Refused<'_>) -> i32;
 }
 
 /// Set once Nix has accepted our `# accept`: from then on the build log
@@ -80,9 +101,12 @@ fn hook_main() -> i32 {
     crate::timing::init();
     crate::util::cloexec_from(3);
     let path = crate::config::default_path();
+    let args: Vec<String> = std::env::args().collect();
+    let verbosity = fallback::verbosity(&args);
+    crate::protocol::messages::init(crate::protocol::messages::verbosity_of(&verbosity));
     let config = Config::load(&path).map_err(|problems| {
         format!(
-            "nix-hatch: config {} is invalid, declining escape builds: {}{}",
+            "config {} is invalid, declining escape builds: {}{}",
             path.display(),
             problems
                 .first()
@@ -98,8 +122,6 @@ fn hook_main() -> i32 {
     let stdin = io::stdin();
     let mut input = stdin.lock();
     let mut replies = io::stderr();
-    let args: Vec<String> = std::env::args().collect();
-    let verbosity = fallback::verbosity(&args);
     run(
         config,
         &mut input,
@@ -121,6 +143,19 @@ pub fn run(
     builder: &dyn Builder,
     verbosity: &str,
 ) -> i32 {
+    run_for(config, input, replies, builder, verbosity, None)
+}
+
+/// [`run`], with the requesting account given (tests) rather than found
+/// ([`Requester::identify`], on the first escape `try`).
+pub fn run_for(
+    config: Result<Config, String>,
+    input: &mut impl BufRead,
+    replies: &mut impl Write,
+    builder: &dyn Builder,
+    verbosity: &str,
+    requester: Option<Requester>,
+) -> i32 {
     let settings = match hook::read_settings(input) {
         Ok(s) => s,
         Err(e) => {
@@ -133,6 +168,7 @@ pub fn run(
         crate::executors::staging::remove_stale(&cfg.state_dir);
     }
     let mut decider = Decider::new(&config, &settings);
+    decider.requester = requester;
     let mut reader = CommandReader::default();
     // The hook non-escape derivations go to, started on first use.
     let mut delegate = Delegation::NotStarted;
@@ -147,7 +183,7 @@ pub fn run(
         };
         let Decision { step, say } = decider.decide(req);
         if let Some(msg) = say {
-            tell(replies, &msg);
+            tell(&msg);
         }
         let reply = match step {
             Step::Reply(r) => r,
@@ -161,6 +197,7 @@ pub fn run(
             Step::Accept {
                 config,
                 executor,
+                feature,
                 drv,
                 slot,
             } => {
@@ -168,17 +205,41 @@ pub fn run(
                 // An idle delegate would hold the log pipe's read side
                 // (fd 5) for the whole build.
                 drop(delegate);
-                return accept(
+                let Some(job) = accept(executor, input, replies) else {
+                    return 1;
+                };
+                return builder.build(Accepted {
                     config,
-                    &settings,
-                    &decider.store,
+                    settings: &settings,
+                    store: &decider.store,
                     executor,
-                    *drv,
+                    drv: *drv,
+                    job,
                     slot,
-                    input,
-                    replies,
-                    builder,
-                );
+                    requester: decider.requester.take().unwrap_or_else(Requester::identify),
+                    feature,
+                });
+            }
+            Step::Refuse {
+                config,
+                executor,
+                feature,
+                drv,
+                reason,
+            } => {
+                drop(delegate);
+                let Some(job) = accept(executor, input, replies) else {
+                    return 1;
+                };
+                return builder.refuse(Refused {
+                    config,
+                    executor,
+                    drv: *drv,
+                    job,
+                    requester: decider.requester.take().unwrap_or_else(Requester::identify),
+                    feature,
+                    reason,
+                });
             }
         };
         if hook::write_reply(replies, reply).is_err() {
@@ -198,10 +259,20 @@ enum Step<'c> {
     /// Build it with `executor` in `slot`.
     Accept {
         config: &'c Config,
-        executor: &'c crate::config::Executor,
+        executor: &'c Executor,
+        feature: String,
         // Boxed: a parsed derivation is large, the other steps are a word.
         drv: Box<Drv>,
         slot: slots::Slot,
+    },
+    /// Accept it and fail it at once: the requester may not use
+    /// `executor` (`reason` says so in one line).
+    Refuse {
+        config: &'c Config,
+        executor: &'c Executor,
+        feature: String,
+        drv: Box<Drv>,
+        reason: String,
     },
 }
 
@@ -217,6 +288,10 @@ struct Decider<'c> {
     config: &'c Result<Config, String>,
     store: StoreLocation,
     local_systems: Vec<String>,
+    /// Nix's `trusted-users`: who may use executors without `allowed-users`.
+    trusted_users: Option<String>,
+    /// Found on the first escape `try` (the hook's parent never changes).
+    requester: Option<Requester>,
     reported: HashSet<String>,
     config_reported: bool,
 }
@@ -230,6 +305,8 @@ impl<'c> Decider<'c> {
                 settings.get("system"),
                 settings.get("extra-platforms"),
             ),
+            trusted_users: settings.get("trusted-users").map(str::to_owned),
+            requester: None,
             reported: HashSet::new(),
             config_reported: false,
         }
@@ -257,12 +334,12 @@ impl<'c> Decider<'c> {
             }
             Ok(cfg) => cfg,
         };
-        let executor = match route::route(cfg, req, &self.local_systems) {
+        let (executor, feature) = match route::route(cfg, req, &self.local_systems) {
             Route::NotOurs => return self.step(Step::PassOn),
             Route::Refuse(reason) => {
-                return self.once(req, Step::PassOn, format!("nix-hatch: declining: {reason}"))
+                return self.once(req, Step::PassOn, format!("declining: {reason}"))
             }
-            Route::Executor(executor) => executor,
+            Route::Executor(executor, feature) => (executor, feature),
         };
         crate::timing::mark("wait");
         let drv = match Drv::load(&self.store, &req.drv_path) {
@@ -274,19 +351,29 @@ impl<'c> Decider<'c> {
                 return self.once(
                     req,
                     Step::Reply(Reply::Decline),
-                    format!("nix-hatch: declining: {e:#}"),
+                    format!("declining: {e:#}"),
                 )
             }
         };
         crate::timing::mark("drv-parse");
         if let Some(reason) = &drv.unsupported {
-            let msg = format!("nix-hatch: declining: {reason}");
+            let msg = format!("declining: {reason}");
             return self.once(req, Step::Reply(Reply::Decline), msg);
+        }
+        if let Some(reason) = self.refusal(executor) {
+            return self.step(Step::Refuse {
+                config: cfg,
+                executor,
+                feature,
+                drv: Box::new(drv),
+                reason,
+            });
         }
         match slots::try_acquire(&cfg.state_dir, &executor.name, executor.max_jobs) {
             Ok(Some(slot)) => self.step(Step::Accept {
                 config: cfg,
                 executor,
+                feature,
                 drv: Box::new(drv),
                 slot,
             }),
@@ -294,12 +381,35 @@ impl<'c> Decider<'c> {
             Err(e) => self.once(
                 req,
                 Step::Reply(Reply::Decline),
-                format!(
-                    "nix-hatch: declining {}: state dir unusable: {e}",
-                    req.drv_path
-                ),
+                format!("declining {}: state dir unusable: {e}", req.drv_path),
             ),
         }
+    }
+
+    /// Why the requester may not use `executor`, if it may not.
+    fn refusal(&mut self, executor: &Executor) -> Option<String> {
+        let who = self.requester.get_or_insert_with(Requester::identify);
+        let entries = access::entries(
+            executor.allowed_users.as_deref(),
+            self.trusted_users.as_deref(),
+        );
+        if access::allows(&entries, who) {
+            return None;
+        }
+        let setting = match executor.allowed_users {
+            Some(_) => "its allowed-users",
+            None => "Nix's trusted-users (it has no allowed-users)",
+        };
+        let unknown = if who.uid.is_none() {
+            "; an account nix-hatch cannot determine may use only executors with allowed-users = [\"*\"]"
+        } else {
+            ""
+        };
+        Some(format!(
+            "executor {:?} refuses {who}: not in {setting}: {}{unknown}; nothing was run",
+            executor.name,
+            access::describe(&entries)
+        ))
     }
 
     fn step(&self, step: Step<'c>) -> Decision<'c> {
@@ -342,17 +452,16 @@ impl Delegation {
             *self = match fallback::delegate_argv(fallback, settings, verbosity) {
                 Ok(None) => Delegation::Done,
                 Err(why) => {
-                    tell(replies, &format!("nix-hatch: {why}"));
+                    tell(&why);
                     Delegation::Done
                 }
                 Ok(Some((prog, args))) => match fallback::Delegate::spawn(&prog, &args, settings) {
                     Ok(d) => Delegation::Running(d),
                     Err(e) => {
-                        let msg = format!(
-                            "nix-hatch: cannot start fallback hook {}: {e}",
+                        tell(&format!(
+                            "cannot start fallback hook {}: {e}",
                             prog.display()
-                        );
-                        tell(replies, &msg);
+                        ));
                         Delegation::Done
                     }
                 },
@@ -376,7 +485,7 @@ impl Delegation {
             }
             Ok(other) => Ok(other),
             Err(e) => {
-                tell(replies, &format!("nix-hatch: {e}; not delegating any more"));
+                tell(&format!("{e}; not delegating any more"));
                 *self = Delegation::Done;
                 Ok(Reply::Decline)
             }
@@ -384,34 +493,27 @@ impl Delegation {
     }
 }
 
-/// A message Nix shows the user before the reply. `@nix` lines reach the
-/// client even when the hook runs under nix-daemon, plain stderr does not.
-fn tell(replies: &mut impl Write, msg: &str) {
-    let _ = replies.write_all(msg_line(Level::Error, msg).as_bytes());
+/// A message Nix shows the user before the reply (a warning: it explains
+/// what Nix does next). It goes out as an `@nix` line, which reaches the
+/// client even when the hook runs under nix-daemon (plain stderr does not).
+fn tell(msg: &str) {
+    tracing::warn!("{msg}");
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Nix's `# accept` handshake: our reply and the machine line, then the
+/// input closure and the wanted outputs. `None` when Nix is gone.
 fn accept(
-    config: &Config,
-    settings: &Settings,
-    store: &StoreLocation,
-    executor: &crate::config::Executor,
-    drv: Drv,
-    slot: slots::Slot,
+    executor: &Executor,
     input: &mut impl BufRead,
     replies: &mut impl Write,
-    builder: &dyn Builder,
-) -> i32 {
+) -> Option<AcceptedJob> {
     let machine = format!("nix-hatch:{}\n", executor.name);
-    if replies
+    replies
         .write_all(Reply::Accept.line())
         .and_then(|_| replies.write_all(machine.as_bytes()))
         .and_then(|_| replies.flush())
-        .is_err()
-    {
-        return 1;
-    }
-    let job = match hook::read_accepted_job(input) {
+        .ok()?;
+    match hook::read_accepted_job(input) {
         Ok(j) => {
             ACCEPTED.store(true, std::sync::atomic::Ordering::Relaxed);
             // Nix's read side of the log pipe: with our copy closed, a log
@@ -421,23 +523,13 @@ fn accept(
                 let _ = nix::unistd::close(5);
             }
             crate::timing::mark("accept");
-            j
+            Some(j)
         }
         Err(e) => {
-            let _ =
-                replies.write_all(msg_line(Level::Error, &format!("nix-hatch: {e}")).as_bytes());
-            return 1;
+            tracing::error!("{e}");
+            None
         }
-    };
-    builder.build(Accepted {
-        config,
-        settings,
-        store,
-        executor,
-        drv,
-        job,
-        slot,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use crate::protocol::hook::TryRequest;
 
 #[derive(Debug)]
 pub enum Route<'a> {
-    /// An escape feature routed to this executor.
-    Executor(&'a Executor),
+    /// An escape feature (the first one required that is routed) goes to
+    /// this executor.
+    Executor(&'a Executor, String),
     /// Escape features are required, but no executor can take it (reason).
     Refuse(String),
     /// No escape feature: not ours.
@@ -62,7 +63,7 @@ pub fn route<'a>(config: &'a Config, req: &TryRequest, local_systems: &[String])
             ));
         }
     }
-    Route::Executor(exec)
+    Route::Executor(exec, feature.to_owned())
 }
 
 /// Nix's `system` plus `extra-platforms`, from its settings.
@@ -127,10 +128,10 @@ command = ["/bin/true"]
         assert!(matches!(route(&c, &req(&[]), &local), Route::NotOurs));
         assert!(matches!(route(&c, &req(&["kvm"]), &local), Route::NotOurs));
         assert!(
-            matches!(route(&c, &req(&["kvm", "escape-a"]), &local), Route::Executor(e) if e.name == "a")
+            matches!(route(&c, &req(&["kvm", "escape-a"]), &local), Route::Executor(e, _) if e.name == "a")
         );
         assert!(
-            matches!(route(&c, &req(&["escape-a", "escape-a2"]), &local), Route::Executor(e) if e.name == "a")
+            matches!(route(&c, &req(&["escape-a", "escape-a2"]), &local), Route::Executor(e, _) if e.name == "a")
         );
         match route(&c, &req(&["escape-a", "escape-b"]), &local) {
             Route::Refuse(r) => assert!(r.contains("one build can only go to one executor")),
@@ -142,7 +143,7 @@ command = ["/bin/true"]
         }
         // A jail runs the builder here: only local systems.
         assert!(
-            matches!(route(&c, &req(&["escape-j"]), &local), Route::Executor(e) if e.name == "j")
+            matches!(route(&c, &req(&["escape-j"]), &local), Route::Executor(e, _) if e.name == "j")
         );
         let mut arm = req(&["escape-j"]);
         arm.system = "aarch64-linux".into();
@@ -159,6 +160,6 @@ command = ["/bin/true"]
         arm.system = "aarch64-linux".into();
         assert!(matches!(route(&c, &arm, &local), Route::Refuse(_)));
         arm.required_features = vec!["escape-cmd".into()];
-        assert!(matches!(route(&c, &arm, &local), Route::Executor(e) if e.name == "cmd"));
+        assert!(matches!(route(&c, &arm, &local), Route::Executor(e, _) if e.name == "cmd"));
     }
 }

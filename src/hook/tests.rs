@@ -1,5 +1,6 @@
 //! The state machine driven by byte streams, with a fake build phase.
 
+use super::requester::Via;
 use super::*;
 use crate::protocol::hook::{encode, TryRequest};
 use std::cell::RefCell;
@@ -10,6 +11,8 @@ type Call = (String, Vec<String>, Vec<String>);
 
 struct FakeBuilder {
     calls: RefCell<Vec<Call>>,
+    /// (executor, requester, reason) of each refused build.
+    refusals: RefCell<Vec<(String, Requester, String)>>,
     status: i32,
 }
 
@@ -22,11 +25,19 @@ impl Builder for FakeBuilder {
         ));
         self.status
     }
+
+    fn refuse(&self, r: Refused<'_>) -> i32 {
+        self.refusals
+            .borrow_mut()
+            .push((r.executor.name.clone(), r.requester, r.reason));
+        100
+    }
 }
 
 fn fake() -> FakeBuilder {
     FakeBuilder {
         calls: RefCell::new(Vec::new()),
+        refusals: RefCell::new(Vec::new()),
         status: 0,
     }
 }
@@ -108,10 +119,34 @@ max-jobs = {max_jobs}
     }
 }
 
+/// Runs the conversation as root (who may use every executor); returns
+/// the exit status and the replies followed by nix-hatch's messages.
 fn drive(config: Result<Config, String>, input: &[u8], b: &FakeBuilder) -> (i32, String) {
+    drive_as(Requester::account(0, Via::Local), config, input, b)
+}
+
+fn drive_as(
+    who: Requester,
+    config: Result<Config, String>,
+    input: &[u8],
+    b: &FakeBuilder,
+) -> (i32, String) {
     let mut out = Vec::new();
-    let code = run(config, &mut &input[..], &mut out, b, "0");
-    (code, String::from_utf8(out).unwrap())
+    let (code, said) = crate::protocol::messages::capture(|| {
+        run_for(config, &mut &input[..], &mut out, b, "0", Some(who))
+    });
+    (code, String::from_utf8(out).unwrap() + &said)
+}
+
+/// An account that is not root.
+fn someone(name: &str, groups: &[u32]) -> Requester {
+    Requester {
+        user: Some(name.into()),
+        uid: Some(4242),
+        groups: groups.to_vec(),
+        via: Via::Daemon,
+        unknown_because: None,
+    }
 }
 
 #[test]
@@ -184,11 +219,14 @@ fn broken_config_declines_and_says_why_once() {
         ],
         None,
     );
-    let (code, out) = drive(Err("nix-hatch: config is broken".into()), &input, &fake());
+    let (code, out) = drive(Err("config is broken".into()), &input, &fake());
     assert_eq!(code, 0);
-    assert_eq!(out.matches("config is broken").count(), 1, "{out}");
+    assert_eq!(
+        out.matches("nix-hatch: config is broken").count(),
+        1,
+        "{out}"
+    );
     assert_eq!(out.matches("# decline\n").count(), 3, "{out}");
-    assert!(out.lines().any(|l| l.starts_with("@nix {")), "{out}");
 }
 
 /// Exiting would end Nix's whole run (it reads EOF where it wants a
@@ -292,5 +330,104 @@ fn two_executors_required_is_refused_with_reason() {
         out.contains("one build can only go to one executor"),
         "{out}"
     );
-    assert!(out.ends_with("# decline\n"));
+    assert!(out.starts_with("# decline\n"), "{out}");
+}
+
+/// The job an accepted build reads (any will do for these tests).
+fn some_job() -> AcceptedJob {
+    AcceptedJob {
+        inputs: vec![],
+        wanted_outputs: vec!["out".into()],
+    }
+}
+
+fn config_with(env: &Env, executor_extra: &str) -> Config {
+    Config::parse(
+        &format!(
+            "state-dir = \"{}/state\"\nfallback = \"decline\"\n[routes]\nescape-x = \"hx\"\n[executors.hx]\nkind = \"host\"\ncommand = [\"/bin/true\"]\n{executor_extra}",
+            env.dir.path().display()
+        ),
+        Path::new("/t"),
+    )
+    .unwrap()
+}
+
+/// A requester outside `allowed-users`: Nix gets `# accept` (it must
+/// neither build it elsewhere nor wait), the build fails at once with one
+/// line, and nothing runs.
+#[test]
+fn an_account_outside_allowed_users_is_refused_and_nothing_runs() {
+    let env = Env::new();
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&some_job()));
+    let cfg = config_with(&env, "allowed-users = [\"ci\", \"@no-such-group-here\"]\n");
+    let b = fake();
+    let (code, out) = drive_as(someone("alice", &[]), Ok(cfg), &input, &b);
+    assert_eq!(code, 100);
+    assert_eq!(out, "# accept\nnix-hatch:hx\n");
+    assert!(b.calls.borrow().is_empty(), "it was built");
+    let refusals = b.refusals.borrow();
+    assert_eq!(refusals.len(), 1);
+    assert_eq!(
+        refusals[0].2,
+        "executor \"hx\" refuses alice (uid 4242, via daemon): not in its allowed-users: root, ci, @no-such-group-here; nothing was run"
+    );
+    // Named, or through a group: built.
+    for (who, list) in [
+        (someone("ci", &[]), "[\"ci\"]"),
+        (someone("bob", &[0]), "[\"@root\"]"),
+        (someone("eve", &[]), "[\"*\"]"),
+    ] {
+        let cfg = config_with(&env, &format!("allowed-users = {list}\n"));
+        let b = fake();
+        let (code, _) = drive_as(who, Ok(cfg), &input, &b);
+        assert_eq!((code, b.calls.borrow().len()), (0, 1), "{list}");
+    }
+}
+
+/// Without `allowed-users`, Nix's `trusted-users` (in the hook's
+/// settings) decide; root always may.
+#[test]
+fn without_allowed_users_nixs_trusted_users_decide() {
+    let mut env = Env::new();
+    env.settings
+        .push(("trusted-users".into(), "root alice".into()));
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&some_job()));
+    for (who, built) in [("alice", true), ("bob", false)] {
+        let b = fake();
+        let (code, _) = drive_as(someone(who, &[]), Ok(config_with(&env, "")), &input, &b);
+        assert_eq!(
+            (code == 0, b.calls.borrow().len() == 1),
+            (built, built),
+            "{who}"
+        );
+        if !built {
+            let r = &b.refusals.borrow()[0].2;
+            assert!(
+                r.contains("not in Nix's trusted-users (it has no allowed-users): root, alice"),
+                "{r}"
+            );
+        }
+    }
+    let b = fake();
+    assert_eq!(drive(Ok(config_with(&env, "")), &input, &b).0, 0);
+    assert_eq!(b.calls.borrow().len(), 1, "root was refused");
+}
+
+/// An account nix-hatch could not determine reaches only executors open
+/// to everyone, and the refusal says why.
+#[test]
+fn an_unknown_account_reaches_only_executors_open_to_everyone() {
+    let env = Env::new();
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&some_job()));
+    let b = fake();
+    let unknown = Requester::unknown("no parent");
+    let cfg = config_with(&env, "allowed-users = [\"root\"]\n");
+    assert_eq!(drive_as(unknown.clone(), Ok(cfg), &input, &b).0, 100);
+    let r = &b.refusals.borrow()[0].2;
+    assert!(r.contains("refuses an unknown account (no parent)"), "{r}");
+    assert!(r.contains("allowed-users = [\"*\"]"), "{r}");
+    let b = fake();
+    let cfg = config_with(&env, "allowed-users = [\"*\"]\n");
+    assert_eq!(drive_as(unknown, Ok(cfg), &input, &b).0, 0);
+    assert_eq!(b.calls.borrow().len(), 1);
 }
