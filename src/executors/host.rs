@@ -13,7 +13,7 @@ use super::supervise::{self, Cancel, Outcome};
 use super::{BuildRequest, Failure};
 use crate::config::{ArgPaths, HostExecutor};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 use crate::util::{lookup_user, Account};
 
 /// PATH for admin commands: they are host programs, not store builders.
@@ -22,7 +22,7 @@ const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 pub fn run(
     req: &BuildRequest,
     host: &HostExecutor,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let account = lookup_user(&req.executor.user)

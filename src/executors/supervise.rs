@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::Limits;
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 
 /// A self-pipe that becomes readable when the hook gets SIGTERM, SIGINT or
 /// SIGHUP.
@@ -95,7 +95,7 @@ pub enum Outcome {
 /// with SIGKILL and the pipe drained until every writer is gone.
 pub fn run_logged(
     cmd: Command,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     limits: Limits,
     cancel: &Cancel,
 ) -> io::Result<Outcome> {
@@ -109,7 +109,7 @@ pub fn run_logged(
 /// middle of a line starts on a new one.
 pub fn run_logged_with(
     mut cmd: Command,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     limits: Limits,
     cancel: &Cancel,
     mut side: Option<&mut File>,
@@ -232,7 +232,7 @@ pub fn run_logged_with(
     }
 }
 
-fn kill_and_drain(child: &mut Child, read: &mut File, log: &mut BuildLog, pipe_open: bool) {
+fn kill_and_drain(child: &mut Child, read: &mut File, log: &mut dyn LogSink, pipe_open: bool) {
     // The runner's child is pid 1 of the build's pid namespace; it dies
     // with the runner, and its exit is reported only once the kernel has
     // reaped every process of the namespace: waiting for it means nothing
@@ -265,7 +265,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// Copies what is left in the pipe until EOF (every writer gone) or `limit`.
-fn drain(read: &mut File, log: &mut BuildLog, pipe_open: bool, limit: Duration) {
+fn drain(read: &mut File, log: &mut dyn LogSink, pipe_open: bool, limit: Duration) {
     if !pipe_open {
         return;
     }
@@ -296,6 +296,7 @@ fn drain(read: &mut File, log: &mut BuildLog, pipe_open: bool, limit: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::buildlog::BuildLog;
 
     fn sh(script: &str) -> Command {
         let mut c = Command::new("/bin/sh");

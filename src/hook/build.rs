@@ -2,11 +2,11 @@
 //! ends as one `nix-hatch: …` line in the build log (Nix prints its tail)
 //! and an exit status Nix understands.
 
-use super::buildlog::BuildLog;
 use super::{Accepted, Builder};
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
+use crate::protocol::buildlog::{BuildLog, LogSink};
 use crate::store::{self, ImportRequest, Registrar, StagedOutput};
 
 pub struct RealBuilder;
@@ -164,15 +164,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<(), Failure> {
             inputs: &candidates,
             outputs: &staged,
             checks: &checks,
-            // The local account the executor ran the build as; an ssh
-            // executor's `user` is the far side's, and its outputs are
-            // unpacked by us.
-            owner: match a.executor.kind {
-                crate::config::ExecutorKind::Ssh(_) => None,
-                _ => crate::util::lookup_user(&a.executor.user)
-                    .ok()
-                    .map(|u| u.uid),
-            },
+            owner: executors::output_owner(a.executor),
             deadline,
             max_size: a.executor.max_output_size,
         },

@@ -24,7 +24,7 @@ use ssh2::{BlockDirections, Channel};
 
 use super::supervise::Cancel;
 use super::{BuildRequest, Failure};
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 use crate::protocol::hatch::{
     self, FrameError, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
 };
@@ -50,7 +50,7 @@ const CHANNEL_PACKET: u32 = 32 << 10;
 pub fn run(
     req: &BuildRequest,
     ssh: &SshExecutor,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let name = &req.executor.name;
@@ -138,7 +138,7 @@ fn interpret(
     name: &str,
     r: &Received,
     session: Duration,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
 ) -> Result<(), Failure> {
     match r.trailer.status {
         Status::Exited(0) => {}
@@ -256,7 +256,7 @@ fn stream_err(e: FrameError) -> RecvError {
 
 fn receive(
     frames: &mut Frames<ChannelReader<'_>>,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     roots: BTreeMap<String, std::path::PathBuf>,
 ) -> Result<Received, RecvError> {
     let first = frames.next();
@@ -532,7 +532,7 @@ impl<'a> Frames<ChannelReader<'a>> {
         }
     }
 
-    fn flush_stderr(&mut self, log: &mut BuildLog) {
+    fn flush_stderr(&mut self, log: &mut dyn LogSink) {
         if !self.r.pending_stderr.is_empty() {
             log.raw(&self.r.pending_stderr);
             self.r.pending_stderr.clear();
