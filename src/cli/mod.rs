@@ -1,7 +1,6 @@
 //! The `nix-hatch` command line: `check`, `explain`, and `hook` (the build
 //! hook entry for Nix versions whose `build-hook` takes arguments).
 
-pub mod agent;
 pub mod check;
 pub mod explain;
 pub mod nix_version;
@@ -73,7 +72,7 @@ pub fn main() -> i32 {
                 check::run(&path)
             }
         }
-        Cmd::Agent => agent::run(),
+        Cmd::Agent => crate::executors::ssh::agent::run(),
         Cmd::Explain { drv, config, store } => explain::run(
             &config.unwrap_or_else(crate::config::default_path),
             &drv,

@@ -1,5 +1,5 @@
 //! The `ssh` executor: the admin's command on another machine, run there by
-//! `nix-hatch agent` (see `cli::agent`) over one SSH channel, its outputs
+//! `nix-hatch agent` (see [`agent`]) over one SSH channel, its outputs
 //! streamed back as tar inside the framed protocol of `protocol::hatch`.
 //!
 //! The far side builds into a temporary directory, not the store path:
@@ -9,6 +9,7 @@
 //! digest match every byte received; a truncated or corrupted stream leaves
 //! only the staging dir, which is removed.
 
+pub mod agent;
 pub mod config;
 pub mod connect;
 mod unpack;
