@@ -147,7 +147,8 @@ pub fn interpret(outcome: Outcome, executor: &str, own_builder: bool) -> Result<
             "executor {executor:?}: no output for {} seconds (max-silent-time); killed",
             d.as_secs()
         ))),
-        Outcome::Cancelled => Err(Failure::Cancelled),
+        // No peer, and the build log is never gone: only a signal.
+        Outcome::Cancelled | Outcome::ReaderGone => Err(Failure::Cancelled),
     }
 }
 
