@@ -2,7 +2,6 @@
 //! (the build hook entry for Nix versions whose `build-hook` takes
 //! arguments).
 
-pub mod agent;
 pub mod audit;
 pub mod check;
 pub mod explain;
@@ -96,7 +95,7 @@ pub fn main() -> i32 {
                 check::run(&path)
             }
         }
-        Cmd::Agent => agent::run(),
+        Cmd::Agent => crate::executors::ssh::agent::run(),
         Cmd::Explain { drv, config, store } => explain::run(
             &config.unwrap_or_else(crate::config::default_path),
             &drv,

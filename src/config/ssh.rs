@@ -12,7 +12,7 @@ pub const DEFAULT_AGENT: &str = "nix-hatch";
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 
 /// The admin's command on another machine, reached over SSH; the far side
-/// runs `nix-hatch agent` (see `cli::agent`).
+/// runs `nix-hatch agent` (see `executors::ssh::agent`).
 #[derive(Debug, Clone)]
 pub struct SshExecutor {
     pub host: String,

@@ -13,7 +13,7 @@ use super::supervise::{self, Cancel, Outcome};
 use super::{BuildRequest, Failure};
 use crate::config::host::{ArgPaths, HostExecutor};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 use crate::util::{lookup_user, Account};
 
 /// PATH for admin commands: they are host programs, not store builders.
@@ -22,7 +22,7 @@ const HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 pub fn run(
     req: &BuildRequest,
     host: &HostExecutor,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let account = lookup_user(&req.executor.user)
@@ -147,7 +147,8 @@ pub fn interpret(outcome: Outcome, executor: &str, own_builder: bool) -> Result<
             "executor {executor:?}: no output for {} seconds (max-silent-time); killed",
             d.as_secs()
         ))),
-        Outcome::Cancelled => Err(Failure::Cancelled),
+        // No peer, and the build log is never gone: only a signal.
+        Outcome::Cancelled | Outcome::ReaderGone => Err(Failure::Cancelled),
     }
 }
 

@@ -24,7 +24,7 @@ use super::supervise::{self, Cancel};
 use super::{host, BuildRequest, Failure};
 use crate::config::jail::{JailExecutor, Network};
 use crate::derivation::{builder_env, write_build_files, EnvContext};
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 use crate::proxy::Proxy;
 use crate::util::{lookup_user, Account};
 
@@ -41,7 +41,7 @@ const HOSTS: &str = "127.0.0.1 localhost\n::1 localhost\n";
 pub fn run(
     req: &BuildRequest,
     jail: &JailExecutor,
-    log: &mut BuildLog,
+    log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
     let account = lookup_user(&req.executor.user)

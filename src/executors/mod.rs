@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Executor, ExecutorKind};
 use crate::derivation::Drv;
-use crate::hook::buildlog::BuildLog;
+use crate::protocol::buildlog::LogSink;
 use crate::store::StoreLocation;
 use staging::Staging;
 use supervise::Cancel;
@@ -122,11 +122,23 @@ impl Failure {
     }
 }
 
-pub fn run(req: &BuildRequest, log: &mut BuildLog, cancel: &Cancel) -> Result<(), Failure> {
+pub fn run(req: &BuildRequest, log: &mut dyn LogSink, cancel: &Cancel) -> Result<(), Failure> {
     match &req.executor.kind {
         ExecutorKind::Host(host) => host::run(req, host, log, cancel),
         ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel),
         ExecutorKind::Ssh(ssh) => ssh::run(req, ssh, log, cancel),
+    }
+}
+
+/// The local account (uid) that owns the files an executor leaves in the
+/// staging dir: the account it ran the build as. `None` for `ssh`, whose
+/// `user` is the far side's: its outputs are unpacked by the hook itself.
+pub fn output_owner(executor: &Executor) -> Option<u32> {
+    match &executor.kind {
+        ExecutorKind::Host(_) | ExecutorKind::Jail(_) => {
+            crate::util::lookup_user(&executor.user).ok().map(|u| u.uid)
+        }
+        ExecutorKind::Ssh(_) => None,
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::buildlog::BuildLog;
 use super::requester::Requester;
 use super::{Accepted, Builder, Refused};
 use crate::audit::{self, Outcome};
@@ -13,6 +12,7 @@ use crate::derivation::Drv;
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
+use crate::protocol::buildlog::{BuildLog, LogSink};
 use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput};
 
 pub struct RealBuilder;
@@ -86,11 +86,11 @@ impl Builder for RealBuilder {
 /// From now on nix-hatch's messages are lines of the build log (fd 4).
 fn messages_to_build_log() {
     use std::os::fd::BorrowedFd;
-    if !crate::util::fd_is_open(super::buildlog::LOG_FD) {
+    if !crate::util::fd_is_open(crate::protocol::buildlog::LOG_FD) {
         return;
     }
     // SAFETY: fd 4 is Nix's log pipe, open for the life of the hook.
-    let fd = unsafe { BorrowedFd::borrow_raw(super::buildlog::LOG_FD) };
+    let fd = unsafe { BorrowedFd::borrow_raw(crate::protocol::buildlog::LOG_FD) };
     // Close-on-exec: nothing the build starts may inherit the log.
     if let Ok(copy) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)) {
         // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
@@ -279,15 +279,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
             inputs: &candidates,
             outputs: &staged,
             checks: &checks,
-            // The local account the executor ran the build as; an ssh
-            // executor's `user` is the far side's, and its outputs are
-            // unpacked by us.
-            owner: match a.executor.kind {
-                crate::config::ExecutorKind::Ssh(_) => None,
-                _ => crate::util::lookup_user(&a.executor.user)
-                    .ok()
-                    .map(|u| u.uid),
-            },
+            owner: executors::output_owner(a.executor),
             deadline,
             max_size: a.executor.max_output_size,
         },

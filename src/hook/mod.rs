@@ -9,7 +9,6 @@
 
 pub mod access;
 pub mod build;
-pub mod buildlog;
 pub mod fallback;
 pub mod requester;
 pub mod route;
@@ -20,6 +19,7 @@ use std::io::{self, BufRead, Write};
 
 use crate::config::{Config, Executor, Fallback};
 use crate::derivation::Drv;
+use crate::protocol::buildlog::LOG_FD;
 use crate::protocol::hook::{self, AcceptedJob, CommandReader, Reply, Settings, TryRequest};
 use crate::protocol::log::{msg_line, Level};
 use crate::store::StoreLocation;
@@ -82,7 +82,7 @@ pub fn main() -> i32 {
             // SAFETY: fd 4 is Nix's log pipe for the whole life of the hook
             // (never closed by us); a plain write of a few bytes.
             let line = format!("{msg}\n");
-            unsafe { nix::libc::write(buildlog::LOG_FD, line.as_ptr().cast(), line.len()) };
+            unsafe { nix::libc::write(LOG_FD, line.as_ptr().cast(), line.len()) };
         }
     }));
     std::panic::catch_unwind(hook_main).unwrap_or(1)

@@ -3,10 +3,12 @@
 //! `wire` is the primitive encoding (u64 little-endian, length-prefixed
 //! byte strings padded to 8 bytes, string lists); `hook` the build-hook
 //! conversation built from it; `log` the `@nix {json}` lines Nix parses from
-//! the hook's stderr after `# accept`; `hatch` the framed protocol between
-//! the `ssh` executor and `nix-hatch agent`.
+//! the hook's stderr after `# accept`; `buildlog` the build log on fd 4 and
+//! the [`buildlog::LogSink`] executors write to; `hatch` the framed protocol
+//! between the `ssh` executor and `nix-hatch agent`.
 
 pub mod activity;
+pub mod buildlog;
 pub mod hatch;
 pub mod hook;
 pub mod log;

@@ -1,6 +1,10 @@
 //! The build log: fd 4, which Nix stores for `nix log` and whose tail it
 //! prints when a build fails. nix-hatch's own lines are prefixed
 //! `nix-hatch: ` so they stand out from the builder's output.
+//!
+//! Executors and the process supervisor write to a [`LogSink`], not to fd 4
+//! itself: in the hook that is the [`BuildLog`]; in `nix-hatch agent` on
+//! the far side of an `ssh` executor, `Log` frames on the channel.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -10,6 +14,30 @@ use crate::protocol::log::{msg_line, Level};
 
 pub const LOG_FD: i32 = 4;
 
+/// Where a build's output goes: the builder's bytes as they come, and
+/// nix-hatch's own lines.
+pub trait LogSink {
+    /// Builder output, passed through as it comes.
+    fn raw(&mut self, data: &[u8]);
+
+    /// One line of nix-hatch's own: `nix-hatch: ` + `msg` + newline.
+    fn line(&mut self, msg: &str) {
+        let mut s = String::with_capacity(msg.len() + 12);
+        s.push_str("nix-hatch: ");
+        s.push_str(msg);
+        s.push('\n');
+        self.raw(s.as_bytes());
+    }
+
+    /// Whether the reader is gone for good: a supervised process whose
+    /// output can no longer go anywhere is stopped. The build log never is
+    /// (a write Nix does not take fails nothing; Nix notices on its own).
+    fn gone(&self) -> bool {
+        false
+    }
+}
+
+/// The hook's build log (fd 4).
 pub struct BuildLog {
     sink: Sink,
 }
@@ -47,9 +75,10 @@ impl BuildLog {
             _ => &[],
         }
     }
+}
 
-    /// Builder output, passed through as it comes.
-    pub fn raw(&mut self, data: &[u8]) {
+impl LogSink for BuildLog {
+    fn raw(&mut self, data: &[u8]) {
         // A log that can't be written (Nix went away) must not fail the
         // build by itself; Nix notices on its own.
         let _ = match &mut self.sink {
@@ -65,14 +94,5 @@ impl BuildLog {
                 Ok(())
             }
         };
-    }
-
-    /// One line of nix-hatch's own.
-    pub fn line(&mut self, msg: &str) {
-        let mut s = String::with_capacity(msg.len() + 12);
-        s.push_str("nix-hatch: ");
-        s.push_str(msg);
-        s.push('\n');
-        self.raw(s.as_bytes());
     }
 }

@@ -8,30 +8,36 @@
 //! `Data` frames, then the `Trailer` (status, tar byte count, length and
 //! blake3 digest of everything sent before it).
 //!
+//! The command runs under the executors' supervisor (`supervise`): its
+//! output goes out as `Log` frames (`LogFrames`), and `timeout` and
+//! `max-silent-time` from the request are enforced here, on the far side.
+//!
 //! The command dies with the channel: stdin stays open for the whole build
 //! and its end (the executor or the connection went away), SIGHUP, SIGTERM
 //! or SIGINT kill it. It runs in its own process group, with a parent-death
 //! signal, below this process as child subreaper (orphans come back to us
 //! and are killed), and — when the agent runs as root — as pid 1 of a fresh
-//! pid namespace, so that nothing it started survives it. The temporary
-//! directory is removed however the agent ends (short of SIGKILL).
+//! pid namespace, so that nothing it started survives it (`CommandTree`).
+//! The temporary directory is removed however the agent ends: on return,
+//! and by a janitor process even when the agent is SIGKILLed.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::executors::supervise::{self, Cancel, Outcome, Supervision};
 use crate::executors::Limits;
+use crate::protocol::buildlog::LogSink;
 use crate::protocol::hatch::{
     self, FrameError, HashingWriter, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
     MAX_ERROR, MAX_LOG,
@@ -87,7 +93,8 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
             "output {o:?} cannot be an environment variable of the command: {why}"
         )));
     }
-    let signals = SignalPipe::install().map_err(|e| report(format!("signal handlers: {e}")))?;
+    let cancel =
+        Cancel::install_interrupting().map_err(|e| report(format!("signal handlers: {e}")))?;
     // Orphans of the command are re-parented to us, so we can kill them.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let temp = TempDir::create().map_err(|e| report(format!("creating a temporary dir: {e}")))?;
@@ -119,8 +126,8 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
         &outputs_dir,
         &mut stdin,
         out,
-        &signals,
-        Tree { pid_ns, janitor },
+        &cancel,
+        CommandTree { pid_ns, janitor },
     )?;
     let mut tar_bytes = 0;
     if status.success() {
@@ -128,7 +135,7 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
             out,
             buf: Vec::with_capacity(MAX_DATA as usize),
             bytes: 0,
-            signals: &signals,
+            cancel: &cancel,
         };
         write_tar(&mut data, &outputs_dir, &req.outputs).map_err(|e| match e {
             TarError::Io(e) => gone(e),
@@ -214,50 +221,64 @@ fn command_env(req: &Request, build: &Path, outputs_dir: &Path) -> Vec<(OsString
     env
 }
 
-/// When the command must be stopped (see [`Limits::deadline`]), with the
-/// status that reports it.
-fn next_deadline(
-    start: Instant,
-    last_output: Instant,
-    limits: &Limits,
-    req: &Request,
-) -> Option<(Instant, Status)> {
-    let (when, total) = limits.deadline(start, last_output)?;
-    Some((
-        when,
-        if total {
-            Status::TimedOut(req.timeout)
-        } else {
-            Status::Silent(req.max_silent)
-        },
-    ))
+/// The request's limits (seconds, 0 for none); any 64-bit value is taken
+/// (see [`Limits::deadline`]).
+fn request_limits(req: &Request) -> Limits {
+    Limits {
+        timeout: (req.timeout > 0).then(|| Duration::from_secs(req.timeout)),
+        max_silent: (req.max_silent > 0).then(|| Duration::from_secs(req.max_silent)),
+    }
 }
 
-/// How the command's process tree is contained.
-struct Tree {
+/// How the command's process tree is contained: its own process group
+/// (or, as root, its own pid namespace), below this process as child
+/// subreaper.
+struct CommandTree {
     /// The command is pid 1 of its own pid namespace.
     pid_ns: bool,
     /// Our temp dir janitor: a child that must survive the cleanup.
     janitor: Pid,
 }
 
-/// Runs the command with its output streamed as `Log` frames; returns how
-/// it ended. Aborts (killing it) when stdin ends or a signal arrives.
+impl CommandTree {
+    /// SIGKILL to the command's pid namespace (its pid 1) or process group.
+    fn kill_group(&self, child: &Child) {
+        let pid = Pid::from_raw(child.id() as i32);
+        if self.pid_ns {
+            let _ = kill(pid, Signal::SIGKILL);
+        } else {
+            let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+        }
+    }
+}
+
+impl supervise::Tree for CommandTree {
+    fn kill(&mut self, child: &mut Child) {
+        self.kill_group(child);
+        let _ = child.wait();
+        kill_orphans(self.janitor);
+    }
+
+    fn exited(&mut self, child: &mut Child) {
+        // The group (or namespace) goes with it: leftovers would keep
+        // writing into outputs we are about to send.
+        self.kill_group(child);
+        kill_orphans(self.janitor);
+    }
+}
+
+/// Runs the command under the supervisor with its output streamed as
+/// `Log` frames; returns how it ended. Aborts (killing it) when stdin ends
+/// or a signal arrives.
 fn run_command(
     req: &Request,
     build: &Path,
     outputs_dir: &Path,
     stdin: &mut File,
     out: &mut HashingWriter<Stdout>,
-    signals: &SignalPipe,
-    tree: Tree,
+    cancel: &Cancel,
+    mut tree: CommandTree,
 ) -> Result<Status, AgentError> {
-    let Tree { pid_ns, janitor } = tree;
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| report(format!("pipe: {e}")))?;
-    let write2 = write
-        .try_clone()
-        .map_err(|e| report(format!("pipe: {e}")))?;
     let (program, args) = req
         .argv
         .split_first()
@@ -266,11 +287,9 @@ fn run_command(
     cmd.args(args.iter().map(|a| OsString::from_vec(a.clone())))
         .env_clear()
         .envs(command_env(req, build, outputs_dir))
-        .current_dir(build)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(write))
-        .stderr(Stdio::from(write2));
-    if !pid_ns {
+        .current_dir(build);
+    let read = supervise::output_pipe(&mut cmd).map_err(|e| report(format!("pipe: {e}")))?;
+    if !tree.pid_ns {
         cmd.process_group(0);
     }
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -280,7 +299,7 @@ fn run_command(
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return Err(report(format!(
@@ -290,145 +309,78 @@ fn run_command(
         }
     };
     drop(cmd);
-    let pid = Pid::from_raw(child.id() as i32);
-    let kill_tree = |pid_ns: bool| {
-        if pid_ns {
-            let _ = kill(pid, Signal::SIGKILL);
-        } else {
-            let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
-        }
-    };
-    let pidfd = crate::util::pidfd_open(child.id());
-    let mut read = File::from(read);
-    let start = Instant::now();
-    let mut last_output = start;
-    let limits = Limits {
-        timeout: (req.timeout > 0).then(|| Duration::from_secs(req.timeout)),
-        max_silent: (req.max_silent > 0).then(|| Duration::from_secs(req.max_silent)),
-    };
-    let mut buf = vec![0u8; MAX_LOG as usize];
-    let mut pipe_open = true;
-    let mut stdin_open = true;
-    let ended: Result<Status, AgentError> = loop {
-        let now = Instant::now();
-        let deadline = next_deadline(start, last_output, &limits, req);
-        if let Some((when, st)) = deadline {
-            if now >= when {
-                kill_tree(pid_ns);
-                let _ = child.wait();
-                break Ok(st);
-            }
-        }
-        let wait = match deadline {
-            Some((when, _)) => PollTimeout::try_from(
-                when.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1,
-            )
-            .unwrap_or(PollTimeout::MAX),
-            None => PollTimeout::NONE,
-        };
-        let mut fds = Vec::with_capacity(4);
-        let mut idx = [usize::MAX; 4]; // pipe, stdin, signals, pidfd
-        if pipe_open {
-            idx[0] = fds.len();
-            fds.push(PollFd::new(read.as_fd(), PollFlags::POLLIN));
-        }
-        if stdin_open {
-            idx[1] = fds.len();
-            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-        }
-        idx[2] = fds.len();
-        fds.push(PollFd::new(signals.read.as_fd(), PollFlags::POLLIN));
-        if let Some(p) = &pidfd {
-            idx[3] = fds.len();
-            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, wait) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => break Err(report(format!("poll: {e}"))),
-        }
-        let ready: Vec<bool> = idx
-            .iter()
-            .map(|&i| i != usize::MAX && fds[i].revents().is_some_and(|r| !r.is_empty()))
-            .collect();
-        drop(fds);
-        if ready[2] {
-            kill_tree(pid_ns);
-            let _ = child.wait();
-            break Err(AgentError::Gone("terminated by a signal".into()));
-        }
-        if ready[1] {
+    let mut log = LogFrames { out, unsent: None };
+    let ran = supervise::supervise(
+        child,
+        read,
+        &mut log,
+        &mut tree,
+        Supervision {
+            limits: request_limits(req),
+            cancel,
             // The executor sends nothing after the request: any readable
             // state is the end of the channel.
-            let mut b = [0u8; 256];
-            match stdin.read(&mut b) {
-                Ok(0) | Err(_) => {
-                    kill_tree(pid_ns);
-                    let _ = child.wait();
-                    break Err(AgentError::Gone(
-                        "the executor closed the channel; command killed".into(),
-                    ));
-                }
-                Ok(_) => stdin_open = true,
-            }
-        }
-        if ready[0] {
-            match read.read(&mut buf) {
-                Ok(0) => pipe_open = false,
-                Ok(n) => {
-                    last_output = Instant::now();
-                    if let Err(e) = out.frame(hatch::TAG_LOG, &buf[..n]) {
-                        kill_tree(pid_ns);
-                        let _ = child.wait();
-                        break Err(gone(e));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(report(format!("reading the command's output: {e}"))),
-            }
-        }
-        let exited = ready[3] || (pidfd.is_none() && !pipe_open);
-        if exited {
-            let status = child.wait();
-            // The group (or namespace) goes with it: leftovers would keep
-            // writing into outputs we are about to send.
-            kill_tree(pid_ns);
-            break match status {
-                Ok(s) => Ok(match (s.code(), s.signal()) {
-                    (Some(c), _) => Status::Exited(c),
-                    (None, Some(sig)) => Status::Signalled(sig),
-                    _ => Status::Exited(-1),
-                }),
-                Err(e) => Err(report(format!("waiting for the command: {e}"))),
-            };
-        }
-    };
-    kill_orphans(janitor);
-    // What the command wrote last is still in the pipe (every writer is dead now).
-    if pipe_open && ended.is_ok() {
-        drain(&mut read, out).map_err(gone)?;
-    }
-    ended
+            peer: Some(stdin),
+            side: None,
+        },
+    );
+    status(ran, log.unsent, req)
 }
 
-fn drain(read: &mut File, out: &mut HashingWriter<Stdout>) -> io::Result<()> {
-    let mut buf = vec![0u8; MAX_LOG as usize];
-    let end = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
-        match poll(&mut fds, ms) {
-            Ok(0) => return Ok(()),
-            Ok(_) => match read.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => out.frame(hatch::TAG_LOG, &buf[..n])?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Ok(()),
-            },
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return Ok(()),
+/// What the trailer says about how the command ended, or why nothing more
+/// is sent.
+fn status(
+    ran: Result<Outcome, supervise::Error>,
+    unsent: Option<io::Error>,
+    req: &Request,
+) -> Result<Status, AgentError> {
+    let outcome = ran.map_err(|e| {
+        report(match e {
+            supervise::Error::Poll(e) => format!("poll: {e}"),
+            supervise::Error::Read(e) => format!("reading the command's output: {e}"),
+            supervise::Error::Wait(e) => format!("waiting for the command: {e}"),
+        })
+    })?;
+    match (outcome, unsent) {
+        (Outcome::Cancelled, _) => Err(AgentError::Gone("terminated by a signal".into())),
+        (_, Some(e)) => Err(gone(e)),
+        (Outcome::ReaderGone, None) => Err(AgentError::Gone(
+            "the executor closed the channel; command killed".into(),
+        )),
+        (Outcome::Exited(s), None) => Ok(match (s.code(), s.signal()) {
+            (Some(c), _) => Status::Exited(c),
+            (None, Some(sig)) => Status::Signalled(sig),
+            _ => Status::Exited(-1),
+        }),
+        (Outcome::TimedOut(_), None) => Ok(Status::TimedOut(req.timeout)),
+        (Outcome::Silent(_), None) => Ok(Status::Silent(req.max_silent)),
+    }
+}
+
+/// The command's output as `Log` frames on the channel. A write that fails
+/// leaves the sink gone (the supervisor then stops the command); once the
+/// agent is told to stop, nothing more is sent (as for `Data` frames).
+struct LogFrames<'a> {
+    out: &'a mut HashingWriter<Stdout>,
+    /// Why a frame could not be written.
+    unsent: Option<io::Error>,
+}
+
+impl LogSink for LogFrames<'_> {
+    fn raw(&mut self, data: &[u8]) {
+        if self.unsent.is_some() || Cancel::signalled() {
+            return;
         }
+        for chunk in data.chunks(MAX_LOG as usize) {
+            if let Err(e) = self.out.frame(hatch::TAG_LOG, chunk) {
+                self.unsent = Some(e);
+                return;
+            }
+        }
+    }
+
+    fn gone(&self) -> bool {
+        self.unsent.is_some()
     }
 }
 
@@ -477,7 +429,7 @@ struct DataWriter<'a> {
     out: &'a mut HashingWriter<Stdout>,
     buf: Vec<u8>,
     bytes: u64,
-    signals: &'a SignalPipe,
+    cancel: &'a Cancel,
 }
 
 impl DataWriter<'_> {
@@ -485,7 +437,7 @@ impl DataWriter<'_> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if self.signals.fired() {
+        if self.cancel.is_cancelled() {
             return Err(io::Error::other("terminated by a signal"));
         }
         self.out.frame(hatch::TAG_DATA, &self.buf)?;
@@ -617,7 +569,7 @@ impl Write for Stdout {
         loop {
             match self.0.write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    if SIGNALLED.load(std::sync::atomic::Ordering::Relaxed) {
+                    if Cancel::signalled() {
                         return Err(io::Error::other("terminated by a signal"));
                     }
                 }
@@ -720,82 +672,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A self-pipe that becomes readable on SIGHUP, SIGTERM or SIGINT.
-struct SignalPipe {
-    read: File,
-}
-
-static SIGNAL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_signal(_: nix::libc::c_int) {
-    SIGNALLED.store(true, std::sync::atomic::Ordering::Relaxed);
-    let fd = SIGNAL_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if fd >= 0 {
-        // SAFETY: write(2) is async-signal-safe; the fd is never closed.
-        unsafe {
-            nix::libc::write(fd, b"x".as_ptr().cast(), 1);
-        }
-    }
-}
-
-extern "C" fn on_tick(_: nix::libc::c_int) {}
-
-impl SignalPipe {
-    fn install() -> io::Result<SignalPipe> {
-        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
-        let (read, write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-                .map_err(io::Error::from)?;
-        SIGNAL_FD.store(write.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
-        std::mem::forget(write);
-        let action = SigAction::new(
-            SigHandler::Handler(on_signal),
-            // No SA_RESTART: a write blocked on a stalled channel returns
-            // EINTR, and `Stdout` turns that into an error.
-            SaFlags::empty(),
-            SigSet::empty(),
-        );
-        for sig in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
-            // SAFETY: the handler only calls write(2).
-            unsafe { sigaction(sig, &action) }.map_err(io::Error::from)?;
-        }
-        // A stop signal that lands just before a blocking write would not
-        // interrupt it: a periodic no-op SIGALRM (no SA_RESTART either)
-        // makes every blocked write return, and `Stdout` then looks at the
-        // flag. Interval timers are not inherited by children.
-        let tick = SigAction::new(
-            SigHandler::Handler(on_tick),
-            SaFlags::empty(),
-            SigSet::empty(),
-        );
-        // SAFETY: the handler does nothing.
-        unsafe { sigaction(Signal::SIGALRM, &tick) }.map_err(io::Error::from)?;
-        let period = nix::libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        let timer = nix::libc::itimerval {
-            it_interval: period,
-            it_value: period,
-        };
-        // SAFETY: plain syscall with valid pointers.
-        if unsafe { nix::libc::setitimer(nix::libc::ITIMER_REAL, &timer, std::ptr::null_mut()) }
-            != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SignalPipe {
-            read: File::from(read),
-        })
-    }
-
-    fn fired(&self) -> bool {
-        let mut fds = [PollFd::new(self.read.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -888,7 +764,8 @@ mod tests {
         assert_eq!(names.len(), unique.len(), "{names:?}");
     }
 
-    /// Any 64-bit timeout in a request: no `Instant` overflow, no deadline.
+    /// Any 64-bit timeout in a request: no `Instant` overflow, no deadline;
+    /// a limit that is hit is reported with the request's own value.
     #[test]
     fn huge_limits_are_no_deadline() {
         let req = Request {
@@ -897,18 +774,25 @@ mod tests {
             ..Request::default()
         };
         let now = Instant::now();
-        let t = Some(Duration::from_secs(req.timeout));
-        let s = Some(Duration::from_secs(req.max_silent));
-        let limits = |timeout, max_silent| Limits {
-            timeout,
-            max_silent,
-        };
-        assert!(next_deadline(now, now, &limits(t, s), &req).is_none());
+        let limits = request_limits(&req);
+        assert!(limits.deadline(now, now).is_none());
         let small = Some(Duration::from_secs(5));
-        let (when, st) = next_deadline(now, now, &limits(t, small), &req).unwrap();
+        let silent = Limits {
+            max_silent: small,
+            ..limits
+        };
+        let (when, total) = silent.deadline(now, now).unwrap();
         assert_eq!(when, now + Duration::from_secs(5));
-        assert_eq!(st, Status::Silent(req.max_silent));
-        let (_, st) = next_deadline(now, now, &limits(small, s), &req).unwrap();
-        assert_eq!(st, Status::TimedOut(req.timeout));
+        assert!(!total);
+        let st = status(Ok(Outcome::Silent(Duration::from_secs(5))), None, &req);
+        assert!(matches!(st, Ok(s) if s == Status::Silent(req.max_silent)));
+        let timed = Limits {
+            timeout: small,
+            ..limits
+        };
+        let (_, total) = timed.deadline(now, now).unwrap();
+        assert!(total);
+        let st = status(Ok(Outcome::TimedOut(Duration::from_secs(5))), None, &req);
+        assert!(matches!(st, Ok(s) if s == Status::TimedOut(req.timeout)));
     }
 }
