@@ -216,6 +216,7 @@ fn import(work: &Work) -> Result<()> {
             owner: None,
             deadline: None,
             max_size: None,
+            progress: None,
         },
         registrar,
     )?;

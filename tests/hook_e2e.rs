@@ -1470,3 +1470,102 @@ fn host_command_sees_its_own_proc() {
     let n: u32 = lines[2].trim().parse().unwrap();
     assert!(n < 10, "the command sees {n} processes: {text}");
 }
+
+/// Long stages report themselves as Nix activities, which reach Nix and
+/// come out of its logger (`--log-format internal-json`): waiting for a
+/// slot of a busy executor, and reading a large output into the store,
+/// with its bytes.
+#[test]
+fn waiting_for_a_slot_and_a_large_import_show_as_nix_activities() {
+    use std::io::BufRead;
+    let env = TestEnv::new("activities");
+    let mut cfg = env.standard_config();
+    cfg.max_jobs = 1;
+    env.write_host_config(&cfg);
+    let expr = env.write_expr(
+        "activities.nix",
+        r#"{
+  # Both wait until the test has seen one of them wait for the slot.
+  big = escape { name = "activities-big"; script = ''
+    i=0; while [ ! -e "@DIR@/go" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+    head -c 20971520 /dev/zero > "$out"
+  ''; };
+  other = escape { name = "activities-other"; script = ''
+    i=0; while [ ! -e "@DIR@/go" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+    echo other > "$out"
+  ''; };
+}"#,
+    );
+    let mut cmd = env.nix_build_command(
+        &expr,
+        &["big", "other"],
+        &["-j", "2", "--log-format", "internal-json"],
+    );
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let mut raw = String::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        raw.push_str(&line);
+        raw.push('\n');
+        let Some(v) = line
+            .strip_prefix("@nix ")
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        else {
+            continue;
+        };
+        let waiting = v["action"] == "start"
+            && v["type"] == 111
+            && v["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("waiting for a free slot of executor \"hostx\""));
+        if waiting {
+            fs::write(env.path("go"), "").unwrap();
+        }
+        lines.push(v);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{raw}");
+    let start = |ty: u64, text: &str| {
+        lines
+            .iter()
+            .find(|v| {
+                v["action"] == "start"
+                    && v["type"] == ty
+                    && v["text"].as_str().is_some_and(|t| t.contains(text))
+            })
+            .and_then(|v| v["id"].as_u64())
+            .unwrap_or_else(|| panic!("no activity {ty} {text:?} in:\n{raw}"))
+    };
+    let stopped = |id: u64| {
+        lines
+            .iter()
+            .any(|v| v["action"] == "stop" && v["id"].as_u64() == Some(id))
+    };
+    let waited = start(
+        111,
+        "waiting for a free slot of executor \"hostx\" (max-jobs 1)",
+    );
+    assert!(stopped(waited), "the wait never ended:\n{raw}");
+    let big = env.drv_path(&expr, "big");
+    let import = start(
+        100,
+        &format!("reading the outputs of '{big}' into the store"),
+    );
+    assert!(stopped(import), "the import activity never ended:\n{raw}");
+    let last_progress = lines
+        .iter()
+        .rfind(|v| v["action"] == "result" && v["type"] == 105 && v["id"].as_u64() == Some(import))
+        .unwrap_or_else(|| panic!("no progress of the import:\n{raw}"));
+    assert_eq!(
+        last_progress["fields"],
+        serde_json::json!([20971520, 20971520, 0, 0]),
+        "{raw}"
+    );
+}

@@ -280,9 +280,38 @@ fn escape_build_runs_on_the_far_side_and_returns_valid_outputs() {
     assert!(!log.stdout.contains("temporary path"), "{}", log.stdout);
 
     // An output that embeds the far side's $out: built, with a warning.
-    let out = env.nix_build(&e, &["reloc"], &[]);
+    // Its transfer shows in Nix's progress (an activity with its bytes).
+    let out = env.nix_build(&e, &["reloc"], &["--log-format", "internal-json"]);
     out.assert_ok();
     let p = out.store_paths()[0].clone();
+    let events: Vec<serde_json::Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.strip_prefix("@nix ")?).ok())
+        .collect();
+    let drv = env.drv_path(&e, "reloc");
+    let copy = events
+        .iter()
+        .find(|v| {
+            v["action"] == "start"
+                && v["type"] == 100
+                && v["text"].as_str().is_some_and(|t| {
+                    t.starts_with(&format!("copying outputs of '{drv}' from 'root@127.0.0.1"))
+                })
+        })
+        .and_then(|v| v["id"].as_u64())
+        .unwrap_or_else(|| panic!("no transfer activity:\n{}", out.stderr));
+    let of_copy = |action: &str| {
+        events
+            .iter()
+            .filter(|v| v["action"] == action && v["id"].as_u64() == Some(copy))
+            .count()
+    };
+    assert!(
+        of_copy("result") >= 1 && of_copy("stop") == 1,
+        "{}",
+        out.stderr
+    );
     let text = fs::read_to_string(&p).unwrap();
     assert!(
         text.contains(&remote.tmp.to_string_lossy().into_owned()),

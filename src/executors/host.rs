@@ -25,8 +25,8 @@ pub fn run(
     log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
-    let account = lookup_user(&req.executor.user)
-        .map_err(|e| Failure::Internal(format!("executor {:?}: {e:#}", req.executor.name)))?;
+    let account =
+        lookup_user(&req.executor.user).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let staging = req.staging;
     let build_dir = staging.build.to_string_lossy().into_owned();
     let (argv, env) = if host.allow_any_builder {
@@ -47,15 +47,13 @@ pub fn run(
         // replace one the executor sets, or PATH, LD_PRELOAD and the like.
         if let Some((o, why)) = crate::protocol::hatch::bad_output_name(req.drv.outputs.keys()) {
             return Err(Failure::Builder(format!(
-                "executor {:?}: output {o:?} cannot be an environment variable of the command: {why}",
-                req.executor.name
+                "output {o:?} cannot be an environment variable of the command: {why}"
             )));
         }
         if host.arg_paths == ArgPaths::Inputs {
             check_arg_paths(req).map_err(|why| {
                 Failure::Builder(format!(
-                    "executor {:?}: {why} (arg-paths = \"inputs\"); the command was not run",
-                    req.executor.name
+                    "{why} (arg-paths = \"inputs\"); the command was not run"
                 ))
             })?;
         }
@@ -80,7 +78,7 @@ pub fn run(
     };
     let cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
-        .map_err(|e| Failure::Internal(format!("running executor {:?}: {e}", req.executor.name)))?;
+        .map_err(|e| Failure::Internal(format!("running the command: {e}")))?;
     // Whatever the outcome: paths the command registered must exist.
     let outputs: Vec<&str> = req
         .outputs
@@ -90,13 +88,11 @@ pub fn run(
     match crate::store::adopt_added_paths(req.store, &staging.store, &outputs) {
         Ok(adopted) => {
             for p in &adopted.moved {
-                log.line(&format!(
-                    "the command added {p} to the store; moved it into place"
-                ));
+                tracing::info!("the command added {p} to the store; moved it into place");
             }
             if !adopted.failed.is_empty() {
                 for f in &adopted.failed {
-                    log.line(f);
+                    tracing::error!("{f}");
                 }
                 // Valid in the database, files only here: keep them for
                 // the admin rather than delete them with the staging dir.
@@ -105,46 +101,40 @@ pub fn run(
                     Err(e) => format!("could not keep {}: {e}", staging.root.display()),
                 };
                 return Err(Failure::Internal(format!(
-                    "executor {:?}: {} store path(s) the command added could not be moved into the store (their files are {kept}); `nix-store --verify` drops them from the database",
-                    req.executor.name,
+                    "{} store path(s) the command added could not be moved into the store (their files are {kept}); `nix-store --verify` drops them from the database",
                     adopted.failed.len()
                 )));
             }
         }
-        Err(e) => log.line(&format!(
-            "warning: checking what the command added to the store: {e}"
-        )),
+        Err(e) => tracing::warn!("warning: checking what the command added to the store: {e}"),
     }
-    interpret(outcome, &req.executor.name, host.allow_any_builder)
+    interpret(outcome, host.allow_any_builder)
 }
 
 /// Turns how the process ended into the build's result.
-pub fn interpret(outcome: Outcome, executor: &str, own_builder: bool) -> Result<(), Failure> {
+pub fn interpret(outcome: Outcome, own_builder: bool) -> Result<(), Failure> {
     let what = if own_builder { "builder" } else { "command" };
+    let exited = |status, message| Err(Failure::Exited { status, message });
     match outcome {
         Outcome::Exited(s) if s.success() => Ok(()),
         Outcome::Exited(s) => match s.code() {
-            Some(runner::SETUP_FAILED) => Err(Failure::Builder(format!(
-                "executor {executor:?}: {what} could not be started or exited with status {}",
-                runner::SETUP_FAILED
-            ))),
-            Some(c) if c > 128 => Err(Failure::Builder(format!(
-                "executor {executor:?}: {what} killed by signal {}",
-                c - 128
-            ))),
-            Some(c) => Err(Failure::Builder(format!(
-                "executor {executor:?}: {what} failed with exit code {c}"
-            ))),
-            None => Err(Failure::Builder(format!(
-                "executor {executor:?}: {what} was killed"
-            ))),
+            Some(runner::SETUP_FAILED) => exited(
+                runner::SETUP_FAILED,
+                format!(
+                    "{what} could not be started or exited with status {}",
+                    runner::SETUP_FAILED
+                ),
+            ),
+            Some(c) if c > 128 => exited(c, format!("{what} killed by signal {}", c - 128)),
+            Some(c) => exited(c, format!("{what} failed with exit code {c}")),
+            None => Err(Failure::Builder(format!("{what} was killed"))),
         },
         Outcome::TimedOut(d) => Err(Failure::TimedOut(format!(
-            "executor {executor:?}: build timed out after {} seconds; killed",
+            "build timed out after {} seconds; killed",
             d.as_secs()
         ))),
         Outcome::Silent(d) => Err(Failure::TimedOut(format!(
-            "executor {executor:?}: no output for {} seconds (max-silent-time); killed",
+            "no output for {} seconds (max-silent-time); killed",
             d.as_secs()
         ))),
         // No peer, and the build log is never gone: only a signal.

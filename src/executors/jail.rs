@@ -44,27 +44,25 @@ pub fn run(
     log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
-    let account = lookup_user(&req.executor.user)
-        .map_err(|e| Failure::Internal(format!("executor {:?}: {e:#}", req.executor.name)))?;
+    let account =
+        lookup_user(&req.executor.user).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     if account.uid == 0 {
         return Err(Failure::Internal(format!(
-            "executor {:?}: a jail never runs as root (user {:?})",
-            req.executor.name, account.name
+            "a jail never runs as root (user {:?})",
+            account.name
         )));
     }
     for dev in &jail.devices {
         if !dev.exists() {
             return Err(Failure::Internal(format!(
-                "executor {:?}: device {} does not exist on this machine",
-                req.executor.name,
+                "device {} does not exist on this machine",
                 dev.display()
             )));
         }
     }
     if jail.nix_daemon && !jail.daemon_socket.exists() {
         return Err(Failure::Internal(format!(
-            "executor {:?}: nix-daemon = true, but there is no daemon socket at {}",
-            req.executor.name,
+            "nix-daemon = true, but there is no daemon socket at {}",
             jail.daemon_socket.display()
         )));
     }
@@ -86,10 +84,7 @@ pub fn run(
         env.insert("NIX_REMOTE".into(), OsString::from("daemon"));
     }
     if jail.network == Network::Host {
-        log.line(&format!(
-            "WARNING: executor {:?} gives this build the HOST NETWORK (network = \"host\")",
-            req.executor.name
-        ));
+        tracing::warn!("WARNING: this build gets the HOST NETWORK (network = \"host\")");
     }
     let mut proxy = match &jail.proxy {
         Some(settings) => {
@@ -123,8 +118,7 @@ pub fn run(
     for (k, v) in env {
         if k.is_empty() || k.contains(['=', '\0']) || v.as_bytes().contains(&0) {
             return Err(Failure::Builder(format!(
-                "executor {:?}: the derivation's environment variable {k:?} cannot be set (a name with '=' or a NUL byte)",
-                req.executor.name
+                "the derivation's environment variable {k:?} cannot be set (a name with '=' or a NUL byte)"
             )));
         }
         options.extend(["--setenv".into(), k.into(), v]);
@@ -180,14 +174,9 @@ pub fn run(
             log.raw(&rest);
         }
     }
-    let outcome = outcome.map_err(|e| {
-        Failure::Internal(format!(
-            "executor {:?}: starting {}: {e}",
-            req.executor.name,
-            jail.bwrap.display()
-        ))
-    })?;
-    host::interpret(outcome, &req.executor.name, true)
+    let outcome = outcome
+        .map_err(|e| Failure::Internal(format!("starting {}: {e}", jail.bwrap.display())))?;
+    host::interpret(outcome, true)
 }
 
 /// The build's policy proxy (network = "proxy"), listening in the jail's
@@ -207,7 +196,7 @@ fn start_proxy(
             staging_root: root,
         },
     )
-    .map_err(|e| Failure::Internal(format!("executor {:?}: proxy: {e}", req.executor.name)))
+    .map_err(|e| Failure::Internal(format!("proxy: {e}")))
 }
 
 /// bubblewrap's options (what comes before `--` and the builder).

@@ -88,10 +88,15 @@ impl Limits {
     }
 }
 
-/// Why a build did not produce its outputs.
+/// Why a build did not produce its outputs. The messages are one line
+/// each and do not name the executor: the build's `executor` span does.
 #[derive(Debug)]
 pub enum Failure {
-    /// The command or builder failed (Nix: permanent failure).
+    /// The command or builder exited unsuccessfully (Nix: permanent
+    /// failure); `status` is its exit status (128 + signal when killed).
+    Exited { status: i32, message: String },
+    /// The build failed for another reason of its own (Nix: permanent
+    /// failure): its outputs are unusable, refused, or it can't be run.
     Builder(String),
     /// `timeout` or `max-silent-time` hit.
     TimedOut(String),
@@ -104,7 +109,10 @@ pub enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Builder(m) | Failure::TimedOut(m) | Failure::Internal(m) => f.write_str(m),
+            Failure::Exited { message: m, .. }
+            | Failure::Builder(m)
+            | Failure::TimedOut(m)
+            | Failure::Internal(m) => f.write_str(m),
             Failure::Cancelled => f.write_str("build cancelled by signal"),
         }
     }
@@ -115,7 +123,7 @@ impl Failure {
     /// and 101 as a timeout, like its own builders.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Failure::Builder(_) => 100,
+            Failure::Exited { .. } | Failure::Builder(_) => 100,
             Failure::TimedOut(_) => 101,
             Failure::Cancelled | Failure::Internal(_) => 1,
         }

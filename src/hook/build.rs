@@ -12,7 +12,7 @@ use crate::derivation::Drv;
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
-use crate::protocol::buildlog::{BuildLog, LogSink};
+use crate::protocol::buildlog::BuildLog;
 use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput};
 
 pub struct RealBuilder;
@@ -28,19 +28,31 @@ impl Builder for RealBuilder {
             a.drv.path,
             a.feature
         );
-        let ran = build(&a, &mut log);
-        let (code, outcome, reason, outputs) = match ran {
-            Ok(registered) => (0, Outcome::Built, None, registered),
+        // Every message of the build names the executor (this span).
+        let span = tracing::error_span!("executor", name = %a.executor.name);
+        let ran = span.in_scope(|| build(&a, &mut log));
+        let (code, outcome, reason, status, outputs) = match ran {
+            Ok(registered) => (0, Outcome::Built, None, Some(0), registered),
             Err(f) => {
-                log.line(&f.to_string());
-                let outcome = match f {
-                    Failure::Builder(_) => Outcome::Failed,
-                    Failure::TimedOut(_) => Outcome::TimedOut,
-                    Failure::Cancelled | Failure::Internal(_) => Outcome::Error,
+                span.in_scope(|| tracing::error!("{f}"));
+                let (outcome, status) = match f {
+                    Failure::Exited { status, .. } => (Outcome::Failed, Some(status)),
+                    Failure::Builder(_) => (Outcome::Failed, None),
+                    Failure::TimedOut(_) => (Outcome::TimedOut, None),
+                    Failure::Cancelled | Failure::Internal(_) => (Outcome::Error, None),
                 };
-                (f.exit_code(), outcome, Some(f.to_string()), Vec::new())
+                (
+                    f.exit_code(),
+                    outcome,
+                    Some(f.to_string()),
+                    status,
+                    Vec::new(),
+                )
             }
         };
+        if let Some(t) = crate::timing::report() {
+            tracing::info!("timing: {t}");
+        }
         let mut record = record_of(
             a.executor,
             &a.drv,
@@ -51,6 +63,7 @@ impl Builder for RealBuilder {
             outcome,
         );
         record.reason = reason;
+        record.exit_status = status;
         record.outputs = outputs
             .iter()
             .map(|r| audit::OutputRecord {
@@ -81,6 +94,53 @@ impl Builder for RealBuilder {
         // A permanent failure: Nix neither retries nor builds it elsewhere.
         100
     }
+}
+
+/// Outputs at least this large (by file sizes) show their import in Nix's
+/// progress bar.
+const IMPORT_PROGRESS_FROM: u64 = 16 << 20;
+
+/// Runs `import` (reading the outputs into the store, which `read` counts
+/// in bytes); a large import reports itself as a Nix activity meanwhile,
+/// so Nix's progress bar shows bytes rather than a silent pause.
+fn with_import_progress<T>(
+    a: &Accepted<'_>,
+    staged: &[StagedOutput],
+    read: &std::sync::atomic::AtomicU64,
+    import: impl FnOnce() -> T,
+) -> T {
+    use crate::protocol::activity::{Activity, Kind};
+    use std::sync::atomic::Ordering;
+    let expected: u64 = staged
+        .iter()
+        .filter_map(|o| store::apparent_size(&o.staged).ok())
+        .sum();
+    if expected < IMPORT_PROGRESS_FROM {
+        return import();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reporter = s.spawn(|| {
+            let mut activity = Activity::start(
+                Kind::CopyPath,
+                &format!("reading the outputs of '{}' into the store", a.drv.path),
+                &[
+                    &a.drv.path,
+                    &format!("nix-hatch:{}", a.executor.name),
+                    "local",
+                ],
+            );
+            while !done.load(Ordering::Relaxed) {
+                activity.progress(read.load(Ordering::Relaxed), expected);
+                std::thread::park_timeout(std::time::Duration::from_millis(250));
+            }
+            activity.progress(read.load(Ordering::Relaxed), expected);
+        });
+        let r = import();
+        done.store(true, Ordering::Relaxed);
+        reporter.thread().unpark();
+        r
+    })
 }
 
 /// From now on nix-hatch's messages are lines of the build log (fd 4).
@@ -189,7 +249,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
     let removed =
         store::remove_stale_outputs(&location, &paths).map_err(|e| internal(e.to_string()))?;
     for p in removed {
-        log.line(&format!("removed stale invalid leftover {p}"));
+        tracing::info!("removed stale invalid leftover {p}");
     }
 
     let limits = Limits::combine(
@@ -198,13 +258,12 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
         a.settings.u64_or_zero("max-silent-time"),
         a.executor.max_silent_time,
     );
-    log.line(&format!(
-        "building {} with executor {:?} ({}, slot {})",
+    tracing::info!(
+        "building {} ({}, slot {})",
         a.drv.path,
-        a.executor.name,
         a.executor.kind.name(),
         a.slot.index
-    ));
+    );
     let req = BuildRequest {
         drv: &a.drv,
         executor: a.executor,
@@ -232,8 +291,8 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
     if let Err(f) = ran {
         if a.settings.get("keep-failed") == Some("true") && !matches!(f, Failure::Cancelled) {
             match staging.keep() {
-                Ok(p) => log.line(&format!("keeping build directory {}", p.display())),
-                Err(e) => log.line(&format!("could not keep the build directory: {e}")),
+                Ok(p) => tracing::info!("keeping build directory {}", p.display()),
+                Err(e) => tracing::warn!("could not keep the build directory: {e}"),
             }
         }
         return Err(f);
@@ -272,38 +331,38 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
             fixed: a.drv.outputs.get(name).and_then(|o| o.fixed.clone()),
         })
         .collect();
-    let registered = store::import(
-        &ImportRequest {
-            location: &location,
-            deriver: &a.drv.path,
-            inputs: &candidates,
-            outputs: &staged,
-            checks: &checks,
-            owner: executors::output_owner(a.executor),
-            deadline,
-            max_size: a.executor.max_output_size,
-        },
-        registrar,
-    )
-    .map_err(|e| match e {
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let import = || {
+        store::import(
+            &ImportRequest {
+                location: &location,
+                deriver: &a.drv.path,
+                inputs: &candidates,
+                outputs: &staged,
+                checks: &checks,
+                owner: executors::output_owner(a.executor),
+                deadline,
+                max_size: a.executor.max_output_size,
+                progress: Some(&read),
+            },
+            registrar,
+        )
+    };
+    let registered = with_import_progress(a, &staged, &read, import).map_err(|e| match e {
         store::ImportError::TimedOut { .. } => Failure::TimedOut(format!(
-            "executor {:?}: {e}; timeout is {} seconds",
-            a.executor.name,
+            "{e}; timeout is {} seconds",
             limits.timeout.unwrap_or_default().as_secs()
         )),
         e => Failure::Builder(e.to_string()),
     })?;
     crate::util::fault_point("after-register");
     for r in &registered {
-        log.line(&format!(
+        tracing::info!(
             "registered {} ({} bytes, {} references)",
             r.path,
             r.nar_size,
             r.references.len()
-        ));
-    }
-    if let Some(t) = crate::timing::report() {
-        log.line(&format!("timing: {t}"));
+        );
     }
     Ok(registered)
 }

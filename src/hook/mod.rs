@@ -203,8 +203,10 @@ pub fn run_for(
             } => {
                 crate::util::fault_point("before-accept");
                 // An idle delegate would hold the log pipe's read side
-                // (fd 5) for the whole build.
+                // (fd 5) for the whole build; this hook waits for no other
+                // derivation any more.
                 drop(delegate);
+                decider.waiting.clear();
                 let Some(job) = accept(executor, input, replies) else {
                     return 1;
                 };
@@ -228,6 +230,7 @@ pub fn run_for(
                 reason,
             } => {
                 drop(delegate);
+                decider.waiting.clear();
                 let Some(job) = accept(executor, input, replies) else {
                     return 1;
                 };
@@ -292,6 +295,9 @@ struct Decider<'c> {
     trusted_users: Option<String>,
     /// Found on the first escape `try` (the hook's parent never changes).
     requester: Option<Requester>,
+    /// Derivations postponed for a slot, shown as waiting in Nix's
+    /// progress bar until they are decided otherwise.
+    waiting: std::collections::HashMap<String, crate::protocol::activity::Activity>,
     reported: HashSet<String>,
     config_reported: bool,
 }
@@ -307,6 +313,7 @@ impl<'c> Decider<'c> {
             ),
             trusted_users: settings.get("trusted-users").map(str::to_owned),
             requester: None,
+            waiting: std::collections::HashMap::new(),
             reported: HashSet::new(),
             config_reported: false,
         }
@@ -323,6 +330,9 @@ impl<'c> Decider<'c> {
     }
 
     fn decide(&mut self, req: &TryRequest) -> Decision<'c> {
+        // Decided otherwise than postponed, it waits no more (its activity
+        // stops when this is dropped).
+        let waiting = self.waiting.remove(&req.drv_path);
         let cfg = match self.config {
             Err(reason) => {
                 let first = !req.required_features.is_empty() && !self.config_reported;
@@ -377,7 +387,20 @@ impl<'c> Decider<'c> {
                 drv: Box::new(drv),
                 slot,
             }),
-            Ok(None) => self.step(Step::Reply(Reply::Postpone)),
+            Ok(None) => {
+                let activity = waiting.unwrap_or_else(|| {
+                    crate::protocol::activity::Activity::start(
+                        crate::protocol::activity::Kind::BuildWaiting,
+                        &format!(
+                            "waiting for a free slot of executor {:?} (max-jobs {}) to build '{}'",
+                            executor.name, executor.max_jobs, req.drv_path
+                        ),
+                        &[],
+                    )
+                });
+                self.waiting.insert(req.drv_path.clone(), activity);
+                self.step(Step::Reply(Reply::Postpone))
+            }
             Err(e) => self.once(
                 req,
                 Step::Reply(Reply::Decline),

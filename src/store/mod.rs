@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use nix_derivation::{CAHash, HashAlgorithm, NixHash};
 
 pub use adopt::adopt_added_paths;
-pub use fsops::{defuse_tree, remove_tree};
+pub use fsops::{apparent_size, defuse_tree, remove_tree};
 pub use nixstore::Registrar;
 
 use digest::ExtraHash;
@@ -177,6 +177,8 @@ pub struct ImportRequest<'a> {
     pub deadline: Option<std::time::Instant>,
     /// NAR bytes all outputs together may have (`max-output-size`).
     pub max_size: Option<u64>,
+    /// Gets the file content bytes read added as they are read.
+    pub progress: Option<&'a std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A registered output.
@@ -686,6 +688,7 @@ pub fn import<'a>(
             owner: req.owner,
             deadline: req.deadline,
             max_size: req.max_size.map(|m| m.saturating_sub(used)),
+            progress: req.progress.cloned(),
         };
         let d =
             digest::digest_path(read, &parts, extra.as_ref(), &options).map_err(

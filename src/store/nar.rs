@@ -156,7 +156,7 @@ pub enum NodeKind {
 }
 
 /// Options for [`dump_path`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     /// Seal the tree while reading it: every regular file and directory not
     /// owned by the effective user is `chown`ed to it (effective uid and gid),
@@ -180,6 +180,9 @@ pub struct DumpOptions {
     /// Stop with [`NarErrorKind::TooLarge`] before the archive would grow
     /// past this many bytes.
     pub max_size: Option<u64>,
+    /// Gets every file content byte read added, as it is read (someone
+    /// else reports the progress).
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// How much of a file is read between two checks of the deadline.
@@ -329,6 +332,7 @@ struct Dumper<'s, S: ?Sized> {
     owner: Option<u32>,
     deadline: Option<std::time::Instant>,
     max_size: Option<u64>,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Bytes of archive written so far.
     written: u64,
     rel: Vec<u8>,
@@ -555,6 +559,9 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
                 ContentsError::Sink(e) => self.err(NarErrorKind::Sink(e)),
             })?;
             done += slice;
+            if let Some(p) = &self.progress {
+                p.fetch_add(slice, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if let Err(e) = write_padding(self.sink, size) {
             return Err(self.err(NarErrorKind::Sink(e)));
@@ -636,6 +643,7 @@ pub fn dump_path<S: NarSink + ?Sized>(
         owner: options.owner,
         deadline: options.deadline,
         max_size: options.max_size,
+        progress: options.progress.clone(),
         written: 0,
         rel: Vec::new(),
     };

@@ -216,6 +216,7 @@ impl TestStore {
                 owner: None,
                 deadline: None,
                 max_size: None,
+                progress: None,
             },
             registrar,
         )
@@ -238,6 +239,7 @@ impl TestStore {
                 owner: None,
                 deadline,
                 max_size,
+                progress: None,
             },
             registrar,
         )
@@ -948,6 +950,7 @@ fn registrar_failures_and_drop() {
             owner: None,
             deadline: None,
             max_size: None,
+            progress: None,
         },
         registrar,
     )

@@ -38,12 +38,7 @@ const CHANNEL_PACKET: u32 = 32 << 10;
 /// Opens the agent's channel on `conn`, runs `<agent> agent` there and
 /// sends it `request`. From then on the session is non-blocking, with
 /// keepalives.
-pub fn start(
-    conn: &Connection,
-    agent: &str,
-    request: &Request,
-    name: &str,
-) -> Result<Channel, Failure> {
+pub fn start(conn: &Connection, agent: &str, request: &Request) -> Result<Channel, Failure> {
     let target = &conn.target;
     let mut channel = conn
         .session
@@ -56,7 +51,7 @@ pub fn start(
     let payload = request.encode();
     if payload.len() > hatch::MAX_REQUEST as usize {
         return Err(Failure::Internal(format!(
-            "executor {name:?}: request of {} bytes is too large",
+            "request of {} bytes is too large",
             payload.len()
         )));
     }

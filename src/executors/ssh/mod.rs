@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use super::supervise::Cancel;
 use super::{BuildRequest, Failure};
 use crate::config::ssh::SshExecutor;
+use crate::protocol::activity::{Activity, Kind as ActivityKind};
 use crate::protocol::buildlog::LogSink;
 use crate::protocol::hatch::{self, Request, Status};
 use channel::ChannelReader;
@@ -40,26 +41,25 @@ pub fn run(
     log: &mut dyn LogSink,
     cancel: &Cancel,
 ) -> Result<(), Failure> {
-    let name = &req.executor.name;
     // The agent refuses these too; saying so before connecting is clearer.
     if let Some((o, why)) = hatch::bad_output_name(req.drv.outputs.keys()) {
         return Err(Failure::Builder(format!(
-            "executor {name:?}: output {o:?} cannot be an environment variable of the command on the far side: {why}"
+            "output {o:?} cannot be an environment variable of the command on the far side: {why}"
         )));
     }
     let request = build_request(req, ssh);
     let target = connect::target(ssh, &req.executor.user);
-    log.line(&format!("connecting to {target}"));
+    tracing::info!("connecting to {target}");
     let started = Instant::now();
     let conn = connect::connect(ssh, &req.executor.user).map_err(Failure::Internal)?;
-    log.line(&format!(
+    tracing::info!(
         "connected to {} (host key {}, cipher {}); running {} agent",
         conn.target,
         conn.host_key,
         conn.cipher,
         shell_quote(&ssh.agent)
-    ));
-    let mut channel = channel::start(&conn, &ssh.agent, &request, name)?;
+    );
+    let mut channel = channel::start(&conn, &ssh.agent, &request)?;
 
     let roots: BTreeMap<String, std::path::PathBuf> = req
         .outputs
@@ -75,7 +75,21 @@ pub fn run(
     let cancelled = || cancel.is_cancelled();
     let reader = ChannelReader::new(&conn, &mut channel, &cancelled, req.limits);
     let mut frames = Frames::new(reader);
-    let result = receive::receive(&mut frames, log, roots);
+    // The transfer shows in Nix's progress bar, as build-remote's copies do.
+    let mut copying: Option<Activity> = None;
+    let mut on_data = |bytes: u64| {
+        copying
+            .get_or_insert_with(|| {
+                Activity::start(
+                    ActivityKind::CopyPath,
+                    &format!("copying outputs of '{}' from '{target}'", req.drv.path),
+                    &[&req.drv.path, &format!("ssh://{target}"), "local"],
+                )
+            })
+            .progress(bytes, 0);
+    };
+    let result = receive::receive(&mut frames, log, roots, &mut on_data);
+    drop(copying);
     let mut reader = frames.into_reader();
     let stderr_tail = reader.stderr_tail();
     let stopped = reader.take_stopped();
@@ -87,7 +101,7 @@ pub fn run(
         return Err(f);
     }
     let received = result.map_err(|e| match e {
-        RecvError::Far(m) => Failure::Builder(format!("executor {name:?}: far side: {m}")),
+        RecvError::Far(m) => Failure::Builder(format!("far side: {m}")),
         RecvError::Stream(m) => {
             let tail = crate::util::first_line(&stderr_tail);
             let extra = if tail.is_empty() {
@@ -95,58 +109,55 @@ pub fn run(
             } else {
                 format!(" (agent stderr: {tail})")
             };
-            Failure::Internal(format!("executor {name:?}: ssh {target}: {m}{extra}"))
+            Failure::Internal(format!("ssh {target}: {m}{extra}"))
         }
     })?;
-    interpret(name, &received, started.elapsed(), log)
+    interpret(&received, started.elapsed())
 }
 
 /// What the command's status on the far side means here; the transfer and
 /// relocation notes for the build log.
-fn interpret(
-    name: &str,
-    r: &Received,
-    session: Duration,
-    log: &mut dyn LogSink,
-) -> Result<(), Failure> {
+fn interpret(r: &Received, session: Duration) -> Result<(), Failure> {
     match r.trailer.status {
         Status::Exited(0) => {}
         Status::Exited(c) => {
-            return Err(Failure::Builder(format!(
-                "executor {name:?}: command failed on the far side with exit code {c}"
-            )))
+            return Err(Failure::Exited {
+                status: c,
+                message: format!("command failed on the far side with exit code {c}"),
+            })
         }
         Status::Signalled(s) => {
-            return Err(Failure::Builder(format!(
-                "executor {name:?}: command killed by signal {s} on the far side"
-            )))
+            return Err(Failure::Exited {
+                status: 128 + s,
+                message: format!("command killed by signal {s} on the far side"),
+            })
         }
         Status::TimedOut(s) => {
             return Err(Failure::TimedOut(format!(
-                "executor {name:?}: build timed out after {s} seconds; killed"
+                "build timed out after {s} seconds; killed"
             )))
         }
         Status::Silent(s) => {
             return Err(Failure::TimedOut(format!(
-                "executor {name:?}: no output for {s} seconds (max-silent-time); killed"
+                "no output for {s} seconds (max-silent-time); killed"
             )))
         }
     }
     if let Some(t) = r.transfer {
         let secs = t.as_secs_f64().max(1e-6);
-        log.line(&format!(
+        tracing::info!(
             "received {} bytes of outputs in {:.3} s ({:.1} MiB/s), digest verified; {:.3} s from connecting to verified outputs",
             r.trailer.tar_bytes,
             secs,
             r.trailer.tar_bytes as f64 / secs / (1024.0 * 1024.0),
             session.as_secs_f64()
-        ));
+        );
     }
     for o in &r.temp_path_hits {
-        log.line(&format!(
+        tracing::warn!(
             "warning: output {o:?} contains the far side's temporary path {}: outputs built over ssh are relocated into the store, so that path will not exist here (see the README, ssh executor)",
             r.temp_dir
-        ));
+        );
     }
     Ok(())
 }

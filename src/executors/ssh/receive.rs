@@ -47,12 +47,18 @@ fn stream_err(e: FrameError) -> RecvError {
     })
 }
 
+/// How often (in output bytes) the transfer's progress is reported.
+pub const PROGRESS_STEP: u64 = 4 << 20;
+
 /// Reads the agent's answer to the end; the outputs are unpacked below
-/// `roots` (output name → staging path).
+/// `roots` (output name → staging path). `on_data` hears the number of
+/// output bytes received so far, every [`PROGRESS_STEP`] bytes and at the
+/// end (for the progress Nix shows).
 pub fn receive(
     frames: &mut Frames<ChannelReader<'_>>,
     log: &mut dyn LogSink,
     roots: BTreeMap<String, std::path::PathBuf>,
+    on_data: &mut dyn FnMut(u64),
 ) -> Result<Received, RecvError> {
     let first = frames.next();
     frames.flush_stderr(log);
@@ -94,6 +100,7 @@ pub fn receive(
     let (tx, rx) = mpsc::sync_channel::<Msg>(8);
     let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
     let mut transfer_start = None;
+    let (mut data_bytes, mut reported) = (0u64, 0u64);
     let (ended, worker) = std::thread::scope(|s| {
         let worker = s.spawn(move || unpack_worker(rx, pool_tx, digest, unpacker));
         let ended = loop {
@@ -114,6 +121,13 @@ pub fn receive(
                     let data = tag == hatch::TAG_DATA;
                     if data && transfer_start.is_none() {
                         transfer_start = Some(Instant::now());
+                    }
+                    if data {
+                        data_bytes += payload.len() as u64;
+                        if data_bytes - reported >= PROGRESS_STEP || reported == 0 {
+                            reported = data_bytes;
+                            on_data(data_bytes);
+                        }
                     }
                     if !data {
                         log.raw(&payload);
@@ -145,6 +159,9 @@ pub fn receive(
         (ended, worker.join())
     });
     let worker = worker.map_err(|_| RecvError::Stream("the unpacker thread panicked".into()))?;
+    if data_bytes != reported {
+        on_data(data_bytes);
+    }
     let trailer = ended?;
     let transfer = transfer_start.map(|s| s.elapsed());
     let (digest, bytes) = (worker.digest, worker.bytes);
