@@ -20,6 +20,10 @@
 //!
 //! Nix holds the output locks while the hook runs, so registration through
 //! the daemon would deadlock; `--register-validity` takes no lock.
+//!
+//! Errors: one `thiserror` enum, [`ImportError`], for everything here
+//! (callers tell a timeout or a valid path in the way from the rest); the
+//! NAR walk's [`nar::NarError`] travels inside it.
 
 mod adopt;
 pub mod checks;
@@ -33,7 +37,6 @@ pub mod refscan;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -194,10 +197,11 @@ pub struct Registered {
 
 /// Why an import (or stale-path removal) failed. `Display` gives one line
 /// (the fixed-output hash mismatch uses Nix's three-line form).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImportError {
     /// A path in the request is not a store path of this store.
+    #[error("invalid store path '{path}': {reason}")]
     BadPath {
         /// The offending path.
         path: String,
@@ -205,6 +209,7 @@ pub enum ImportError {
         reason: &'static str,
     },
     /// Two different candidate paths share a hash part.
+    #[error("store paths '{first}' and '{second}' have the same hash part")]
     HashPartCollision {
         /// One path.
         first: String,
@@ -212,6 +217,7 @@ pub enum ImportError {
         second: String,
     },
     /// The builder did not produce an output.
+    #[error("builder did not produce output `{output}` ({path})")]
     MissingOutput {
         /// Output name.
         output: String,
@@ -219,20 +225,30 @@ pub enum ImportError {
         path: String,
     },
     /// Reading an output failed (unsupported file type, I/O error, ...).
+    #[error("output `{output}`: {}", error.display_with_root(path))]
     Archive {
         /// Output name.
         output: String,
         /// Its store path; the error names the entry below it.
         path: String,
         /// What happened.
+        #[source]
         error: NarError,
     },
     /// A flat fixed output is not a non-executable regular file.
+    #[error(
+        "output path '{path}' should be a non-executable regular file since recursive \
+         hashing is not enabled (outputHashMode=flat)"
+    )]
     FlatNotRegular {
         /// The output's store path.
         path: String,
     },
     /// A fixed output uses text or Git content addressing.
+    #[error(
+        "output `{output}` ({path}) uses {method} content addressing \
+         (outputHashMode={method}), which nix-hatch does not support"
+    )]
     UnsupportedContentAddress {
         /// Output name.
         output: String,
@@ -242,6 +258,7 @@ pub enum ImportError {
         method: &'static str,
     },
     /// A fixed output's hash differs from the declared one.
+    #[error("hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}")]
     HashMismatch {
         /// The derivation.
         drv: String,
@@ -251,6 +268,12 @@ pub enum ImportError {
         got: String,
     },
     /// A fixed output contains references.
+    #[error(
+        "illegal path references in fixed-output derivation '{drv}': output `{output}` \
+         references {} store path(s), e.g. '{}'",
+        references.len(),
+        references.iter().next().map_or("", String::as_str)
+    )]
     IllegalReferences {
         /// The derivation.
         drv: String,
@@ -260,6 +283,10 @@ pub enum ImportError {
         references: BTreeSet<String>,
     },
     /// Two outputs reference each other (directly or indirectly).
+    #[error(
+        "cycle detected in build of '{drv}' in the references of output '{output}' \
+         from output '{from}'"
+    )]
     ReferenceCycle {
         /// The derivation.
         drv: String,
@@ -269,11 +296,13 @@ pub enum ImportError {
         from: String,
     },
     /// Something valid already exists at an output path.
+    #[error("output path '{path}' is already a valid store path; refusing to replace it")]
     AlreadyValid {
         /// The store path.
         path: String,
     },
     /// A file system operation failed.
+    #[error("cannot {action} '{path}': {source}")]
     Io {
         /// The verb, e.g. `remove the stale path`.
         action: &'static str,
@@ -283,6 +312,7 @@ pub enum ImportError {
         source: io::Error,
     },
     /// `nix-store` could not be started.
+    #[error("cannot run '{}': {source}", program.display())]
     Spawn {
         /// The program.
         program: PathBuf,
@@ -290,6 +320,7 @@ pub enum ImportError {
         source: io::Error,
     },
     /// `nix-store` failed.
+    #[error("nix-store failed to {action}: {message}")]
     NixStore {
         /// What it was asked to do.
         action: &'static str,
@@ -297,115 +328,25 @@ pub enum ImportError {
         message: String,
     },
     /// An output check of the derivation failed (Nix's own message).
+    #[error("{message}")]
     OutputRejected {
         /// The message.
         message: String,
     },
     /// The build's deadline passed during the import.
+    #[error("build timed out while its output '{path}' was being read into the store")]
     TimedOut {
         /// The store path being read.
         path: String,
     },
     /// The outputs are larger than `max-output-size`.
+    #[error("the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)")]
     TooLarge {
         /// The limit (NAR bytes).
         limit: u64,
         /// What the outputs have at least (file sizes, or NAR bytes so far).
         at_least: u64,
     },
-}
-
-impl fmt::Display for ImportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use ImportError as E;
-        match self {
-            E::BadPath { path, reason } => write!(f, "invalid store path '{path}': {reason}"),
-            E::HashPartCollision { first, second } => write!(
-                f,
-                "store paths '{first}' and '{second}' have the same hash part"
-            ),
-            E::MissingOutput { output, path } => {
-                write!(f, "builder did not produce output `{output}` ({path})")
-            }
-            E::Archive {
-                output,
-                path,
-                error,
-            } => write!(f, "output `{output}`: {}", error.display_with_root(path)),
-            E::FlatNotRegular { path } => write!(
-                f,
-                "output path '{path}' should be a non-executable regular file since recursive \
-                 hashing is not enabled (outputHashMode=flat)"
-            ),
-            E::UnsupportedContentAddress {
-                output,
-                path,
-                method,
-            } => write!(
-                f,
-                "output `{output}` ({path}) uses {method} content addressing \
-                 (outputHashMode={method}), which nix-hatch does not support"
-            ),
-            E::HashMismatch {
-                drv,
-                specified,
-                got,
-            } => write!(
-                f,
-                "hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}"
-            ),
-            E::IllegalReferences {
-                drv,
-                output,
-                references,
-            } => write!(
-                f,
-                "illegal path references in fixed-output derivation '{drv}': output `{output}` \
-                 references {} store path(s), e.g. '{}'",
-                references.len(),
-                references.iter().next().map_or("", String::as_str)
-            ),
-            E::ReferenceCycle { drv, output, from } => write!(
-                f,
-                "cycle detected in build of '{drv}' in the references of output '{output}' \
-                 from output '{from}'"
-            ),
-            E::AlreadyValid { path } => write!(
-                f,
-                "output path '{path}' is already a valid store path; refusing to replace it"
-            ),
-            E::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "cannot {action} '{path}': {source}"),
-            E::Spawn { program, source } => {
-                write!(f, "cannot run '{}': {source}", program.display())
-            }
-            E::NixStore { action, message } => {
-                write!(f, "nix-store failed to {action}: {message}")
-            }
-            E::OutputRejected { message } => f.write_str(message),
-            E::TimedOut { path } => write!(
-                f,
-                "build timed out while its output '{path}' was being read into the store"
-            ),
-            E::TooLarge { limit, at_least } => write!(
-                f,
-                "the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ImportError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ImportError::Archive { error, .. } => Some(error),
-            ImportError::Io { source, .. } | ImportError::Spawn { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 struct ParsedPath<'a> {
