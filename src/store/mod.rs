@@ -31,6 +31,7 @@ pub mod digest;
 mod fsops;
 pub mod nar;
 mod nixstore;
+mod path;
 pub mod refscan;
 
 #[cfg(test)]
@@ -46,10 +47,11 @@ use nix_derivation::{CAHash, HashAlgorithm, NixHash};
 pub use adopt::adopt_added_paths;
 pub use fsops::{defuse_tree, remove_tree};
 pub use nixstore::Registrar;
+pub use path::StorePath;
 
 use digest::ExtraHash;
 use nar::{DumpOptions, NarError, NarErrorKind, NodeKind};
-use refscan::{HashParts, HASH_PART_LEN};
+use refscan::HashParts;
 
 /// Where the store lives and how to reach `nix-store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,12 +97,6 @@ impl StoreLocation {
         }
     }
 
-    /// Where the store path `path` lives on disk.
-    pub fn real_path(&self, path: &str) -> Result<PathBuf, ImportError> {
-        let parsed = parse_store_path(self.dir(), path)?;
-        Ok(self.real_store_dir.join(parsed.base_name))
-    }
-
     /// The store Nix's `store` setting names (`auto`, `local`, `daemon`,
     /// `/root`, `local?root=/root`, …), with the logical store dir from
     /// `NIX_STORE_DIR` (default `/nix/store`).
@@ -131,7 +127,9 @@ impl StoreLocation {
         }
     }
 
-    /// The `<hash>-<name>` part of a path directly in this store.
+    /// The name of an entry directly in this store's directory, not
+    /// checked any further: for telling store paths from other words in a
+    /// `.drv` (a path that crosses modules is a [`StorePath`]).
     pub fn base_name<'a>(&self, path: &'a str) -> Option<&'a str> {
         path.strip_prefix(self.dir())?
             .strip_prefix('/')
@@ -151,8 +149,8 @@ impl StoreLocation {
 pub struct StagedOutput {
     /// Output name, e.g. `out`.
     pub name: String,
-    /// Logical absolute store path, `/nix/store/<hash>-<name>`.
-    pub path: String,
+    /// Its store path.
+    pub path: StorePath,
     /// Where the builder left it: a regular file, directory or symlink.
     pub staged: PathBuf,
     /// Fixed-output expectation (flat or recursive).
@@ -164,11 +162,11 @@ pub struct StagedOutput {
 pub struct ImportRequest<'a> {
     /// The store.
     pub location: &'a StoreLocation,
-    /// The `.drv` store path (registered as the deriver).
-    pub deriver: &'a str,
-    /// The input closure as Nix sent it (absolute store paths). Include
-    /// already-valid sibling outputs here so references to them are found.
-    pub inputs: &'a [String],
+    /// The `.drv` (registered as the deriver), if there is one.
+    pub deriver: Option<&'a StorePath>,
+    /// The input closure as Nix sent it. Include already-valid sibling
+    /// outputs here so references to them are found.
+    pub inputs: &'a [StorePath],
     /// The outputs Nix wants; all must be produced.
     pub outputs: &'a [StagedOutput],
     /// The derivation's output checks, by output name (see [`checks`]).
@@ -186,13 +184,13 @@ pub struct ImportRequest<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
     /// The store path.
-    pub path: String,
+    pub path: StorePath,
     /// SHA-256 of its NAR.
     pub nar_hash: [u8; 32],
     /// Size of its NAR.
     pub nar_size: u64,
     /// Store paths it references (inputs, other outputs, itself).
-    pub references: BTreeSet<String>,
+    pub references: BTreeSet<StorePath>,
 }
 
 /// Why an import (or stale-path removal) failed. `Display` gives one line
@@ -200,7 +198,7 @@ pub struct Registered {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImportError {
-    /// A path in the request is not a store path of this store.
+    /// A path is not a store path of this store (or is listed twice).
     #[error("invalid store path '{path}': {reason}")]
     BadPath {
         /// The offending path.
@@ -349,55 +347,6 @@ pub enum ImportError {
     },
 }
 
-struct ParsedPath<'a> {
-    hash: [u8; HASH_PART_LEN],
-    base_name: &'a str,
-}
-
-/// Split `<store_dir>/<hash>-<name>`, checking it the way Nix parses store
-/// paths.
-fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>, ImportError> {
-    let bad = |reason| ImportError::BadPath {
-        path: path.to_owned(),
-        reason,
-    };
-    let base_name = path
-        .strip_prefix(store_dir)
-        .and_then(|rest| {
-            if store_dir.ends_with('/') {
-                Some(rest)
-            } else {
-                rest.strip_prefix('/')
-            }
-        })
-        .ok_or_else(|| bad("not in the store directory"))?;
-    if base_name.contains('/') {
-        return Err(bad("not a top-level store path"));
-    }
-    let bytes = base_name.as_bytes();
-    if bytes.len() < HASH_PART_LEN + 2 || bytes[HASH_PART_LEN] != b'-' {
-        return Err(bad("expected <hash>-<name>"));
-    }
-    let hash = refscan::parse_hash_part(&bytes[..HASH_PART_LEN])
-        .ok_or_else(|| bad("the hash part is not nix-base32"))?;
-    let name = &bytes[HASH_PART_LEN + 1..];
-    if name.len() > 211 {
-        return Err(bad("the name is too long"));
-    }
-    // Newer Nix (2.8 refused any leading period) allows names such as
-    // `.config`; only these would be confusable with `.` and `..`.
-    if name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-") {
-        return Err(bad("the name is '.' or '..' or starts with '.-' or '..-'"));
-    }
-    if !name
-        .iter()
-        .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-    {
-        return Err(bad("the name contains a forbidden character"));
-    }
-    Ok(ParsedPath { hash, base_name })
-}
-
 /// Remove leftovers at `paths` (logical store paths): those that exist on
 /// disk are checked with one `nix-store --check-validity --print-invalid`
 /// call; if any of them is valid, nothing is removed and
@@ -405,13 +354,13 @@ fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>
 /// (read-only trees included). Returns the paths removed.
 pub fn remove_stale_outputs(
     location: &StoreLocation,
-    paths: &[String],
-) -> Result<Vec<String>, ImportError> {
+    paths: &[StorePath],
+) -> Result<Vec<StorePath>, ImportError> {
     let mut existing = Vec::new();
     for path in paths {
-        let real = location.real_path(path)?;
+        let real = location.real_path(path);
         match std::fs::symlink_metadata(&real) {
-            Ok(_) => existing.push((path.as_str(), real)),
+            Ok(_) => existing.push((path, real)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(ImportError::Io {
@@ -425,11 +374,11 @@ pub fn remove_stale_outputs(
     if existing.is_empty() {
         return Ok(Vec::new());
     }
-    let names: Vec<&str> = existing.iter().map(|(p, _)| *p).collect();
+    let names: Vec<&str> = existing.iter().map(|(p, _)| p.as_str()).collect();
     let invalid = nixstore::invalid_paths(location, &names)?;
-    if let Some((valid, _)) = existing.iter().find(|(p, _)| !invalid.contains(*p)) {
+    if let Some((valid, _)) = existing.iter().find(|(p, _)| !invalid.contains(p.as_str())) {
         return Err(ImportError::AlreadyValid {
-            path: (*valid).to_owned(),
+            path: valid.to_string(),
         });
     }
     let mut removed = Vec::new();
@@ -439,7 +388,7 @@ pub fn remove_stale_outputs(
             path: real.display().to_string(),
             source,
         })?;
-        removed.push(path.to_owned());
+        removed.push(path.clone());
     }
     Ok(removed)
 }
@@ -450,13 +399,14 @@ pub fn remove_stale_outputs(
 /// One `nix-store` call, none when `siblings` is empty.
 pub fn valid_siblings(
     location: &StoreLocation,
-    siblings: &[&str],
-) -> Result<Vec<String>, ImportError> {
-    let invalid = nixstore::invalid_paths(location, siblings)?;
+    siblings: &[&StorePath],
+) -> Result<Vec<StorePath>, ImportError> {
+    let names: Vec<&str> = siblings.iter().map(|p| p.as_str()).collect();
+    let invalid = nixstore::invalid_paths(location, &names)?;
     Ok(siblings
         .iter()
-        .filter(|p| !invalid.contains(**p))
-        .map(|p| (*p).to_owned())
+        .filter(|p| !invalid.contains(p.as_str()))
+        .map(|p| (*p).clone())
         .collect())
 }
 
@@ -483,23 +433,18 @@ pub fn import<'a>(
     mut registrar: Registrar,
 ) -> Result<Vec<Registered>, ImportError> {
     let location = req.location;
-    let store_dir = location.dir();
-    if !req.deriver.is_empty() {
-        parse_store_path(store_dir, req.deriver)?;
-    }
 
     // Candidates for the reference scan: inputs, then outputs.
     let mut parts = HashParts::new([]);
-    let mut candidates: Vec<&str> = Vec::new();
-    let mut add = |path: &'a str| -> Result<usize, ImportError> {
-        let parsed = parse_store_path(store_dir, path)?;
-        let i = parts.insert(parsed.hash);
+    let mut candidates: Vec<&StorePath> = Vec::new();
+    let mut add = |path: &'a StorePath| -> Result<usize, ImportError> {
+        let i = parts.insert(path.hash_part());
         if i == candidates.len() {
             candidates.push(path);
         } else if candidates[i] != path {
             return Err(ImportError::HashPartCollision {
-                first: candidates[i].to_owned(),
-                second: path.to_owned(),
+                first: candidates[i].to_string(),
+                second: path.to_string(),
             });
         }
         Ok(i)
@@ -512,7 +457,7 @@ pub fn import<'a>(
     for o in req.outputs {
         if !seen.insert(o.path.as_str()) {
             return Err(ImportError::BadPath {
-                path: o.path.clone(),
+                path: o.path.to_string(),
                 reason: "listed as more than one output",
             });
         }
@@ -529,7 +474,7 @@ pub fn import<'a>(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImportError::MissingOutput {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 })
             }
             Err(source) => {
@@ -560,7 +505,7 @@ pub fn import<'a>(
         .outputs
         .iter()
         .map(|o| location.real_path(&o.path))
-        .collect::<Result<_, _>>()?;
+        .collect();
     // What is hashed is what goes into the store: an output that must be
     // copied to another file system is copied first and read at its store
     // path (a copy made after hashing would read the staged files again).
@@ -574,7 +519,7 @@ pub fn import<'a>(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImportError::MissingOutput {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 })
             }
             Err(source) => {
@@ -590,7 +535,7 @@ pub fn import<'a>(
             Some(CAHash::Flat(h)) => {
                 if !md.file_type().is_file() || md.mode() & 0o100 != 0 {
                     return Err(ImportError::FlatNotRegular {
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                     });
                 }
                 Some(ExtraHash::flat(h.algorithm(), md.len()))
@@ -602,7 +547,7 @@ pub fn import<'a>(
             Some(ca @ (CAHash::Text(_) | CAHash::Git(_))) => {
                 return Err(ImportError::UnsupportedContentAddress {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                     method: if matches!(ca, CAHash::Text(_)) {
                         "text"
                     } else {
@@ -614,10 +559,9 @@ pub fn import<'a>(
     }
 
     // 2. One pass per output; 3. fixed-output checks.
-    let drv = if req.deriver.is_empty() {
-        req.outputs.first().map_or("", |o| o.path.as_str())
-    } else {
-        req.deriver
+    let drv = match req.deriver {
+        Some(d) => d.as_str(),
+        None => req.outputs.first().map_or("", |o| o.path.as_str()),
     };
     let mut digests = Vec::with_capacity(req.outputs.len());
     let mut used = 0u64;
@@ -632,7 +576,7 @@ pub fn import<'a>(
             digest::digest_path(read, &parts, extra.as_ref(), &options).map_err(
                 |error| match error.kind {
                     NarErrorKind::TimedOut => ImportError::TimedOut {
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                     },
                     NarErrorKind::TooLarge { .. } => ImportError::TooLarge {
                         limit: req.max_size.unwrap_or(0),
@@ -640,7 +584,7 @@ pub fn import<'a>(
                     },
                     _ => ImportError::Archive {
                         output: o.name.clone(),
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                         error,
                     },
                 },
@@ -659,7 +603,7 @@ pub fn import<'a>(
                     _ => {
                         return Err(ImportError::Archive {
                             output: o.name.clone(),
-                            path: o.path.clone(),
+                            path: o.path.to_string(),
                             error: NarError {
                                 path: Vec::new(),
                                 kind: NarErrorKind::Changed,
@@ -676,7 +620,7 @@ pub fn import<'a>(
             let Some(got) = got else {
                 return Err(ImportError::Archive {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                     error: NarError {
                         path: Vec::new(),
                         kind: NarErrorKind::Changed,
@@ -697,7 +641,7 @@ pub fn import<'a>(
                     references: d
                         .references
                         .iter()
-                        .map(|&i| candidates[i].to_owned())
+                        .map(|&i| candidates[i].to_string())
                         .collect(),
                 });
             }
@@ -707,12 +651,12 @@ pub fn import<'a>(
 
     // Outputs referencing each other in a cycle can't be registered.
     check_output_cycles(req, drv, &output_index, &digests)?;
-    let references: Vec<BTreeSet<String>> = digests
+    let references: Vec<BTreeSet<StorePath>> = digests
         .iter()
         .map(|d| {
             d.references
                 .iter()
-                .map(|&i| candidates[i].to_owned())
+                .map(|&i| candidates[i].clone())
                 .collect()
         })
         .collect();
@@ -739,7 +683,7 @@ pub fn import<'a>(
     let to_move: Vec<usize> = (0..req.outputs.len())
         .filter(|&i| !same_file(&reads[i], &reals[i]))
         .collect();
-    let stale: Vec<String> = to_move
+    let stale: Vec<StorePath> = to_move
         .iter()
         .map(|&i| req.outputs[i].path.clone())
         .collect();
@@ -765,7 +709,7 @@ pub fn import<'a>(
             &o.path,
             &d.nar_hash,
             d.nar_size,
-            req.deriver,
+            req.deriver.map_or("", StorePath::as_str),
             &references,
         );
         registered.push(Registered {
@@ -814,7 +758,7 @@ fn copy_across_file_systems(
         fsops::copy_tree(&o.staged, real, req.deadline).map_err(|source| {
             if source.kind() == io::ErrorKind::TimedOut {
                 ImportError::TimedOut {
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 }
             } else {
                 ImportError::Io {
