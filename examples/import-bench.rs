@@ -196,6 +196,8 @@ fn import(work: &Work) -> Result<()> {
         .as_nanos() as u64;
     let mut rng = Rng(seed | 1);
     let (inputs, output) = candidates(work, &mut rng)?;
+    let inputs = work.location.parse_paths(&inputs)?;
+    let output = work.location.parse_path(&output)?;
     nix_hatch::timing::init();
     let t0 = Instant::now();
     // As in the hook: started before the build, so its start-up is hidden.
@@ -209,7 +211,7 @@ fn import(work: &Work) -> Result<()> {
     let registered = store::import(
         &ImportRequest {
             location: &work.location,
-            deriver: "",
+            deriver: None,
             inputs: &inputs,
             outputs: &staged,
             checks: &Default::default(),
@@ -221,7 +223,7 @@ fn import(work: &Work) -> Result<()> {
         registrar,
     )?;
     let took = t0.elapsed();
-    let real = work.location.real_path(&output)?;
+    let real = work.location.real_path(&output);
     fs::rename(&real, work.tree())?;
     let r = &registered[0];
     eprintln!(

@@ -1,6 +1,11 @@
 //! Reading a `.drv` and preparing what its builder sees: the output paths
 //! and the environment Nix itself would give it (DESIGN.md "Builder
 //! environment").
+//!
+//! The `.drv`'s path and its output paths enter nix-hatch here and leave
+//! as [`StorePath`]s. Errors: `anyhow`, one line with context, since no
+//! caller tells one failure from another (the hook declines with it,
+//! `nix-hatch explain` shows it, a build fails with it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -8,7 +13,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
 use crate::store::checks::OutputChecks;
-use crate::store::StoreLocation;
+use crate::store::{StoreLocation, StorePath};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix_derivation::{CAHash, Derivation, Output, StoreDir};
@@ -22,13 +27,13 @@ fn logical_dir(store: &StoreLocation) -> Result<StoreDir> {
 
 #[derive(Debug, Clone)]
 pub struct OutputInfo {
-    pub path: String,
+    pub path: StorePath,
     pub fixed: Option<CAHash>,
 }
 
 /// A parsed derivation with its output paths resolved.
 pub struct Drv {
-    pub path: String,
+    pub path: StorePath,
     pub drv: Derivation,
     pub outputs: BTreeMap<String, OutputInfo>,
     /// Why nix-hatch can't build this derivation, if it can't.
@@ -40,17 +45,22 @@ impl Drv {
         let base = store
             .base_name(drv_path)
             .ok_or_else(|| anyhow!("{drv_path} is not in the store {}", store.store_dir))?;
-        let name = base
-            .split_once('-')
+        base.split_once('-')
             .map(|(_, n)| n)
             .and_then(|n| n.strip_suffix(".drv"))
             .ok_or_else(|| anyhow!("{drv_path} is not a derivation path"))?;
-        let real = store.real_path(drv_path)?;
+        let path = store.parse_path(drv_path)?;
+        let real = store.real_path(&path);
         let bytes = std::fs::read(&real).with_context(|| format!("reading {}", real.display()))?;
-        Drv::parse(store, drv_path, name, &bytes)
+        Drv::parse(store, path, &bytes)
     }
 
-    pub fn parse(store: &StoreLocation, drv_path: &str, name: &str, bytes: &[u8]) -> Result<Drv> {
+    /// The derivation `bytes` (ATerm) of the `.drv` at `drv_path`.
+    pub fn parse(store: &StoreLocation, drv_path: StorePath, bytes: &[u8]) -> Result<Drv> {
+        let name = drv_path
+            .name()
+            .strip_suffix(".drv")
+            .ok_or_else(|| anyhow!("{drv_path} is not a derivation path"))?;
         let drv = Derivation::from_aterm_bytes_in(bytes, name, logical_dir(store)?)
             .map_err(|e| anyhow!("cannot parse {drv_path}: {e}"))?;
         let store_dir = logical_dir(store)?;
@@ -58,13 +68,13 @@ impl Drv {
         let mut unsupported = None;
         for (out_name, output) in drv.outputs() {
             let (path, fixed) = match output {
-                Output::InputAddressed { path } => (path.to_absolute_path_in(&store_dir), None),
+                Output::InputAddressed { path } => (path.clone(), None),
                 Output::Fixed { ca } => {
                     let p = output
                         .path_in(&store_dir, drv.name(), out_name)
                         .map_err(|e| anyhow!("{drv_path}: output {out_name}: {e}"))?
                         .ok_or_else(|| anyhow!("{drv_path}: output {out_name} has no path"))?;
-                    (p.to_absolute_path_in(&store_dir), Some(ca.clone()))
+                    (p, Some(ca.clone()))
                 }
                 Output::Floating { .. } | Output::Deferred => {
                     unsupported = Some(format!(
@@ -79,13 +89,16 @@ impl Drv {
                     continue;
                 }
             };
+            // Nix's own rules on top of nix-derivation's (see
+            // `StoreLocation::parse_path`).
+            let path = store.parse_path(&path.to_absolute_path_in(&store_dir))?;
             outputs.insert(out_name.clone(), OutputInfo { path, fixed });
         }
         if outputs.is_empty() && unsupported.is_none() {
             bail!("{drv_path} has no outputs");
         }
         Ok(Drv {
-            path: drv_path.to_owned(),
+            path: drv_path,
             drv,
             outputs,
             unsupported,
@@ -158,7 +171,7 @@ impl Drv {
                         if store.base_name(&i).is_some() {
                             Ok(i)
                         } else if let Some(o) = self.outputs.get(&i) {
-                            Ok(o.path.clone())
+                            Ok(o.path.to_string())
                         } else {
                             bail!(
                                 "derivation '{}' output check for '{output}' contains an illegal reference specifier '{i}', expected store path or output name (one of [{}])",

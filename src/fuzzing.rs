@@ -62,12 +62,10 @@ pub fn hook_stream(data: &[u8]) {
 /// hook does for an accepted derivation.
 pub fn drv_env(data: &[u8]) {
     let store = StoreLocation::from_setting(Some("auto"));
-    let Ok(drv) = Drv::parse(
-        &store,
-        "/nix/store/00000000000000000000000000000000-fuzz.drv",
-        "fuzz",
-        data,
-    ) else {
+    let Ok(path) = store.parse_path("/nix/store/00000000000000000000000000000000-fuzz.drv") else {
+        return;
+    };
+    let Ok(drv) = Drv::parse(&store, path, data) else {
         return;
     };
     let _ = drv.required_features();

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::keys::{Keys, Problems};
+use super::keys::{Keys, Problem, Problems};
 use super::proxy::{self, ProxySettings};
 
 /// The derivation's own builder in bubblewrap with exactly these powers.
@@ -43,20 +43,20 @@ pub struct Bind {
 
 impl Bind {
     /// `"src"` or `"src:dst"`, both absolute.
-    pub fn parse(s: &str) -> Result<Bind, String> {
+    pub fn parse(s: &str) -> Result<Bind, Problem> {
         let (src, dst) = match s.split_once(':') {
             Some((a, b)) => (a, b),
             None => (s, s),
         };
         if !src.starts_with('/') || !dst.starts_with('/') {
-            return Err(format!(
+            return Err(Problem(format!(
                 "{s:?}: paths must be absolute (\"src\" or \"src:dst\")"
-            ));
+            )));
         }
         if dst == "/" || dst.split('/').any(|c| c == "..") {
-            return Err(format!(
+            return Err(Problem(format!(
                 "{s:?}: the destination must be a path below / without \"..\""
-            ));
+            )));
         }
         Ok(Bind {
             src: PathBuf::from(src),

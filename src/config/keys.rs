@@ -1,6 +1,7 @@
 //! The key reader every part of the configuration is parsed with: typed
 //! access to a TOML table that remembers which keys were read (the rest are
-//! reported as unknown), and `Problems`, where each problem is one line.
+//! reported as unknown), and the configuration's errors: [`Problems`],
+//! where each problem is one line, and the [`Problem`] of one value.
 
 use toml::{Table, Value};
 
@@ -38,14 +39,48 @@ pub(super) fn string_list(v: &Value) -> Option<Vec<String>> {
         .collect()
 }
 
-#[derive(Default)]
-pub(super) struct Problems(pub(super) Vec<String>);
+/// Everything wrong with a configuration, one line per problem (the key,
+/// then what is wrong), in the order found: `nix-hatch check` lists them,
+/// the hook declines with the first. Derefs to the lines.
+#[derive(Debug, Default, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct Problems(Vec<String>);
 
 impl Problems {
     pub(super) fn push(&mut self, s: String) {
         self.0.push(s);
     }
 }
+
+impl std::ops::Deref for Problems {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl IntoIterator for Problems {
+    type Item = String;
+    type IntoIter = std::vec::IntoIter<String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl From<Vec<String>> for Problems {
+    fn from(lines: Vec<String>) -> Self {
+        Problems(lines)
+    }
+}
+
+/// What is wrong with one value (a bind, a rule, a regex), one line; the
+/// caller names the key in front of it when it becomes one of the
+/// [`Problems`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Problem(pub String);
 
 /// Typed access to a table that remembers which keys were read, so the
 /// rest can be reported as unknown.

@@ -1,7 +1,9 @@
 //! The admin's configuration (`/etc/nix-hatch/config.toml`, or
 //! `$NIX_HATCH_CONFIG`). Parsing collects every problem it finds, one line
 //! each, so `nix-hatch check` can list them all and the hook can decline
-//! with the first.
+//! with the first. Errors are those [`Problems`] (one value's: a
+//! [`keys::Problem`]), both `thiserror` types: nothing distinguishes one
+//! problem from another, but they are listed, not chained.
 //!
 //! The bottom layer: data and its parsing only, importing nothing of
 //! nix-hatch above it. This file reads the top level and the keys every
@@ -23,7 +25,8 @@ use toml::{Table, Value};
 
 use host::HostExecutor;
 use jail::JailExecutor;
-use keys::{one_line, string_list, Keys, Problems};
+pub use keys::Problems;
+use keys::{one_line, string_list, Keys};
 use ssh::SshExecutor;
 
 pub const DEFAULT_PATH: &str = "/etc/nix-hatch/config.toml";
@@ -93,16 +96,17 @@ impl ExecutorKind {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![format!("cannot read config {}: {e}", path.display())])?;
+    pub fn load(path: &Path) -> Result<Config, Problems> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems::from(vec![format!("cannot read config {}: {e}", path.display())])
+        })?;
         Config::parse(&text, path)
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
-        let table: Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| vec![format!("{}: {}", path.display(), one_line(&e))])?;
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Problems> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            Problems::from(vec![format!("{}: {}", path.display(), one_line(&e))])
+        })?;
         let mut p = Problems::default();
         let mut top = Keys::new(&table, "");
         let state_dir = top
@@ -172,8 +176,8 @@ impl Config {
             }
         }
 
-        if !p.0.is_empty() {
-            return Err(p.0);
+        if !p.is_empty() {
+            return Err(p);
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -259,7 +263,7 @@ mod tests {
 
     /// `s` as the config file `/test.toml` (for the tests of every module
     /// of `config`).
-    pub(super) fn parse(s: &str) -> Result<Config, Vec<String>> {
+    pub(super) fn parse(s: &str) -> Result<Config, Problems> {
         Config::parse(s, Path::new("/test.toml"))
     }
 

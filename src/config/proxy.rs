@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use toml::Value;
 
-use super::keys::{Keys, Problems};
+use super::keys::{Keys, Problem, Problems};
 
 /// The host trust store the upstream side is verified against by default
 /// (Debian, NixOS and most distributions have this bundle).
@@ -71,7 +71,7 @@ impl Rule {
         host: &str,
         path: Option<&str>,
         methods: Option<Vec<String>>,
-    ) -> Result<Rule, String> {
+    ) -> Result<Rule, Problem> {
         let host_re = compile(&format!("^(?:{host})$"), host)?;
         let path = match path {
             Some(p) => Some(compile(p, p)?),
@@ -82,7 +82,7 @@ impl Rule {
                 let mut out = Vec::new();
                 for m in ms {
                     if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-') {
-                        return Err(format!("{m:?} is not an HTTP method"));
+                        return Err(Problem(format!("{m:?} is not an HTTP method")));
                     }
                     out.push(m.to_ascii_uppercase());
                 }
@@ -140,7 +140,7 @@ pub fn literal_host(pattern: &str) -> Option<String> {
 }
 
 /// Compiles `pattern`; a syntax error becomes one line naming `shown`.
-pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
+pub fn compile(pattern: &str, shown: &str) -> Result<Regex, Problem> {
     Regex::new(pattern).map_err(|e| {
         let detail = match &e {
             regex::Error::Syntax(s) => s
@@ -153,7 +153,7 @@ pub fn compile(pattern: &str, shown: &str) -> Result<Regex, String> {
                 .to_owned(),
             other => other.to_string(),
         };
-        format!("invalid regex {shown:?}: {detail}")
+        Problem(format!("invalid regex {shown:?}: {detail}"))
     })
 }
 
@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn bad_regex_is_one_line() {
-        let e = Rule::new("(abc", None, None).unwrap_err();
+        let e = Rule::new("(abc", None, None).unwrap_err().to_string();
         assert!(e.starts_with("invalid regex \"(abc\""), "{e}");
         assert!(!e.contains('\n'), "{e}");
         assert!(Rule::new("a", None, Some(vec!["G ET".into()])).is_err());

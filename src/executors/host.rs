@@ -80,11 +80,7 @@ pub fn run(
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
         .map_err(|e| Failure::Internal(format!("running the command: {e}")))?;
     // Whatever the outcome: paths the command registered must exist.
-    let outputs: Vec<&str> = req
-        .outputs
-        .iter()
-        .filter_map(|(_, p)| req.store.base_name(p))
-        .collect();
+    let outputs: Vec<&str> = req.outputs.iter().map(|(_, p)| p.base_name()).collect();
     match crate::store::adopt_added_paths(req.store, &staging.store, &outputs) {
         Ok(adopted) => {
             for p in &adopted.moved {
@@ -191,11 +187,8 @@ fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
     use std::path::{Component, Path};
     let store = &req.store.real_store_dir;
     let real_store = std::fs::canonicalize(store).unwrap_or_else(|_| store.clone());
-    let inputs: std::collections::HashSet<&str> = req
-        .inputs
-        .iter()
-        .filter_map(|p| req.store.base_name(p))
-        .collect();
+    let inputs: std::collections::HashSet<&str> =
+        req.inputs.iter().map(|p| p.base_name()).collect();
     for (i, arg) in req.drv.drv.arguments().iter().enumerate() {
         let bytes = arg.as_bytes();
         let shown = || {

@@ -240,10 +240,7 @@ fn bwrap_args(
     // The store: staging (outputs are created here), inputs bound read-only.
     push(&[&"--bind", &req.staging.store, &req.store.store_dir]);
     for input in req.inputs {
-        let real = req
-            .store
-            .real_path(input)
-            .unwrap_or_else(|_| std::path::PathBuf::from(input));
+        let real = req.store.real_path(input);
         // bwrap resolves a bind source's symlinks on the host, so a store
         // path that is a symlink (`ln -s / $out`) would mount its target —
         // the host's / — into the jail. Recreate the link instead, as Nix's

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Executor, ExecutorKind};
 use crate::derivation::Drv;
 use crate::protocol::buildlog::LogSink;
-use crate::store::StoreLocation;
+use crate::store::{StoreLocation, StorePath};
 use staging::Staging;
 use supervise::Cancel;
 
@@ -26,9 +26,9 @@ pub struct BuildRequest<'a> {
     pub executor: &'a Executor,
     pub store: &'a StoreLocation,
     /// The input closure Nix sent.
-    pub inputs: &'a [String],
+    pub inputs: &'a [StorePath],
     /// Wanted outputs: (name, store path).
-    pub outputs: &'a [(String, String)],
+    pub outputs: &'a [(String, StorePath)],
     /// `NIX_BUILD_CORES`.
     pub cores: String,
     pub limits: Limits,

@@ -13,7 +13,7 @@ use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
 use crate::protocol::buildlog::BuildLog;
-use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput};
+use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput, StorePath};
 
 pub struct RealBuilder;
 
@@ -67,7 +67,7 @@ impl Builder for RealBuilder {
         record.outputs = outputs
             .iter()
             .map(|r| audit::OutputRecord {
-                path: r.path.clone(),
+                path: r.path.to_string(),
                 nar_hash: format!("sha256:{}", nix_derivation::nixbase32::encode(&r.nar_hash)),
                 size: r.nar_size,
             })
@@ -175,7 +175,7 @@ fn record_of(
         user: requester.user.clone(),
         uid: requester.uid,
         via: requester.via.as_str().to_owned(),
-        drv: drv.path.clone(),
+        drv: drv.path.to_string(),
         feature: feature.to_owned(),
         executor: executor.name.clone(),
         kind: executor.kind.name().to_owned(),
@@ -201,7 +201,7 @@ fn write_record(state_dir: &std::path::Path, record: &audit::Record) {
 
 /// Maps what Nix sent as wanted outputs to (name, path). Nix ≥ 2.4 sends
 /// output names; older versions sent store paths.
-pub fn wanted_outputs(a: &Accepted<'_>) -> Result<Vec<(String, String)>, Failure> {
+pub fn wanted_outputs(a: &Accepted<'_>) -> Result<Vec<(String, StorePath)>, Failure> {
     let mut out = Vec::new();
     for w in &a.job.wanted_outputs {
         let found = if w.starts_with('/') {
@@ -236,16 +236,21 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
     let cancel =
         Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
     let outputs = wanted_outputs(a)?;
+    // The input closure as Nix sent it, refused here if it isn't one.
+    let inputs = a
+        .store
+        .parse_paths(&a.job.inputs)
+        .map_err(|e| Failure::Builder(e.to_string()))?;
     let location = a.store.clone();
     // Started now so its start-up cost overlaps the build.
     let registrar = Registrar::spawn(&location).map_err(|e| internal(e.to_string()))?;
 
     staging::remove_stale(&a.config.state_dir);
-    let drv_base = a.store.base_name(&a.drv.path).unwrap_or("unknown.drv");
+    let drv_base = a.drv.path.base_name();
     let staging = Staging::create(&a.config.state_dir, drv_base)
         .map_err(|e| internal(format!("creating staging dir: {e}")))?;
 
-    let paths: Vec<String> = outputs.iter().map(|(_, p)| p.clone()).collect();
+    let paths: Vec<StorePath> = outputs.iter().map(|(_, p)| p.clone()).collect();
     let removed =
         store::remove_stale_outputs(&location, &paths).map_err(|e| internal(e.to_string()))?;
     for p in removed {
@@ -268,7 +273,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
         drv: &a.drv,
         executor: a.executor,
         store: a.store,
-        inputs: &a.job.inputs,
+        inputs: &inputs,
         outputs: &outputs,
         cores: a.settings.get("cores").unwrap_or("1").to_owned(),
         limits,
@@ -303,14 +308,14 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
 
     // A partial rebuild (some outputs still valid) may refer to the valid
     // siblings; Nix never lists a derivation's own outputs as inputs.
-    let siblings: Vec<&str> = a
+    let siblings: Vec<&StorePath> = a
         .drv
         .outputs
         .values()
-        .map(|o| o.path.as_str())
-        .filter(|p| !paths.iter().any(|w| w == p))
+        .map(|o| &o.path)
+        .filter(|p| !paths.contains(p))
         .collect();
-    let mut candidates = a.job.inputs.clone();
+    let mut candidates = inputs.clone();
     if !siblings.is_empty() {
         candidates.extend(
             store::valid_siblings(&location, &siblings).map_err(|e| internal(e.to_string()))?,
@@ -327,7 +332,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
         .map(|(name, path)| StagedOutput {
             name: name.clone(),
             path: path.clone(),
-            staged: staging.output(a.store.base_name(path).unwrap_or(path)),
+            staged: staging.output(path.base_name()),
             fixed: a.drv.outputs.get(name).and_then(|o| o.fixed.clone()),
         })
         .collect();
@@ -336,7 +341,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
         store::import(
             &ImportRequest {
                 location: &location,
-                deriver: &a.drv.path,
+                deriver: Some(&a.drv.path),
                 inputs: &candidates,
                 outputs: &staged,
                 checks: &checks,

@@ -25,7 +25,6 @@
 //!   before anything is imported.
 //! - `Error` (`E`): the agent itself failed (one line); the stream ends.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
 use super::wire::{self, WireError};
@@ -52,42 +51,23 @@ pub const TRAILER_LEN: u32 = 8 + 8 + 32 + 1 + 8;
 const MAX_ITEM: u64 = 8 << 20;
 const MAX_ITEMS: u64 = 1 << 16;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The stream ended before a frame (`clean` = at a frame boundary).
-    Eof {
-        clean: bool,
-    },
+    #[error("{}", if *clean { "stream ended" } else { "stream ended inside a frame" })]
+    Eof { clean: bool },
     /// A tag this side does not expect here.
+    #[error("unexpected frame tag 0x{0:02x}")]
     BadTag(u8),
     /// A length beyond the tag's limit.
-    TooLong {
-        tag: u8,
-        len: u32,
-    },
+    #[error("frame {:?} claims {len} bytes, more than allowed", *tag as char)]
+    TooLong { tag: u8, len: u32 },
     /// A payload that does not decode.
+    #[error("malformed frame: {0}")]
     Malformed(String),
+    #[error("{0}")]
     Io(io::Error),
 }
-
-impl fmt::Display for FrameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FrameError::Eof { clean: true } => f.write_str("stream ended"),
-            FrameError::Eof { clean: false } => f.write_str("stream ended inside a frame"),
-            FrameError::BadTag(t) => write!(f, "unexpected frame tag 0x{t:02x}"),
-            FrameError::TooLong { tag, len } => write!(
-                f,
-                "frame {:?} claims {len} bytes, more than allowed",
-                *tag as char
-            ),
-            FrameError::Malformed(m) => write!(f, "malformed frame: {m}"),
-            FrameError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for FrameError {}
 
 impl From<WireError> for FrameError {
     fn from(e: WireError) -> Self {

@@ -7,7 +7,6 @@
 //! outputs (string lists); Nix then closes the stream.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{Read, Write};
 
 use super::wire::{self, WireError};
@@ -40,31 +39,20 @@ impl Settings {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    #[error("malformed message from Nix: {0}")]
     Wire(WireError),
     /// Something other than `try` where a command was expected.
+    #[error("unexpected command from Nix: {0:?} (expected \"try\")")]
     UnknownCommand(String),
     /// The settings block had a tag other than 0 or 1.
+    #[error("malformed settings from Nix: tag {0}, expected 0 or 1")]
     BadSettingsTag(u64),
 }
 
-impl fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProtocolError::Wire(e) => write!(f, "malformed message from Nix: {e}"),
-            ProtocolError::UnknownCommand(c) => {
-                write!(f, "unexpected command from Nix: {:?} (expected \"try\")", c)
-            }
-            ProtocolError::BadSettingsTag(t) => {
-                write!(f, "malformed settings from Nix: tag {t}, expected 0 or 1")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ProtocolError {}
-
+// Not `#[from]`: the wire error is part of the message, not a cause
+// reported again below it.
 impl From<WireError> for ProtocolError {
     fn from(e: WireError) -> Self {
         ProtocolError::Wire(e)

@@ -6,6 +6,11 @@
 //! the hook's stderr after `# accept`; `buildlog` the build log on fd 4 and
 //! the [`buildlog::LogSink`] executors write to; `hatch` the framed protocol
 //! between the `ssh` executor and `nix-hatch agent`.
+//!
+//! Errors: one `thiserror` enum per wire format ([`wire::WireError`],
+//! [`hook::ProtocolError`], [`hatch::FrameError`]), since callers tell
+//! their cases apart (a clean end of stream from a truncated frame, a
+//! bad tag from a malformed payload).
 
 pub mod activity;
 pub mod buildlog;

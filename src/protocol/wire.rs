@@ -4,7 +4,6 @@
 //! Every read is bounded so a corrupt or hostile stream cannot make the
 //! hook allocate without limit.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
 /// Longest string we accept (a setting value such as `nix-path` can be long,
@@ -13,34 +12,20 @@ pub const MAX_STRING: u64 = 64 << 20;
 /// Longest string list we accept (an input closure can hold many thousand paths).
 pub const MAX_LIST: u64 = 1 << 22;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The stream ended inside a value.
+    #[error("stream ended in the middle of {0}")]
     Truncated(&'static str),
     /// A length prefix beyond our limits.
-    TooLong {
-        what: &'static str,
-        len: u64,
-    },
+    #[error("{what} is {len} long, more than allowed")]
+    TooLong { what: &'static str, len: u64 },
     /// Padding bytes after a string were not zero.
+    #[error("non-zero padding after {0}")]
     BadPadding(&'static str),
+    #[error("{0}")]
     Io(io::Error),
 }
-
-impl fmt::Display for WireError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WireError::Truncated(what) => write!(f, "stream ended in the middle of {what}"),
-            WireError::TooLong { what, len } => {
-                write!(f, "{what} is {len} long, more than allowed")
-            }
-            WireError::BadPadding(what) => write!(f, "non-zero padding after {what}"),
-            WireError::Io(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for WireError {}
 
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
     r.read_exact(buf).map_err(|e| {

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::anyhow;
 use serde::Serialize;
 
 /// The audit file's name under `state-dir`.
@@ -160,14 +161,14 @@ impl Events {
         state_dir: &Path,
         drv: &str,
         executor: &str,
-    ) -> Result<Events, String> {
+    ) -> anyhow::Result<Events> {
         if let Some(f) = &log {
             let flags = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GETFL)
-                .map_err(|e| format!("proxy log pipe: {e}"))?;
+                .map_err(|e| anyhow!("proxy log pipe: {e}"))?;
             let flags =
                 nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
             nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETFL(flags))
-                .map_err(|e| format!("proxy log pipe: {e}"))?;
+                .map_err(|e| anyhow!("proxy log pipe: {e}"))?;
         }
         let audit_path = state_dir.join(AUDIT_FILE);
         let audit = OpenOptions::new()
@@ -175,7 +176,7 @@ impl Events {
             .append(true)
             .mode(0o600)
             .open(&audit_path)
-            .map_err(|e| format!("opening the audit file {}: {e}", audit_path.display()))?;
+            .map_err(|e| anyhow!("opening the audit file {}: {e}", audit_path.display()))?;
         Ok(Events {
             log,
             audit: Some(audit),

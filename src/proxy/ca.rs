@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use anyhow::anyhow;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -38,8 +39,8 @@ pub struct Authority {
 }
 
 impl Authority {
-    pub fn generate(label: &str) -> Result<Authority, String> {
-        let key = KeyPair::generate().map_err(|e| format!("generating the CA key: {e}"))?;
+    pub fn generate(label: &str) -> anyhow::Result<Authority> {
+        let key = KeyPair::generate().map_err(|e| anyhow!("generating the CA key: {e}"))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(
@@ -56,7 +57,7 @@ impl Authority {
         ];
         let cert = params
             .self_signed(&key)
-            .map_err(|e| format!("signing the CA certificate: {e}"))?;
+            .map_err(|e| anyhow!("signing the CA certificate: {e}"))?;
         Ok(Authority {
             ca_der: cert.der().clone(),
             ca_pem: cert.pem(),
@@ -72,7 +73,7 @@ impl Authority {
 
     /// A server config presenting a certificate for `host` (a DNS name or
     /// an IP address), cached per host (at most [`MAX_CACHED_LEAVES`]).
-    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, String> {
+    pub fn server_config(&self, host: &str) -> anyhow::Result<Arc<ServerConfig>> {
         if let Some(c) = self
             .leaves
             .lock()
@@ -81,9 +82,9 @@ impl Authority {
         {
             return Ok(c.clone());
         }
-        let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+        let key = KeyPair::generate().map_err(|e| anyhow!("generating a key: {e}"))?;
         let mut params = CertificateParams::new(vec![host.to_owned()])
-            .map_err(|e| format!("certificate for {host:?}: {e}"))?;
+            .map_err(|e| anyhow!("certificate for {host:?}: {e}"))?;
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, host);
         params.use_authority_key_identifier_extension = true;
@@ -91,14 +92,14 @@ impl Authority {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let leaf = params
             .signed_by(&key, &self.issuer)
-            .map_err(|e| format!("signing a certificate for {host:?}: {e}"))?;
+            .map_err(|e| anyhow!("signing a certificate for {host:?}: {e}"))?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(|e| anyhow!("TLS setup: {e}"))?
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone(), self.ca_der.clone()], key_der)
-            .map_err(|e| format!("TLS setup for {host:?}: {e}"))?;
+            .map_err(|e| anyhow!("TLS setup for {host:?}: {e}"))?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let cfg = Arc::new(cfg);
         let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,32 +114,32 @@ impl Authority {
 }
 
 /// The certificates of a PEM bundle and its text.
-pub fn read_pem_bundle(path: &Path) -> Result<(Vec<CertificateDer<'static>>, String), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_pem_bundle(path: &Path) -> anyhow::Result<(Vec<CertificateDer<'static>>, String)> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", path.display()))?;
+        .map_err(|e| anyhow!("{}: not a PEM certificate bundle: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificates in it", path.display()));
+        return Err(anyhow!("{}: no certificates in it", path.display()));
     }
     Ok((certs, text))
 }
 
 /// The client config for upstream TLS connections, trusting `bundle`.
 /// Returns it with the bundle's PEM text (for the jail's CA file).
-pub fn upstream_config(bundle: &Path) -> Result<(Arc<ClientConfig>, String), String> {
+pub fn upstream_config(bundle: &Path) -> anyhow::Result<(Arc<ClientConfig>, String)> {
     let (certs, text) = read_pem_bundle(bundle)?;
     let mut roots = RootCertStore::empty();
     let (_, ignored) = roots.add_parsable_certificates(certs);
     if roots.is_empty() {
-        return Err(format!(
+        return Err(anyhow!(
             "{}: none of its {ignored} certificates is usable",
             bundle.display()
         ));
     }
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(|e| anyhow!("TLS setup: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

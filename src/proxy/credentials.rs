@@ -14,6 +14,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use anyhow::anyhow;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
 
@@ -44,17 +45,17 @@ impl std::fmt::Debug for Credential {
 /// Reads a value file after checking it is safe: a regular file owned by
 /// root (or by the account the hook runs as), with no group or other
 /// permissions. Trailing newlines are not part of the value.
-pub fn read_value_file(path: &Path) -> Result<String, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_value_file(path: &Path) -> anyhow::Result<String> {
+    let f = std::fs::File::open(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let m = f
         .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     if !m.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+        return Err(anyhow!("{} is not a regular file", path.display()));
     }
     let me = nix::unistd::geteuid().as_raw();
     if m.uid() != 0 && m.uid() != me {
-        return Err(format!(
+        return Err(anyhow!(
             "{} is owned by uid {}, not by root: anyone who can change it controls the credential",
             path.display(),
             m.uid()
@@ -62,13 +63,13 @@ pub fn read_value_file(path: &Path) -> Result<String, String> {
     }
     let mode = m.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(format!(
+        return Err(anyhow!(
             "{} has mode {mode:04o}: a credential file must not be group or world accessible (chmod 600)",
             path.display()
         ));
     }
     if m.len() > MAX_VALUE {
-        return Err(format!(
+        return Err(anyhow!(
             "{} is larger than {MAX_VALUE} bytes",
             path.display()
         ));
@@ -76,24 +77,24 @@ pub fn read_value_file(path: &Path) -> Result<String, String> {
     let mut s = String::new();
     f.take(MAX_VALUE)
         .read_to_string(&mut s)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let v = s.trim_end_matches(['\n', '\r']).to_owned();
     if v.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+        return Err(anyhow!("{} is empty", path.display()));
     }
     Ok(v)
 }
 
 /// Loads every credential (the build fails if one cannot be loaded: a
 /// build that silently fetched without its token would fail obscurely).
-pub fn load(specs: &[CredentialSpec]) -> Result<Vec<Credential>, String> {
+pub fn load(specs: &[CredentialSpec]) -> anyhow::Result<Vec<Credential>> {
     let mut out = Vec::new();
     for (i, c) in specs.iter().enumerate() {
-        let value = read_value_file(&c.value_file).map_err(|e| format!("credentials[{i}]: {e}"))?;
+        let value = read_value_file(&c.value_file).map_err(|e| anyhow!("credentials[{i}]: {e}"))?;
         let header = HeaderName::from_bytes(c.header.as_bytes())
-            .map_err(|_| format!("credentials[{i}]: invalid header name {:?}", c.header))?;
+            .map_err(|_| anyhow!("credentials[{i}]: invalid header name {:?}", c.header))?;
         let mut value = HeaderValue::from_str(&format!("{}{value}", c.prefix)).map_err(|_| {
-            format!(
+            anyhow!(
                 "credentials[{i}]: the value in {} is not a valid header value (control characters?)",
                 c.value_file.display()
             )
@@ -156,7 +157,7 @@ mod tests {
         std::fs::write(&p, "s3cret\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_value_file(&p).unwrap_err();
-        assert!(e.contains("mode 0644"), "{e}");
+        assert!(e.to_string().contains("mode 0644"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_value_file(&p).unwrap(), "s3cret");
         assert!(read_value_file(&dir.path().join("missing")).is_err());

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::anyhow;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::SendRequest;
@@ -317,7 +318,7 @@ async fn send(
     origin: &Origin,
     shared: &Shared,
     cache: &UpstreamCache,
-) -> Result<Response<Incoming>, String> {
+) -> anyhow::Result<Response<Incoming>> {
     let mut slot = cache.conn.lock().await;
     let cached = match slot.take() {
         Some((o, mut s)) if &o == origin => s.ready().await.ok().map(|_| s),
@@ -327,35 +328,33 @@ async fn send(
         Some(s) => s,
         None => connect(origin, shared).await?,
     };
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await?;
     *slot = Some((origin.clone(), sender));
     Ok(resp)
 }
 
 /// A new upstream HTTP/1.1 connection (TLS verified against the upstream
 /// trust store when `origin.tls`).
-async fn connect(origin: &Origin, shared: &Shared) -> Result<SendRequest<Body>, String> {
+async fn connect(origin: &Origin, shared: &Shared) -> anyhow::Result<SendRequest<Body>> {
     let tcp = connect_tcp(&origin.host, origin.port).await?;
     if origin.tls {
         let name = rustls::pki_types::ServerName::try_from(origin.host.clone())
-            .map_err(|e| format!("{}: {e}", origin.host))?;
+            .map_err(|e| anyhow!("{}: {e}", origin.host))?;
         let tls = tokio_rustls::TlsConnector::from(shared.upstream_tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| anyhow!("TLS: {e}"))?;
         handshake(TokioIo::new(tls)).await
     } else {
         handshake(TokioIo::new(tcp)).await
     }
 }
 
-async fn handshake<T>(io: T) -> Result<SendRequest<Body>, String>
+async fn handshake<T>(io: T) -> anyhow::Result<SendRequest<Body>>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -363,16 +362,12 @@ where
 }
 
 /// A TCP connection from the host's network, with a time limit.
-pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+pub async fn connect_tcp(host: &str, port: u16) -> anyhow::Result<TcpStream> {
     let attempt = async {
-        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| e.to_string())?
-            .collect();
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::net::lookup_host((host, port)).await?.collect();
         let addrs = reachable(host, addrs)?;
-        TcpStream::connect(&addrs[..])
-            .await
-            .map_err(|e| e.to_string())
+        anyhow::Ok(TcpStream::connect(&addrs[..]).await?)
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(s)) => {
@@ -380,7 +375,7 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
             Ok(s)
         }
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!(
+        Err(_) => Err(anyhow!(
             "no connection within {}s",
             CONNECT_TIMEOUT.as_secs()
         )),
@@ -398,18 +393,18 @@ pub async fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
 fn reachable(
     host: &str,
     addrs: Vec<std::net::SocketAddr>,
-) -> Result<Vec<std::net::SocketAddr>, String> {
+) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     if host.parse::<std::net::IpAddr>().is_ok() || local_host(host) {
         return Ok(addrs);
     }
     let (skipped, ok): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| local_ip(a.ip()));
     if ok.is_empty() {
         return Err(match skipped.first() {
-            Some(a) => format!(
+            Some(a) => anyhow!(
                 "{host} resolves to {} (this machine or link-local); a rule must name such a host literally",
                 a.ip()
             ),
-            None => format!("{host} has no address"),
+            None => anyhow!("{host} has no address"),
         });
     }
     Ok(ok)
@@ -438,7 +433,10 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
         ] {
             let err = reachable("registry.example.org", addrs(&[local])).unwrap_err();
-            assert!(err.contains("name such a host literally"), "{local}: {err}");
+            assert!(
+                err.to_string().contains("name such a host literally"),
+                "{local}: {err}"
+            );
         }
         // Only the public addresses of a name with both are used.
         assert_eq!(

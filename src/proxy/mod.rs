@@ -12,6 +12,11 @@
 //! HTTP), `tunnel` (CONNECT), `intercept` + `ca` (TLS interception with a
 //! per-build CA), `credentials`, `audit`. The executor's keys (rules,
 //! credentials, trust store) are read by `config::proxy`.
+//!
+//! Errors: `anyhow`, each one line with its cause written in (callers show
+//! it with `{}`: the build fails with it, `nix-hatch check` lists it, a
+//! refused upstream connection becomes the request's decision). Nothing
+//! tells one failure from another, so no error enum.
 
 pub mod audit;
 pub mod ca;
@@ -33,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::anyhow;
 
 use crate::config::proxy::ProxySettings;
 
@@ -66,11 +73,11 @@ pub fn shared(
     settings: &ProxySettings,
     events: audit::Events,
     label: &str,
-) -> Result<(server::Shared, String), String> {
+) -> anyhow::Result<(server::Shared, String)> {
     let credentials = credentials::load(&settings.credentials)?;
     let ca = ca::Authority::generate(label)?;
     let (upstream_tls, upstream_pem) = ca::upstream_config(settings.upstream_ca_path())
-        .map_err(|e| format!("upstream trust store: {e}"))?;
+        .map_err(|e| anyhow!("upstream trust store: {e}"))?;
     let jail_bundle = format!("{}\n{upstream_pem}", ca.ca_pem());
     Ok((
         server::Shared {
@@ -98,9 +105,9 @@ pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
 }
 
 impl Proxy {
-    pub fn start(settings: &ProxySettings, info: &BuildInfo) -> Result<Proxy, String> {
+    pub fn start(settings: &ProxySettings, info: &BuildInfo) -> anyhow::Result<Proxy> {
         let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| format!("proxy log pipe: {e}"))?;
+            .map_err(|e| anyhow!("proxy log pipe: {e}"))?;
         let events = audit::Events::new(
             Some(File::from(log_write)),
             info.state_dir,
@@ -116,14 +123,14 @@ impl Proxy {
         let (shared, jail_bundle) = shared(settings, events, label)?;
         let ca_bundle = info.staging_root.join("proxy-ca.crt");
         std::fs::write(&ca_bundle, jail_bundle)
-            .map_err(|e| format!("writing {}: {e}", ca_bundle.display()))?;
+            .map_err(|e| anyhow!("writing {}: {e}", ca_bundle.display()))?;
         let _ = std::fs::set_permissions(&ca_bundle, std::fs::Permissions::from_mode(0o644));
-        let net = netns::JailNet::create(PORT).map_err(|e| format!("proxy network: {e}"))?;
-        let runtime = runtime().map_err(|e| format!("starting the proxy: {e}"))?;
+        let net = netns::JailNet::create(PORT).map_err(|e| anyhow!("proxy network: {e}"))?;
+        let runtime = runtime().map_err(|e| anyhow!("starting the proxy: {e}"))?;
         let listener = {
             let _guard = runtime.enter();
-            tokio::net::TcpListener::from_std(net.listener.try_clone().map_err(|e| e.to_string())?)
-                .map_err(|e| format!("proxy listener: {e}"))?
+            tokio::net::TcpListener::from_std(net.listener.try_clone()?)
+                .map_err(|e| anyhow!("proxy listener: {e}"))?
         };
         runtime.spawn(server::serve(listener, Arc::new(shared)));
         Ok(Proxy {

@@ -98,6 +98,7 @@ pub async fn connect(req: Request<Incoming>, shared: Arc<Shared>, slot: Slot) ->
             let cfg = match shared.ca.server_config(&host) {
                 Ok(c) => c,
                 Err(e) => {
+                    let e = e.to_string();
                     d.decision = "error";
                     d.reason = Some(&e);
                     shared

@@ -11,13 +11,13 @@ use std::path::Path;
 
 use super::fsops::move_into_place;
 use super::nixstore::invalid_paths;
-use super::{ImportError, StoreLocation};
+use super::{ImportError, StoreLocation, StorePath};
 
 /// What [`adopt_added_paths`] did.
 #[derive(Debug, Default)]
 pub struct Adoption {
     /// Paths moved into the real store.
-    pub moved: Vec<String>,
+    pub moved: Vec<StorePath>,
     /// One line per valid path that could not be moved: the database lists
     /// it, its files are still in the staging dir.
     pub failed: Vec<String>,
@@ -42,12 +42,12 @@ pub fn adopt_added_paths(
         if outputs.contains(&name) || name.ends_with(".lock") {
             continue;
         }
-        let path = format!("{}/{name}", location.store_dir);
         // Only names Nix takes as store paths: one it refuses would make
         // the validity check below fail for all of them.
-        let Ok(real) = location.real_path(&path) else {
+        let Ok(path) = location.parse_path(&format!("{}/{name}", location.store_dir)) else {
             continue;
         };
+        let real = location.real_path(&path);
         // Overlay whiteouts (deletions) are character devices.
         if entry
             .file_type()
@@ -62,7 +62,10 @@ pub fn adopt_added_paths(
     }
     let refs: Vec<&str> = candidates.iter().map(|(p, _, _)| p.as_str()).collect();
     let invalid = invalid_paths(location, &refs)?;
-    for (path, staged, real) in candidates.iter().filter(|(p, _, _)| !invalid.contains(p)) {
+    for (path, staged, real) in candidates
+        .iter()
+        .filter(|(p, _, _)| !invalid.contains(p.as_str()))
+    {
         if std::fs::symlink_metadata(real).is_ok() {
             continue;
         }

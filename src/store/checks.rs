@@ -6,10 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::{nixstore, ImportError, StoreLocation};
+use super::{nixstore, ImportError, StoreLocation, StorePath};
 
 /// The checks for one output. Reference specifiers are already resolved to
-/// store paths (an output name stands for that output's path).
+/// paths (an output name stands for that output's path); they stay text,
+/// as the derivation wrote them: Nix only compares them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutputChecks {
     /// Leave the output itself out of its requisites (always, for the
@@ -35,9 +36,9 @@ impl OutputChecks {
 /// What the checks need to know of a built output.
 pub struct Built<'a> {
     pub name: &'a str,
-    pub path: &'a str,
+    pub path: &'a StorePath,
     pub nar_size: u64,
-    pub references: &'a BTreeSet<String>,
+    pub references: &'a BTreeSet<StorePath>,
 }
 
 /// Applies `checks` (by output name) to `built`; the first failure is the
@@ -47,7 +48,7 @@ pub fn check(
     checks: &BTreeMap<String, OutputChecks>,
     built: &[Built<'_>],
 ) -> Result<(), ImportError> {
-    let by_path: BTreeMap<&str, &Built<'_>> = built.iter().map(|b| (b.path, b)).collect();
+    let by_path: BTreeMap<&str, &Built<'_>> = built.iter().map(|b| (b.path.as_str(), b)).collect();
     for b in built {
         let Some(c) = checks.get(b.name) else {
             continue;
@@ -76,12 +77,13 @@ pub fn check(
         }
         let requisites = closure.map(|(mut paths, _)| {
             if c.ignore_self_refs {
-                paths.remove(b.path);
+                paths.remove(b.path.as_str());
             }
             paths
         });
         let empty = BTreeSet::new();
         let requisites = requisites.as_ref().unwrap_or(&empty);
+        let references: BTreeSet<String> = b.references.iter().map(|r| r.to_string()).collect();
         let bad_paths = |used: &BTreeSet<String>, spec: &BTreeSet<String>, allowed: bool| {
             used.iter()
                 .filter(|p| spec.contains(*p) != allowed)
@@ -90,7 +92,7 @@ pub fn check(
         };
         let mut bad = Vec::new();
         if let Some(spec) = &c.allowed_references {
-            bad = bad_paths(b.references, spec, true);
+            bad = bad_paths(&references, spec, true);
         }
         if bad.is_empty() {
             if let Some(spec) = &c.allowed_requisites {
@@ -98,7 +100,7 @@ pub fn check(
             }
         }
         if bad.is_empty() {
-            bad = bad_paths(b.references, &c.disallowed_references, false);
+            bad = bad_paths(&references, &c.disallowed_references, false);
         }
         if bad.is_empty() {
             bad = bad_paths(requisites, &c.disallowed_requisites, false);
@@ -133,7 +135,7 @@ fn closure(
         match built.get(p.as_str()) {
             Some(b) => {
                 size = size.saturating_add(b.nar_size);
-                left.extend(b.references.iter().cloned());
+                left.extend(b.references.iter().map(|r| r.to_string()));
             }
             None => {
                 done.remove(&p);

@@ -20,6 +20,10 @@
 //!
 //! Nix holds the output locks while the hook runs, so registration through
 //! the daemon would deadlock; `--register-validity` takes no lock.
+//!
+//! Errors: one `thiserror` enum, [`ImportError`], for everything here
+//! (callers tell a timeout or a valid path in the way from the rest); the
+//! NAR walk's [`nar::NarError`] travels inside it.
 
 mod adopt;
 pub mod checks;
@@ -27,13 +31,13 @@ pub mod digest;
 mod fsops;
 pub mod nar;
 mod nixstore;
+mod path;
 pub mod refscan;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -43,10 +47,11 @@ use nix_derivation::{CAHash, HashAlgorithm, NixHash};
 pub use adopt::adopt_added_paths;
 pub use fsops::{apparent_size, defuse_tree, remove_tree};
 pub use nixstore::Registrar;
+pub use path::StorePath;
 
 use digest::ExtraHash;
 use nar::{DumpOptions, NarError, NarErrorKind, NodeKind};
-use refscan::{HashParts, HASH_PART_LEN};
+use refscan::HashParts;
 
 /// Where the store lives and how to reach `nix-store`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,12 +97,6 @@ impl StoreLocation {
         }
     }
 
-    /// Where the store path `path` lives on disk.
-    pub fn real_path(&self, path: &str) -> Result<PathBuf, ImportError> {
-        let parsed = parse_store_path(self.dir(), path)?;
-        Ok(self.real_store_dir.join(parsed.base_name))
-    }
-
     /// The store Nix's `store` setting names (`auto`, `local`, `daemon`,
     /// `/root`, `local?root=/root`, …), with the logical store dir from
     /// `NIX_STORE_DIR` (default `/nix/store`).
@@ -128,7 +127,9 @@ impl StoreLocation {
         }
     }
 
-    /// The `<hash>-<name>` part of a path directly in this store.
+    /// The name of an entry directly in this store's directory, not
+    /// checked any further: for telling store paths from other words in a
+    /// `.drv` (a path that crosses modules is a [`StorePath`]).
     pub fn base_name<'a>(&self, path: &'a str) -> Option<&'a str> {
         path.strip_prefix(self.dir())?
             .strip_prefix('/')
@@ -148,8 +149,8 @@ impl StoreLocation {
 pub struct StagedOutput {
     /// Output name, e.g. `out`.
     pub name: String,
-    /// Logical absolute store path, `/nix/store/<hash>-<name>`.
-    pub path: String,
+    /// Its store path.
+    pub path: StorePath,
     /// Where the builder left it: a regular file, directory or symlink.
     pub staged: PathBuf,
     /// Fixed-output expectation (flat or recursive).
@@ -161,11 +162,11 @@ pub struct StagedOutput {
 pub struct ImportRequest<'a> {
     /// The store.
     pub location: &'a StoreLocation,
-    /// The `.drv` store path (registered as the deriver).
-    pub deriver: &'a str,
-    /// The input closure as Nix sent it (absolute store paths). Include
-    /// already-valid sibling outputs here so references to them are found.
-    pub inputs: &'a [String],
+    /// The `.drv` (registered as the deriver), if there is one.
+    pub deriver: Option<&'a StorePath>,
+    /// The input closure as Nix sent it. Include already-valid sibling
+    /// outputs here so references to them are found.
+    pub inputs: &'a [StorePath],
     /// The outputs Nix wants; all must be produced.
     pub outputs: &'a [StagedOutput],
     /// The derivation's output checks, by output name (see [`checks`]).
@@ -185,21 +186,22 @@ pub struct ImportRequest<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
     /// The store path.
-    pub path: String,
+    pub path: StorePath,
     /// SHA-256 of its NAR.
     pub nar_hash: [u8; 32],
     /// Size of its NAR.
     pub nar_size: u64,
     /// Store paths it references (inputs, other outputs, itself).
-    pub references: BTreeSet<String>,
+    pub references: BTreeSet<StorePath>,
 }
 
 /// Why an import (or stale-path removal) failed. `Display` gives one line
 /// (the fixed-output hash mismatch uses Nix's three-line form).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ImportError {
-    /// A path in the request is not a store path of this store.
+    /// A path is not a store path of this store (or is listed twice).
+    #[error("invalid store path '{path}': {reason}")]
     BadPath {
         /// The offending path.
         path: String,
@@ -207,6 +209,7 @@ pub enum ImportError {
         reason: &'static str,
     },
     /// Two different candidate paths share a hash part.
+    #[error("store paths '{first}' and '{second}' have the same hash part")]
     HashPartCollision {
         /// One path.
         first: String,
@@ -214,6 +217,7 @@ pub enum ImportError {
         second: String,
     },
     /// The builder did not produce an output.
+    #[error("builder did not produce output `{output}` ({path})")]
     MissingOutput {
         /// Output name.
         output: String,
@@ -221,20 +225,30 @@ pub enum ImportError {
         path: String,
     },
     /// Reading an output failed (unsupported file type, I/O error, ...).
+    #[error("output `{output}`: {}", error.display_with_root(path))]
     Archive {
         /// Output name.
         output: String,
         /// Its store path; the error names the entry below it.
         path: String,
         /// What happened.
+        #[source]
         error: NarError,
     },
     /// A flat fixed output is not a non-executable regular file.
+    #[error(
+        "output path '{path}' should be a non-executable regular file since recursive \
+         hashing is not enabled (outputHashMode=flat)"
+    )]
     FlatNotRegular {
         /// The output's store path.
         path: String,
     },
     /// A fixed output uses text or Git content addressing.
+    #[error(
+        "output `{output}` ({path}) uses {method} content addressing \
+         (outputHashMode={method}), which nix-hatch does not support"
+    )]
     UnsupportedContentAddress {
         /// Output name.
         output: String,
@@ -244,6 +258,7 @@ pub enum ImportError {
         method: &'static str,
     },
     /// A fixed output's hash differs from the declared one.
+    #[error("hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}")]
     HashMismatch {
         /// The derivation.
         drv: String,
@@ -253,6 +268,12 @@ pub enum ImportError {
         got: String,
     },
     /// A fixed output contains references.
+    #[error(
+        "illegal path references in fixed-output derivation '{drv}': output `{output}` \
+         references {} store path(s), e.g. '{}'",
+        references.len(),
+        references.iter().next().map_or("", String::as_str)
+    )]
     IllegalReferences {
         /// The derivation.
         drv: String,
@@ -262,6 +283,10 @@ pub enum ImportError {
         references: BTreeSet<String>,
     },
     /// Two outputs reference each other (directly or indirectly).
+    #[error(
+        "cycle detected in build of '{drv}' in the references of output '{output}' \
+         from output '{from}'"
+    )]
     ReferenceCycle {
         /// The derivation.
         drv: String,
@@ -271,11 +296,13 @@ pub enum ImportError {
         from: String,
     },
     /// Something valid already exists at an output path.
+    #[error("output path '{path}' is already a valid store path; refusing to replace it")]
     AlreadyValid {
         /// The store path.
         path: String,
     },
     /// A file system operation failed.
+    #[error("cannot {action} '{path}': {source}")]
     Io {
         /// The verb, e.g. `remove the stale path`.
         action: &'static str,
@@ -285,6 +312,7 @@ pub enum ImportError {
         source: io::Error,
     },
     /// `nix-store` could not be started.
+    #[error("cannot run '{}': {source}", program.display())]
     Spawn {
         /// The program.
         program: PathBuf,
@@ -292,6 +320,7 @@ pub enum ImportError {
         source: io::Error,
     },
     /// `nix-store` failed.
+    #[error("nix-store failed to {action}: {message}")]
     NixStore {
         /// What it was asked to do.
         action: &'static str,
@@ -299,164 +328,25 @@ pub enum ImportError {
         message: String,
     },
     /// An output check of the derivation failed (Nix's own message).
+    #[error("{message}")]
     OutputRejected {
         /// The message.
         message: String,
     },
     /// The build's deadline passed during the import.
+    #[error("build timed out while its output '{path}' was being read into the store")]
     TimedOut {
         /// The store path being read.
         path: String,
     },
     /// The outputs are larger than `max-output-size`.
+    #[error("the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)")]
     TooLarge {
         /// The limit (NAR bytes).
         limit: u64,
         /// What the outputs have at least (file sizes, or NAR bytes so far).
         at_least: u64,
     },
-}
-
-impl fmt::Display for ImportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use ImportError as E;
-        match self {
-            E::BadPath { path, reason } => write!(f, "invalid store path '{path}': {reason}"),
-            E::HashPartCollision { first, second } => write!(
-                f,
-                "store paths '{first}' and '{second}' have the same hash part"
-            ),
-            E::MissingOutput { output, path } => {
-                write!(f, "builder did not produce output `{output}` ({path})")
-            }
-            E::Archive {
-                output,
-                path,
-                error,
-            } => write!(f, "output `{output}`: {}", error.display_with_root(path)),
-            E::FlatNotRegular { path } => write!(
-                f,
-                "output path '{path}' should be a non-executable regular file since recursive \
-                 hashing is not enabled (outputHashMode=flat)"
-            ),
-            E::UnsupportedContentAddress {
-                output,
-                path,
-                method,
-            } => write!(
-                f,
-                "output `{output}` ({path}) uses {method} content addressing \
-                 (outputHashMode={method}), which nix-hatch does not support"
-            ),
-            E::HashMismatch {
-                drv,
-                specified,
-                got,
-            } => write!(
-                f,
-                "hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}"
-            ),
-            E::IllegalReferences {
-                drv,
-                output,
-                references,
-            } => write!(
-                f,
-                "illegal path references in fixed-output derivation '{drv}': output `{output}` \
-                 references {} store path(s), e.g. '{}'",
-                references.len(),
-                references.iter().next().map_or("", String::as_str)
-            ),
-            E::ReferenceCycle { drv, output, from } => write!(
-                f,
-                "cycle detected in build of '{drv}' in the references of output '{output}' \
-                 from output '{from}'"
-            ),
-            E::AlreadyValid { path } => write!(
-                f,
-                "output path '{path}' is already a valid store path; refusing to replace it"
-            ),
-            E::Io {
-                action,
-                path,
-                source,
-            } => write!(f, "cannot {action} '{path}': {source}"),
-            E::Spawn { program, source } => {
-                write!(f, "cannot run '{}': {source}", program.display())
-            }
-            E::NixStore { action, message } => {
-                write!(f, "nix-store failed to {action}: {message}")
-            }
-            E::OutputRejected { message } => f.write_str(message),
-            E::TimedOut { path } => write!(
-                f,
-                "build timed out while its output '{path}' was being read into the store"
-            ),
-            E::TooLarge { limit, at_least } => write!(
-                f,
-                "the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ImportError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ImportError::Archive { error, .. } => Some(error),
-            ImportError::Io { source, .. } | ImportError::Spawn { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
-
-struct ParsedPath<'a> {
-    hash: [u8; HASH_PART_LEN],
-    base_name: &'a str,
-}
-
-/// Split `<store_dir>/<hash>-<name>`, checking it the way Nix parses store
-/// paths.
-fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>, ImportError> {
-    let bad = |reason| ImportError::BadPath {
-        path: path.to_owned(),
-        reason,
-    };
-    let base_name = path
-        .strip_prefix(store_dir)
-        .and_then(|rest| {
-            if store_dir.ends_with('/') {
-                Some(rest)
-            } else {
-                rest.strip_prefix('/')
-            }
-        })
-        .ok_or_else(|| bad("not in the store directory"))?;
-    if base_name.contains('/') {
-        return Err(bad("not a top-level store path"));
-    }
-    let bytes = base_name.as_bytes();
-    if bytes.len() < HASH_PART_LEN + 2 || bytes[HASH_PART_LEN] != b'-' {
-        return Err(bad("expected <hash>-<name>"));
-    }
-    let hash = refscan::parse_hash_part(&bytes[..HASH_PART_LEN])
-        .ok_or_else(|| bad("the hash part is not nix-base32"))?;
-    let name = &bytes[HASH_PART_LEN + 1..];
-    if name.len() > 211 {
-        return Err(bad("the name is too long"));
-    }
-    // Newer Nix (2.8 refused any leading period) allows names such as
-    // `.config`; only these would be confusable with `.` and `..`.
-    if name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-") {
-        return Err(bad("the name is '.' or '..' or starts with '.-' or '..-'"));
-    }
-    if !name
-        .iter()
-        .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
-    {
-        return Err(bad("the name contains a forbidden character"));
-    }
-    Ok(ParsedPath { hash, base_name })
 }
 
 /// Remove leftovers at `paths` (logical store paths): those that exist on
@@ -466,13 +356,13 @@ fn parse_store_path<'a>(store_dir: &str, path: &'a str) -> Result<ParsedPath<'a>
 /// (read-only trees included). Returns the paths removed.
 pub fn remove_stale_outputs(
     location: &StoreLocation,
-    paths: &[String],
-) -> Result<Vec<String>, ImportError> {
+    paths: &[StorePath],
+) -> Result<Vec<StorePath>, ImportError> {
     let mut existing = Vec::new();
     for path in paths {
-        let real = location.real_path(path)?;
+        let real = location.real_path(path);
         match std::fs::symlink_metadata(&real) {
-            Ok(_) => existing.push((path.as_str(), real)),
+            Ok(_) => existing.push((path, real)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(ImportError::Io {
@@ -486,11 +376,11 @@ pub fn remove_stale_outputs(
     if existing.is_empty() {
         return Ok(Vec::new());
     }
-    let names: Vec<&str> = existing.iter().map(|(p, _)| *p).collect();
+    let names: Vec<&str> = existing.iter().map(|(p, _)| p.as_str()).collect();
     let invalid = nixstore::invalid_paths(location, &names)?;
-    if let Some((valid, _)) = existing.iter().find(|(p, _)| !invalid.contains(*p)) {
+    if let Some((valid, _)) = existing.iter().find(|(p, _)| !invalid.contains(p.as_str())) {
         return Err(ImportError::AlreadyValid {
-            path: (*valid).to_owned(),
+            path: valid.to_string(),
         });
     }
     let mut removed = Vec::new();
@@ -500,7 +390,7 @@ pub fn remove_stale_outputs(
             path: real.display().to_string(),
             source,
         })?;
-        removed.push(path.to_owned());
+        removed.push(path.clone());
     }
     Ok(removed)
 }
@@ -511,13 +401,14 @@ pub fn remove_stale_outputs(
 /// One `nix-store` call, none when `siblings` is empty.
 pub fn valid_siblings(
     location: &StoreLocation,
-    siblings: &[&str],
-) -> Result<Vec<String>, ImportError> {
-    let invalid = nixstore::invalid_paths(location, siblings)?;
+    siblings: &[&StorePath],
+) -> Result<Vec<StorePath>, ImportError> {
+    let names: Vec<&str> = siblings.iter().map(|p| p.as_str()).collect();
+    let invalid = nixstore::invalid_paths(location, &names)?;
     Ok(siblings
         .iter()
-        .filter(|p| !invalid.contains(**p))
-        .map(|p| (*p).to_owned())
+        .filter(|p| !invalid.contains(p.as_str()))
+        .map(|p| (*p).clone())
         .collect())
 }
 
@@ -544,23 +435,18 @@ pub fn import<'a>(
     mut registrar: Registrar,
 ) -> Result<Vec<Registered>, ImportError> {
     let location = req.location;
-    let store_dir = location.dir();
-    if !req.deriver.is_empty() {
-        parse_store_path(store_dir, req.deriver)?;
-    }
 
     // Candidates for the reference scan: inputs, then outputs.
     let mut parts = HashParts::new([]);
-    let mut candidates: Vec<&str> = Vec::new();
-    let mut add = |path: &'a str| -> Result<usize, ImportError> {
-        let parsed = parse_store_path(store_dir, path)?;
-        let i = parts.insert(parsed.hash);
+    let mut candidates: Vec<&StorePath> = Vec::new();
+    let mut add = |path: &'a StorePath| -> Result<usize, ImportError> {
+        let i = parts.insert(path.hash_part());
         if i == candidates.len() {
             candidates.push(path);
         } else if candidates[i] != path {
             return Err(ImportError::HashPartCollision {
-                first: candidates[i].to_owned(),
-                second: path.to_owned(),
+                first: candidates[i].to_string(),
+                second: path.to_string(),
             });
         }
         Ok(i)
@@ -573,7 +459,7 @@ pub fn import<'a>(
     for o in req.outputs {
         if !seen.insert(o.path.as_str()) {
             return Err(ImportError::BadPath {
-                path: o.path.clone(),
+                path: o.path.to_string(),
                 reason: "listed as more than one output",
             });
         }
@@ -590,7 +476,7 @@ pub fn import<'a>(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImportError::MissingOutput {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 })
             }
             Err(source) => {
@@ -621,7 +507,7 @@ pub fn import<'a>(
         .outputs
         .iter()
         .map(|o| location.real_path(&o.path))
-        .collect::<Result<_, _>>()?;
+        .collect();
     // What is hashed is what goes into the store: an output that must be
     // copied to another file system is copied first and read at its store
     // path (a copy made after hashing would read the staged files again).
@@ -635,7 +521,7 @@ pub fn import<'a>(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImportError::MissingOutput {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 })
             }
             Err(source) => {
@@ -651,7 +537,7 @@ pub fn import<'a>(
             Some(CAHash::Flat(h)) => {
                 if !md.file_type().is_file() || md.mode() & 0o100 != 0 {
                     return Err(ImportError::FlatNotRegular {
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                     });
                 }
                 Some(ExtraHash::flat(h.algorithm(), md.len()))
@@ -663,7 +549,7 @@ pub fn import<'a>(
             Some(ca @ (CAHash::Text(_) | CAHash::Git(_))) => {
                 return Err(ImportError::UnsupportedContentAddress {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                     method: if matches!(ca, CAHash::Text(_)) {
                         "text"
                     } else {
@@ -675,10 +561,9 @@ pub fn import<'a>(
     }
 
     // 2. One pass per output; 3. fixed-output checks.
-    let drv = if req.deriver.is_empty() {
-        req.outputs.first().map_or("", |o| o.path.as_str())
-    } else {
-        req.deriver
+    let drv = match req.deriver {
+        Some(d) => d.as_str(),
+        None => req.outputs.first().map_or("", |o| o.path.as_str()),
     };
     let mut digests = Vec::with_capacity(req.outputs.len());
     let mut used = 0u64;
@@ -694,7 +579,7 @@ pub fn import<'a>(
             digest::digest_path(read, &parts, extra.as_ref(), &options).map_err(
                 |error| match error.kind {
                     NarErrorKind::TimedOut => ImportError::TimedOut {
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                     },
                     NarErrorKind::TooLarge { .. } => ImportError::TooLarge {
                         limit: req.max_size.unwrap_or(0),
@@ -702,7 +587,7 @@ pub fn import<'a>(
                     },
                     _ => ImportError::Archive {
                         output: o.name.clone(),
-                        path: o.path.clone(),
+                        path: o.path.to_string(),
                         error,
                     },
                 },
@@ -721,7 +606,7 @@ pub fn import<'a>(
                     _ => {
                         return Err(ImportError::Archive {
                             output: o.name.clone(),
-                            path: o.path.clone(),
+                            path: o.path.to_string(),
                             error: NarError {
                                 path: Vec::new(),
                                 kind: NarErrorKind::Changed,
@@ -738,7 +623,7 @@ pub fn import<'a>(
             let Some(got) = got else {
                 return Err(ImportError::Archive {
                     output: o.name.clone(),
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                     error: NarError {
                         path: Vec::new(),
                         kind: NarErrorKind::Changed,
@@ -759,7 +644,7 @@ pub fn import<'a>(
                     references: d
                         .references
                         .iter()
-                        .map(|&i| candidates[i].to_owned())
+                        .map(|&i| candidates[i].to_string())
                         .collect(),
                 });
             }
@@ -769,12 +654,12 @@ pub fn import<'a>(
 
     // Outputs referencing each other in a cycle can't be registered.
     check_output_cycles(req, drv, &output_index, &digests)?;
-    let references: Vec<BTreeSet<String>> = digests
+    let references: Vec<BTreeSet<StorePath>> = digests
         .iter()
         .map(|d| {
             d.references
                 .iter()
-                .map(|&i| candidates[i].to_owned())
+                .map(|&i| candidates[i].clone())
                 .collect()
         })
         .collect();
@@ -801,7 +686,7 @@ pub fn import<'a>(
     let to_move: Vec<usize> = (0..req.outputs.len())
         .filter(|&i| !same_file(&reads[i], &reals[i]))
         .collect();
-    let stale: Vec<String> = to_move
+    let stale: Vec<StorePath> = to_move
         .iter()
         .map(|&i| req.outputs[i].path.clone())
         .collect();
@@ -827,7 +712,7 @@ pub fn import<'a>(
             &o.path,
             &d.nar_hash,
             d.nar_size,
-            req.deriver,
+            req.deriver.map_or("", StorePath::as_str),
             &references,
         );
         registered.push(Registered {
@@ -876,7 +761,7 @@ fn copy_across_file_systems(
         fsops::copy_tree(&o.staged, real, req.deadline).map_err(|source| {
             if source.kind() == io::ErrorKind::TimedOut {
                 ImportError::TimedOut {
-                    path: o.path.clone(),
+                    path: o.path.to_string(),
                 }
             } else {
                 ImportError::Io {

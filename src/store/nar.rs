@@ -23,7 +23,6 @@
 //! can *seal* the tree while it reads it (see [`DumpOptions::seal`]).
 
 use std::ffi::{CStr, CString};
-use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -189,21 +188,27 @@ pub struct DumpOptions {
 pub const LIMIT_SLICE: u64 = 64 << 20;
 
 /// Error while archiving a tree; `path` is relative to the tree's root
-/// (empty for the root itself).
-#[derive(Debug)]
+/// (empty for the root itself). `Display` names the entry below `.`;
+/// [`NarError::display_with_root`] below another root.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", self.display_with_root("."))]
 pub struct NarError {
     /// Path of the offending entry relative to the root, `/`-separated.
     pub path: Vec<u8>,
     /// What went wrong.
+    #[source]
     pub kind: NarErrorKind,
 }
 
-/// The kinds of [`NarError`].
-#[derive(Debug)]
+/// The kinds of [`NarError`]; each `Display`s as what it is, without the
+/// entry (the [`NarError`] message names it).
+#[derive(Debug, thiserror::Error)]
 pub enum NarErrorKind {
     /// A device, fifo, socket or other file type NARs cannot hold.
+    #[error("a {0}, which store paths cannot contain")]
     Unsupported(&'static str),
     /// A system call failed; `op` is the verb (`open`, `read`, ...).
+    #[error("cannot {op}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -211,6 +216,7 @@ pub enum NarErrorKind {
         source: io::Error,
     },
     /// A regular file had fewer bytes than its size said.
+    #[error("shrank while being read ({got} of {expected} bytes)")]
     Truncated {
         /// Size recorded by `fstat`.
         expected: u64,
@@ -218,19 +224,26 @@ pub enum NarErrorKind {
         got: u64,
     },
     /// An entry changed type between listing and opening it.
+    #[error("changed while being read")]
     Changed,
     /// Directories nested deeper than [`MAX_DEPTH`].
+    #[error("nested more than {MAX_DEPTH} directories deep")]
     TooDeep,
     /// The sink refused the data.
-    Sink(io::Error),
+    #[error("writing the archive failed")]
+    Sink(#[source] io::Error),
     /// Owned by neither the build's account nor us.
+    #[error("owned by neither the build's account nor root")]
     Ownership,
     /// A regular file is still open for writing by some process (which
     /// could change it after it was hashed).
+    #[error("still open for writing by another process")]
     OpenForWriting,
     /// [`DumpOptions::deadline`] passed.
+    #[error("ran out of time")]
     TimedOut,
     /// The archive would exceed [`DumpOptions::max_size`].
+    #[error("past the size limit of {limit} bytes (NAR)")]
     TooLarge {
         /// The limit.
         limit: u64,
@@ -274,21 +287,6 @@ impl NarError {
             NarErrorKind::TooLarge { limit } => format!(
                 "'{path}' takes the outputs past the size limit of {limit} bytes (NAR)"
             ),
-        }
-    }
-}
-
-impl fmt::Display for NarError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.display_with_root("."))
-    }
-}
-
-impl std::error::Error for NarError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
-            NarErrorKind::Io { source, .. } | NarErrorKind::Sink(source) => Some(source),
-            _ => None,
         }
     }
 }

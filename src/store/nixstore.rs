@@ -19,7 +19,7 @@ use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use super::{ImportError, StoreLocation};
+use super::{ImportError, StoreLocation, StorePath};
 
 /// A `nix-store` command for `location` (with `--store URI` if set).
 pub(crate) fn command(location: &StoreLocation) -> Command {
@@ -151,7 +151,7 @@ pub(crate) fn append_record(
     nar_hash: &[u8; 32],
     nar_size: u64,
     deriver: &str,
-    references: &BTreeSet<String>,
+    references: &BTreeSet<StorePath>,
 ) {
     let _ = writeln!(out, "{path}");
     out.push_str("sha256:");

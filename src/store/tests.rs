@@ -195,22 +195,34 @@ impl TestStore {
             .success()
     }
 
-    fn real(&self, path: &str) -> PathBuf {
-        self.location.real_path(path).unwrap()
+    /// `path` as a store path of this store.
+    fn store_path(&self, path: &str) -> StorePath {
+        self.location.parse_path(path).unwrap()
     }
 
+    fn real(&self, path: &str) -> PathBuf {
+        self.location.real_path(&self.store_path(path))
+    }
+
+    /// [`import`], with the deriver (`""` for none) and the inputs parsed
+    /// as the hook parses them.
     fn import(
         &self,
         deriver: &str,
         inputs: &[String],
         outputs: &[StagedOutput],
     ) -> Result<Vec<Registered>, ImportError> {
+        let deriver = match deriver {
+            "" => None,
+            d => Some(self.location.parse_path(d)?),
+        };
+        let inputs = self.location.parse_paths(inputs)?;
         let registrar = Registrar::spawn(&self.location).unwrap();
         import(
             &ImportRequest {
                 location: &self.location,
-                deriver,
-                inputs,
+                deriver: deriver.as_ref(),
+                inputs: &inputs,
                 outputs,
                 checks: &Default::default(),
                 owner: None,
@@ -232,7 +244,7 @@ impl TestStore {
         import(
             &ImportRequest {
                 location: &self.location,
-                deriver: "",
+                deriver: None,
                 inputs: &[],
                 outputs,
                 checks: &Default::default(),
@@ -246,10 +258,16 @@ impl TestStore {
     }
 }
 
+/// A staged output at `path`, a store path of the store whose directory
+/// holds it.
 fn output(name: &str, path: &str, staged: &Path, fixed: Option<CAHash>) -> StagedOutput {
+    let location = StoreLocation {
+        store_dir: path[..path.rfind('/').unwrap()].to_owned(),
+        ..StoreLocation::system()
+    };
     StagedOutput {
         name: name.into(),
-        path: path.into(),
+        path: location.parse_path(path).unwrap(),
         staged: staged.into(),
         fixed,
     }
@@ -776,7 +794,8 @@ fn import_end_to_end() {
     ];
     for ((path, refs), r) in expected.iter().zip(&reg) {
         assert_eq!(&r.path, *path);
-        assert_eq!(&r.references, refs, "{path}");
+        let references: BTreeSet<String> = r.references.iter().map(|p| p.to_string()).collect();
+        assert_eq!(&references, refs, "{path}");
         assert_eq!(
             &st.references(path),
             refs,
@@ -844,16 +863,16 @@ fn valid_path_is_never_removed() {
     fs::create_dir_all(st.real(&stale).join("d")).unwrap();
     fs::set_permissions(st.real(&stale).join("d"), fs::Permissions::from_mode(0o555)).unwrap();
     let missing = st.path("missing");
-    let all = [valid.clone(), stale.clone(), missing.clone()];
+    let all = [&valid, &stale, &missing].map(|p| st.store_path(p));
     assert!(matches!(
         remove_stale_outputs(&st.location, &all),
         Err(ImportError::AlreadyValid { path }) if path == valid
     ));
     assert!(st.real(&stale).exists());
-    let removed = remove_stale_outputs(&st.location, &[stale.clone(), missing.clone()]).unwrap();
+    let removed = remove_stale_outputs(&st.location, &all[1..]).unwrap();
     assert_eq!(removed, vec![stale.clone()]);
     assert!(!st.real(&stale).exists());
-    assert!(remove_stale_outputs(&st.location, &[missing])
+    assert!(remove_stale_outputs(&st.location, &all[2..])
         .unwrap()
         .is_empty());
     assert!(st.is_valid(&valid));
@@ -943,7 +962,7 @@ fn registrar_failures_and_drop() {
     let err = import(
         &ImportRequest {
             location: &loc,
-            deriver: "",
+            deriver: None,
             inputs: &[],
             outputs: &[output("out", &late, &s, None)],
             checks: &Default::default(),
@@ -1009,14 +1028,23 @@ fn bad_request_paths() {
             format!("{dir}/00000000000000000000000000000000-a b"),
             "the name contains a forbidden character",
         ),
+        (
+            format!("{dir}/00000000000000000000000000000000-{}", "a".repeat(212)),
+            "the name is too long",
+        ),
     ] {
-        let err = st
-            .import("", &[], &[output("out", &bad, &s, None)])
-            .unwrap_err();
+        let err = st.location.parse_path(&bad).unwrap_err();
+        assert!(matches!(err, ImportError::BadPath { .. }), "{err}");
         assert_eq!(
             err.to_string(),
             format!("invalid store path '{bad}': {reason}")
         );
+    }
+    // Names Nix 2.8 refused but newer Nix takes (and so does nix-hatch).
+    for good in [".config", "..x", "a.-b"] {
+        let p = format!("{dir}/00000000000000000000000000000000-{good}");
+        let parsed = st.location.parse_path(&p).unwrap();
+        assert_eq!((parsed.as_str(), parsed.name()), (p.as_str(), good));
     }
     let p = st.path("twice");
     let err = st
@@ -1040,12 +1068,12 @@ fn store_location_real_paths() {
     assert_eq!(loc.store_uri.as_deref(), Some("local?root=/srv/chroot"));
     let p = fake_path("thing");
     assert_eq!(
-        loc.real_path(&p).unwrap(),
+        loc.real_path(&loc.parse_path(&p).unwrap()),
         Path::new("/srv/chroot/nix/store").join(&p["/nix/store/".len()..])
     );
     let sys = StoreLocation::system();
-    assert_eq!(sys.real_path(&p).unwrap(), Path::new(&p));
-    assert!(sys.real_path("/nix/store/../etc/passwd").is_err());
+    assert_eq!(sys.real_path(&sys.parse_path(&p).unwrap()), Path::new(&p));
+    assert!(sys.parse_path("/nix/store/../etc/passwd").is_err());
 }
 
 #[test]

@@ -64,13 +64,7 @@ pub fn run(
     let roots: BTreeMap<String, std::path::PathBuf> = req
         .outputs
         .iter()
-        .map(|(out, path)| {
-            (
-                out.clone(),
-                req.staging
-                    .output(req.store.base_name(path).unwrap_or(path)),
-            )
-        })
+        .map(|(out, path)| (out.clone(), req.staging.output(path.base_name())))
         .collect();
     let cancelled = || cancel.is_cancelled();
     let reader = ChannelReader::new(&conn, &mut channel, &cancelled, req.limits);
