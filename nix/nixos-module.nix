@@ -86,6 +86,10 @@ in
             # The default: the derivation's argument paths must be its
             # inputs (it chooses them; the command runs as root).
             arg-paths = "inputs";
+            # Who may sign (nix.conf's syntax; default: Nix's
+            # trusted-users); every attempt goes to the audit log
+            # (`nix-hatch audit`).
+            allowed-users = [ "@release" ];
             max-jobs = 1;
             timeout = 600;
             max-output-size = "1M";
@@ -94,6 +98,7 @@ in
             kind = "jail";
             user = "nix-hatch-jail";
             network = "proxy";
+            allowed-users = [ "*" ];
             allow = [ { host = "github\\.com"; } ];
             # Added to requests that leave over TLS; `plain-http = true;`
             # would send it on plain http:// requests too (trusted networks).

@@ -221,3 +221,55 @@ fn check_prints_the_nix_version_on_path() {
     assert_eq!(code, 1);
     assert!(out.starts_with("nix: "), "{out}");
 }
+
+/// `check` says who may use each executor, and warns about a privileged
+/// one open to everyone.
+#[test]
+fn check_says_who_may_use_each_executor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        r#"
+[routes]
+escape-sign = "signer"
+escape-ci = "ci"
+escape-any = "any"
+[executors.signer]
+kind = "host"
+command = ["/bin/true"]
+allowed-users = ["*"]
+[executors.ci]
+kind = "host"
+command = ["/bin/true"]
+user = "nobody"
+allowed-users = ["ci", "@release"]
+[executors.any]
+kind = "host"
+user = "nobody"
+allow-any-builder = true
+"#,
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    for line in [
+        "executor signer: allowed users: everyone (*) (allowed-users)",
+        "executor ci: allowed users: root, ci, @release (allowed-users)",
+        "warning: executor signer runs its command as root and is open to everyone (*)",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+    // Without allowed-users: Nix's trusted-users, read from this Nix.
+    assert!(
+        out.contains("executor any: allowed users: root (no allowed-users: Nix's trusted-users"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("executor ci runs its command as root"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("warning: executor any runs the derivation's own"),
+        "{out}"
+    );
+}

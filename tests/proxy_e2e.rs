@@ -763,6 +763,15 @@ plain-http = true
     assert!(sent.get("credentials_withheld").is_none(), "{sent}");
     assert!(!log.contains(&secret), "secret in the build log");
     assert!(!audit.contains(&secret), "secret in the audit file");
+    // The build's own record (issue 16): who, and the proxy's counts; no
+    // secret either.
+    let escapes = read(env.state_dir().join("audit.jsonl"));
+    assert!(!escapes.contains(&secret), "secret in the escape audit log");
+    let rec: serde_json::Value = serde_json::from_str(escapes.lines().last().unwrap()).unwrap();
+    assert_eq!(rec["user"], "nhtest-mallory", "{rec}");
+    assert_eq!(rec["result"], "built", "{rec}");
+    assert!(rec["proxy"]["allowed"].as_u64().unwrap() >= 3, "{rec}");
+    assert_eq!(rec["proxy"]["denied"], 0, "{rec}");
 }
 
 /// A rule with `methods = ["GET"]` allows the GET, but the server never

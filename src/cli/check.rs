@@ -228,6 +228,17 @@ pub fn run(path: &Path) -> i32 {
             );
         }
     }
+    let trusted = super::nix_version::trusted_users();
+    for e in config.executors.values() {
+        println!(
+            "executor {}: {}",
+            e.name,
+            super::explain::who_may(e, trusted.as_deref())
+        );
+        if let Some(w) = open_privilege_warning(e, trusted.as_deref()) {
+            println!("warning: {w}");
+        }
+    }
     for e in config.executors.values() {
         if !config.routes.values().any(|r| r == &e.name) {
             println!("warning: executor {} has no route", e.name);
@@ -255,6 +266,32 @@ pub fn run(path: &Path) -> i32 {
         }
     }
     0
+}
+
+/// What `check` warns about a privileged executor everyone may use: a
+/// `host` command run as root, or any derivation's own builder run on the
+/// host (`allow-any-builder`).
+fn open_privilege_warning(e: &crate::config::Executor, trusted: Option<&str>) -> Option<String> {
+    let entries = crate::hook::access::entries(e.allowed_users.as_deref(), trusted);
+    if !entries.iter().any(|x| x == "*") {
+        return None;
+    }
+    let ExecutorKind::Host(h) = &e.kind else {
+        return None;
+    };
+    if h.allow_any_builder {
+        Some(format!(
+            "executor {} runs the derivation's own builder on the host as {} (allow-any-builder) and is open to everyone (*): anyone who can start a build here can run any code as {}",
+            e.name, e.user, e.user
+        ))
+    } else if e.user == "root" || e.user == "0" {
+        Some(format!(
+            "executor {} runs its command as root and is open to everyone (*): anyone who can start a build here can run it with arguments of their choice",
+            e.name
+        ))
+    } else {
+        None
+    }
 }
 
 /// `nix-hatch check --connect`: the usual checks, then one line per `ssh`

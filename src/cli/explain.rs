@@ -10,27 +10,25 @@ use crate::protocol::hook::TryRequest;
 use crate::store::StoreLocation;
 
 /// Who may use `e`, as `explain` and `check` say it. Without
-/// `allowed-users`, Nix's `trusted-users` decide: read from this machine's
-/// Nix here (the hook gets them in its settings).
-pub fn who_may(e: &crate::config::Executor) -> String {
+/// `allowed-users`, Nix's `trusted-users` decide: `trusted` is their value
+/// on this machine (the hook gets it in its settings), `None` if Nix could
+/// not be asked.
+pub fn who_may(e: &crate::config::Executor, trusted: Option<&str>) -> String {
     use crate::hook::access;
     match &e.allowed_users {
         Some(list) => format!(
             "allowed users: {} (allowed-users)",
             access::describe(&access::entries(Some(list), None))
         ),
-        None => {
-            let trusted = crate::cli::nix_version::trusted_users();
-            format!(
-                "allowed users: {} (no allowed-users: Nix's trusted-users{})",
-                access::describe(&access::entries(None, trusted.as_deref())),
-                if trusted.is_none() {
-                    ", not readable here; Nix's default is root"
-                } else {
-                    ""
-                }
-            )
-        }
+        None => format!(
+            "allowed users: {} (no allowed-users: Nix's trusted-users{})",
+            access::describe(&access::entries(None, trusted)),
+            if trusted.is_none() {
+                ", not readable here; Nix's default is root"
+            } else {
+                ""
+            }
+        ),
     }
 }
 
@@ -85,7 +83,8 @@ pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
                 e.user,
                 e.max_jobs
             );
-            println!("{}", who_may(e));
+            let trusted = crate::cli::nix_version::trusted_users();
+            println!("{}", who_may(e, trusted.as_deref()));
             0
         }
         Route::Refuse(reason) => {

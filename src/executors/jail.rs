@@ -43,6 +43,7 @@ pub fn run(
     jail: &JailExecutor,
     log: &mut dyn LogSink,
     cancel: &Cancel,
+    report: &mut super::Report,
 ) -> Result<(), Failure> {
     let account =
         lookup_user(&req.executor.user).map_err(|e| Failure::Internal(format!("{e:#}")))?;
@@ -169,6 +170,8 @@ pub fn run(
         proxy.as_mut().map(|p| p.log_reader()),
     );
     if let Some(p) = proxy {
+        let (allowed, denied) = p.counts();
+        report.proxy = Some(crate::audit::ProxyCounts { allowed, denied });
         let rest = p.stop();
         if !rest.is_empty() {
             log.raw(&rest);

@@ -130,10 +130,23 @@ impl Failure {
     }
 }
 
-pub fn run(req: &BuildRequest, log: &mut dyn LogSink, cancel: &Cancel) -> Result<(), Failure> {
+/// What an executor tells about a build besides its result (for the
+/// build's audit record), whether it succeeded or not.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// A proxy jail's allowed and denied requests.
+    pub proxy: Option<crate::audit::ProxyCounts>,
+}
+
+pub fn run(
+    req: &BuildRequest,
+    log: &mut dyn LogSink,
+    cancel: &Cancel,
+    report: &mut Report,
+) -> Result<(), Failure> {
     match &req.executor.kind {
         ExecutorKind::Host(host) => host::run(req, host, log, cancel),
-        ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel),
+        ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel, report),
         ExecutorKind::Ssh(ssh) => ssh::run(req, ssh, log, cancel),
     }
 }

@@ -30,7 +30,8 @@ impl Builder for RealBuilder {
         );
         // Every message of the build names the executor (this span).
         let span = tracing::error_span!("executor", name = %a.executor.name);
-        let ran = span.in_scope(|| build(&a, &mut log));
+        let mut report = executors::Report::default();
+        let ran = span.in_scope(|| build(&a, &mut log, &mut report));
         let (code, outcome, reason, status, outputs) = match ran {
             Ok(registered) => (0, Outcome::Built, None, Some(0), registered),
             Err(f) => {
@@ -64,6 +65,7 @@ impl Builder for RealBuilder {
         );
         record.reason = reason;
         record.exit_status = status;
+        record.proxy = report.proxy;
         record.outputs = outputs
             .iter()
             .map(|r| audit::OutputRecord {
@@ -231,7 +233,11 @@ pub fn wanted_outputs(a: &Accepted<'_>) -> Result<Vec<(String, StorePath)>, Fail
     Ok(out)
 }
 
-fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failure> {
+fn build(
+    a: &Accepted<'_>,
+    log: &mut BuildLog,
+    report: &mut executors::Report,
+) -> Result<Vec<Registered>, Failure> {
     let internal = |e: String| Failure::Internal(e);
     let cancel =
         Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
@@ -286,7 +292,7 @@ fn build(a: &Accepted<'_>, log: &mut BuildLog) -> Result<Vec<Registered>, Failur
     let deadline = limits
         .timeout
         .and_then(|t| std::time::Instant::now().checked_add(t));
-    let ran = executors::run(&req, log, &cancel);
+    let ran = executors::run(&req, log, &cancel, report);
     crate::timing::mark("executor");
     // No process of the build is left (executors return only then): from
     // here on its account can neither reach nor change what it left.

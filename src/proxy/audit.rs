@@ -55,6 +55,15 @@ pub struct Events {
     drv: String,
     executor: String,
     budget: Mutex<Budget>,
+    counts: std::sync::Arc<Counts>,
+}
+
+/// How many requests the proxy allowed and denied during the build (for
+/// the build's own audit record).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub allowed: std::sync::atomic::AtomicU64,
+    pub denied: std::sync::atomic::AtomicU64,
 }
 
 /// What this build has written to the audit file, and what not.
@@ -184,6 +193,7 @@ impl Events {
             drv: drv.to_owned(),
             executor: executor.to_owned(),
             budget: Mutex::default(),
+            counts: Default::default(),
         })
     }
 
@@ -196,7 +206,13 @@ impl Events {
             drv: String::new(),
             executor: String::new(),
             budget: Mutex::default(),
+            counts: Default::default(),
         }
+    }
+
+    /// The running counts of allowed and denied requests.
+    pub fn counts(&self) -> std::sync::Arc<Counts> {
+        std::sync::Arc::clone(&self.counts)
     }
 
     /// The same events with other audit limits (tests).
@@ -228,6 +244,14 @@ impl Events {
     /// A decision: the log line `msg` and the audit record `d`, its
     /// strings cut to [`MAX_AUDIT_FIELD`].
     pub fn decision(&self, msg: &str, d: &Decision<'_>) {
+        let counter = match d.decision {
+            "allow" => Some(&self.counts.allowed),
+            "deny" => Some(&self.counts.denied),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.line(msg);
         if self.audit.is_none() {
             return;

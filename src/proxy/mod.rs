@@ -63,6 +63,7 @@ pub struct Proxy {
     runtime: Option<tokio::runtime::Runtime>,
     net: netns::JailNet,
     log_read: File,
+    counts: Arc<audit::Counts>,
     /// Host path of the CA bundle to bind at [`JAIL_CA_FILE`].
     pub ca_bundle: PathBuf,
 }
@@ -114,6 +115,7 @@ impl Proxy {
             info.drv,
             info.executor,
         )?;
+        let counts = events.counts();
         let label = info
             .drv
             .rsplit('/')
@@ -137,6 +139,7 @@ impl Proxy {
             runtime: Some(runtime),
             net,
             log_read: File::from(log_read),
+            counts,
             ca_bundle,
         })
     }
@@ -169,6 +172,15 @@ impl Proxy {
     /// privilege drop is registered).
     pub fn enter_on_spawn(&self, cmd: &mut Command) -> io::Result<()> {
         self.net.enter_on_spawn(cmd)
+    }
+
+    /// (allowed, denied) requests so far.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counts.allowed.load(Relaxed),
+            self.counts.denied.load(Relaxed),
+        )
     }
 
     /// The read end of the decision lines, for the supervisor to copy into

@@ -1024,6 +1024,11 @@ impl Daemon {
     /// [`hook_setting`]), and whose environment has `NIX_HATCH_CONFIG` = the
     /// env's config.
     pub fn start(env: &TestEnv, hook: Option<&Path>) -> Daemon {
+        Daemon::start_with(env, hook, "")
+    }
+
+    /// [`Daemon::start`] with `extra` lines appended to its nix.conf.
+    pub fn start_with(env: &TestEnv, hook: Option<&Path>, extra: &str) -> Daemon {
         let conf_dir = env.path("daemon-conf");
         fs::create_dir_all(&conf_dir).unwrap();
         let socket = env.path("daemon.sock");
@@ -1045,6 +1050,7 @@ impl Daemon {
             let _ = writeln!(conf, "build-hook = {setting}");
             hook_setting_value = Some(setting);
         }
+        conf.push_str(extra);
         fs::write(conf_dir.join("nix.conf"), conf).unwrap();
         let logf = fs::File::create(&log).unwrap();
         let mut cmd = nix_cmd("nix-daemon");
