@@ -303,7 +303,7 @@ pub fn run_connect(path: &Path) -> i32 {
     };
     for e in config.executors.values() {
         if let ExecutorKind::Ssh(s) = &e.kind {
-            match crate::executors::ssh::check_connect(&e.user, s) {
+            match connect_and_ask_version(&e.user, s) {
                 Ok(line) => println!("connect: executor {}: {line}", e.name),
                 Err(why) => {
                     println!("error: connect: executor {}: {why}", e.name);
@@ -313,4 +313,42 @@ pub fn run_connect(path: &Path) -> i32 {
         }
     }
     status
+}
+
+/// For `check --connect`: log in to an `ssh` executor's machine, check the
+/// host key, and run `<agent> --version` on the far side.
+fn connect_and_ask_version(user: &str, s: &SshExecutor) -> Result<String, String> {
+    use std::io::Read;
+    let conn = crate::executors::ssh::connect::connect(s, user)?;
+    let t = &conn.target;
+    let mut ch = conn
+        .session
+        .channel_session()
+        .map_err(|e| format!("ssh {t}: opening a channel: {e}"))?;
+    let cmd = format!("{} --version", crate::executors::ssh::shell_quote(&s.agent));
+    ch.exec(&cmd)
+        .map_err(|e| format!("ssh {t}: running {cmd:?}: {e}"))?;
+    let mut out = String::new();
+    let mut err = String::new();
+    let _ = ch.read_to_string(&mut out);
+    let _ = ch.stderr().read_to_string(&mut err);
+    let _ = ch.wait_close();
+    let status = ch.exit_status().unwrap_or(-1);
+    let _ = conn.session.disconnect(None, "done", None);
+    if status != 0 {
+        let why = crate::util::first_line(&err);
+        return Err(format!(
+            "ssh {t}: the agent does not run there: `{cmd}` exited with {status}{}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(": {why}")
+            }
+        ));
+    }
+    Ok(format!(
+        "ssh {t}: ok (host key {}, agent {})",
+        conn.host_key,
+        crate::util::first_line(&out)
+    ))
 }

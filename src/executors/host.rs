@@ -51,16 +51,12 @@ pub fn run(
             )));
         }
         if host.arg_paths == ArgPaths::Inputs {
-            check_arg_paths(req).map_err(|why| {
-                Failure::Builder(format!(
-                    "{why} (arg-paths = \"inputs\"); the command was not run"
-                ))
-            })?;
+            check_arg_paths(req)?;
         }
         let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))
     };
-    prepare_dirs(staging, &account).map_err(Failure::Internal)?;
+    prepare_dirs(staging, &account)?;
     let spec = RunSpec {
         overlay: Some(Overlay {
             lower: req.store.real_store_dir.clone(),
@@ -76,7 +72,7 @@ pub fn run(
             .collect(),
         fds: Vec::new(),
     };
-    let cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
+    let cmd = runner::prepare(&spec, staging)?;
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
         .map_err(|e| Failure::Internal(format!("running the command: {e}")))?;
     // Whatever the outcome: paths the command registered must exist.
@@ -182,7 +178,12 @@ fn admin_env(
 /// symlinks followed, inside the derivation's input closure, or lies below
 /// one of its outputs; no argument climbs with `..` (a relative path
 /// resolves in the build dir, next to nix-hatch's own files).
-fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
+fn check_arg_paths(req: &BuildRequest) -> Result<(), Failure> {
+    let refuse = |why: String| {
+        Err(Failure::Builder(format!(
+            "{why} (arg-paths = \"inputs\"); the command was not run"
+        )))
+    };
     use std::os::unix::ffi::OsStrExt;
     use std::path::{Component, Path};
     let store = &req.store.real_store_dir;
@@ -208,7 +209,7 @@ fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
             .chain(path.components())
             .any(|c| c == Component::ParentDir)
         {
-            return Err(format!(
+            return refuse(format!(
                 "argument {} ({:?}) contains \"..\"",
                 i + 1,
                 shown()
@@ -233,7 +234,7 @@ fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
                 .is_some_and(|base| inputs.contains(base.as_os_str().to_string_lossy().as_ref()))
         });
         if !inside {
-            return Err(format!(
+            return refuse(format!(
                 "argument {} ({:?}) names a file outside the derivation's inputs",
                 i + 1,
                 shown()
@@ -244,6 +245,6 @@ fn check_arg_paths(req: &BuildRequest) -> Result<(), String> {
 }
 
 /// The build dir and the store's upper layer belong to the build account.
-fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> Result<(), String> {
+fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> std::io::Result<()> {
     staging.give_to(account, &[(&staging.store, 0o755)])
 }

@@ -79,8 +79,8 @@ pub fn run(
     .map_err(|e| Failure::Internal(format!("{e:#}")))?;
     write_build_files(&staging.build, &files).map_err(|e| Failure::Internal(format!("{e:#}")))?;
     let etc = staging.root.join("etc");
-    write_etc(&etc).map_err(Failure::Internal)?;
-    prepare_dirs(staging, &account).map_err(Failure::Internal)?;
+    write_etc(&etc)?;
+    prepare_dirs(staging, &account)?;
     if jail.nix_daemon {
         env.insert("NIX_REMOTE".into(), OsString::from("daemon"));
     }
@@ -124,9 +124,7 @@ pub fn run(
         }
         options.extend(["--setenv".into(), k.into(), v]);
     }
-    let args_file = staging
-        .write_root_only("bwrap.args", &nul_separated(&options))
-        .map_err(Failure::Internal)?;
+    let args_file = staging.write_root_only("bwrap.args", &nul_separated(&options))?;
     // bwrap runs as pid 1 of a pid namespace of the runner's: bwrap's own
     // sandbox init has no death signal for a moment after it left our
     // process group (bubblewrap#633), so if the hook died then, the build
@@ -156,7 +154,7 @@ pub fn run(
         env: Vec::new(),
         fds: std::iter::once(args_file).chain(filters).collect(),
     };
-    let mut cmd = runner::prepare(&spec, staging).map_err(Failure::Internal)?;
+    let mut cmd = runner::prepare(&spec, staging)?;
     if let Some(p) = &proxy {
         // The runner (root) enters the namespace; bwrap inherits it.
         p.enter_on_spawn(&mut cmd)
@@ -301,11 +299,14 @@ fn nul_separated(args: &[OsString]) -> Vec<u8> {
     out
 }
 
-fn write_etc(etc: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(etc).map_err(|e| format!("creating {}: {e}", etc.display()))?;
+fn write_etc(etc: &Path) -> std::io::Result<()> {
+    let with = |e: std::io::Error, what: &str, p: &Path| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(etc).map_err(|e| with(e, "creating", etc))?;
     for (name, text) in [("passwd", PASSWD), ("group", GROUP), ("hosts", HOSTS)] {
         let p = etc.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("writing {}: {e}", p.display()))?;
+        std::fs::write(&p, text).map_err(|e| with(e, "writing", &p))?;
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
     }
     Ok(())
@@ -314,6 +315,6 @@ fn write_etc(etc: &Path) -> Result<(), String> {
 /// Build dir, store staging and /tmp belong to the jail's account (inside
 /// `private/`, which nobody else can enter: /tmp keeps the mode the jail
 /// expects).
-fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> Result<(), String> {
+fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> std::io::Result<()> {
     staging.give_to(account, &[(&staging.store, 0o755), (&staging.tmp, 0o1777)])
 }

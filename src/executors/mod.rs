@@ -10,7 +10,6 @@ pub mod ssh;
 pub mod staging;
 pub mod supervise;
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::config::{Executor, ExecutorKind};
@@ -88,33 +87,36 @@ impl Limits {
     }
 }
 
-/// Why a build did not produce its outputs. The messages are one line
-/// each and do not name the executor: the build's `executor` span does.
-#[derive(Debug)]
+/// Why a build did not produce its outputs: the executors' one error type
+/// (their helpers return it, or `io::Result`, which converts). The
+/// messages are one line each and do not name the executor: the build's
+/// `executor` span does.
+#[derive(Debug, thiserror::Error)]
 pub enum Failure {
     /// The command or builder exited unsuccessfully (Nix: permanent
     /// failure); `status` is its exit status (128 + signal when killed).
+    #[error("{message}")]
     Exited { status: i32, message: String },
     /// The build failed for another reason of its own (Nix: permanent
     /// failure): its outputs are unusable, refused, or it can't be run.
+    #[error("{0}")]
     Builder(String),
     /// `timeout` or `max-silent-time` hit.
+    #[error("{0}")]
     TimedOut(String),
     /// Nix (or an admin) told the hook to stop.
+    #[error("build cancelled by signal")]
     Cancelled,
     /// nix-hatch itself could not run the build.
+    #[error("{0}")]
     Internal(String),
 }
 
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Exited { message: m, .. }
-            | Failure::Builder(m)
-            | Failure::TimedOut(m)
-            | Failure::Internal(m) => f.write_str(m),
-            Failure::Cancelled => f.write_str("build cancelled by signal"),
-        }
+/// What nix-hatch could not do on the system (a file, a directory, a
+/// process): the message already names the path or the step.
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Internal(e.to_string())
     }
 }
 

@@ -75,10 +75,11 @@ pub fn maybe_run() -> Option<i32> {
 
 /// Writes `spec` into the staging dir and returns the runner's command
 /// line for it.
-pub fn prepare(spec: &RunSpec, staging: &super::staging::Staging) -> Result<Command, String> {
-    let json = serde_json::to_vec(spec).map_err(|e| format!("encoding run spec: {e}"))?;
+pub fn prepare(spec: &RunSpec, staging: &super::staging::Staging) -> std::io::Result<Command> {
+    let json = serde_json::to_vec(spec)
+        .map_err(|e| std::io::Error::other(format!("encoding run spec: {e}")))?;
     let spec_path = staging.write_root_only("run.json", &json)?;
-    command(&spec_path).map_err(|e| format!("{e:#}"))
+    command(&spec_path).map_err(|e| std::io::Error::other(format!("{e:#}")))
 }
 
 /// The command line the executor spawns to run `spec_path`.

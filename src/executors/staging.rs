@@ -53,11 +53,7 @@ impl Staging {
     /// is still root's: once the account owns it, another process of that
     /// account could swap an entry for a symlink to a file root would then
     /// chown.
-    pub fn give_to(
-        &self,
-        account: &crate::util::Account,
-        dirs: &[(&Path, u32)],
-    ) -> Result<(), String> {
+    pub fn give_to(&self, account: &crate::util::Account, dirs: &[(&Path, u32)]) -> io::Result<()> {
         use nix::fcntl::AtFlags;
         use nix::unistd::{fchownat, Gid, Uid};
         let (uid, gid) = (
@@ -73,7 +69,7 @@ impl Staging {
                     gid,
                     AtFlags::AT_SYMLINK_NOFOLLOW,
                 )
-                .map_err(|err| format!("chown {}: {err}", e.path().display()))?;
+                .map_err(|err| with_path(err.into(), "chown", &e.path()))?;
             }
         }
         for (dir, mode) in [
@@ -84,9 +80,8 @@ impl Staging {
         .chain(dirs.iter().copied())
         {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
-            nix::unistd::chown(dir, uid, gid)
-                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+                .map_err(|e| with_path(e, "chmod", dir))?;
+            nix::unistd::chown(dir, uid, gid).map_err(|e| with_path(e.into(), "chown", dir))?;
         }
         Ok(())
     }
@@ -94,7 +89,7 @@ impl Staging {
     /// Takes `private/` and the store dir back from the build account once
     /// its last process is gone: from here on no process of that account
     /// can reach or change the outputs, which are read only after this.
-    pub fn take_back(&self) -> Result<(), String> {
+    pub fn take_back(&self) -> io::Result<()> {
         let root = (
             Some(nix::unistd::Uid::from_raw(0)),
             Some(nix::unistd::Gid::from_raw(0)),
@@ -102,14 +97,19 @@ impl Staging {
         for dir in [&self.private, &self.store] {
             match std::fs::symlink_metadata(dir) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(format!("{} is not a directory", dir.display())),
-                Err(e) => return Err(format!("{}: {e}", dir.display())),
+                Ok(_) => {
+                    return Err(io::Error::other(format!(
+                        "{} is not a directory",
+                        dir.display()
+                    )))
+                }
+                Err(e) => return Err(with_path(e, "inspecting", dir)),
             }
             nix::unistd::chown(dir.as_path(), root.0, root.1)
-                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+                .map_err(|e| with_path(e.into(), "chown", dir))?;
         }
         std::fs::set_permissions(&self.private, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("chmod {}: {e}", self.private.display()))
+            .map_err(|e| with_path(e, "chmod", &self.private))
     }
 
     /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
@@ -175,7 +175,7 @@ impl Staging {
 
     /// Writes `name` in the staging root, readable by root only (what the
     /// runner reads, or hands on as a descriptor).
-    pub fn write_root_only(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, String> {
+    pub fn write_root_only(&self, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
         use std::io::Write;
         let path = self.root.join(name);
         let _ = std::fs::remove_file(&path);
@@ -186,7 +186,7 @@ impl Staging {
             .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
             .open(&path)
             .and_then(|mut f| f.write_all(bytes))
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            .map_err(|e| with_path(e, "writing", &path))?;
         Ok(path)
     }
 
@@ -209,7 +209,7 @@ impl Staging {
         let kept = state_dir.join("kept");
         std::fs::create_dir_all(&kept)?;
         std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o700))?;
-        self.take_back().map_err(io::Error::other)?;
+        self.take_back()?;
         crate::store::defuse_tree(&self.private)?;
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
         let target = kept.join(self.root.file_name().unwrap_or_default());

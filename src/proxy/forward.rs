@@ -19,9 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::audit::{clip_shown, shown, Decision};
+use super::conn::Shared;
 use super::credentials;
 use super::rules::{local_host, local_ip, normalize_host, Verdict};
-use super::server::Shared;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 

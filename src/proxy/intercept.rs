@@ -15,8 +15,8 @@ use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 
 use super::audit::clip_shown;
+use super::conn::{self, Shared, HEADER_TIMEOUT};
 use super::forward::{answer, judge_and_send, Origin, UpstreamCache};
-use super::server::{self, Shared, HEADER_TIMEOUT};
 
 pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -40,7 +40,7 @@ pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<S
     };
     let cache = Arc::new(UpstreamCache::default());
     let s2 = shared.clone();
-    let requests = server::Requests::default();
+    let requests = conn::Requests::default();
     let counted = requests.clone();
     let svc = service_fn(move |req| {
         let (shared, cache, origin) = (s2.clone(), cache.clone(), origin.clone());
@@ -57,10 +57,7 @@ pub async fn serve(up: Upgraded, origin: Origin, shared: Arc<Shared>, cfg: Arc<S
             Ok(judge_and_send(req, &origin, &shared, &cache, "intercept").await)
         }
     });
-    if let Err(e) = server::http1()
-        .serve_connection(TokioIo::new(tls), svc)
-        .await
-    {
-        server::report(&shared, &e, "an intercepted connection", &requests);
+    if let Err(e) = conn::http1().serve_connection(TokioIo::new(tls), svc).await {
+        conn::report(&shared, &e, "an intercepted connection", &requests);
     }
 }

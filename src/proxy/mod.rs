@@ -20,6 +20,7 @@
 
 pub mod audit;
 pub mod ca;
+pub mod conn;
 pub mod credentials;
 pub mod forward;
 pub mod intercept;
@@ -74,14 +75,14 @@ pub fn shared(
     settings: &ProxySettings,
     events: audit::Events,
     label: &str,
-) -> anyhow::Result<(server::Shared, String)> {
+) -> anyhow::Result<(conn::Shared, String)> {
     let credentials = credentials::load(&settings.credentials)?;
     let ca = ca::Authority::generate(label)?;
     let (upstream_tls, upstream_pem) = ca::upstream_config(settings.upstream_ca_path())
         .map_err(|e| anyhow!("upstream trust store: {e}"))?;
     let jail_bundle = format!("{}\n{upstream_pem}", ca.ca_pem());
     Ok((
-        server::Shared {
+        conn::Shared {
             policy: rules::Policy {
                 rules: settings.rules.clone(),
             },

@@ -5,58 +5,22 @@
 //! something that is not HTTP is closed with one error line in the build
 //! log; the other connections keep being served.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper::Method;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::ClientConfig;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
-use super::audit::Events;
-use super::ca::Authority;
-use super::credentials::Credential;
+use super::conn::{http1, report, Requests, Shared, Slot};
 use super::forward::{self, UpstreamCache};
-use super::rules::Policy;
 use super::tunnel;
 
-/// A client must send its whole request header within this time (also
-/// the limit for an idle kept-alive connection and a TLS handshake).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request header accepted.
-pub const MAX_HEADER: usize = 64 * 1024;
 /// Open client connections at most, tunnels and intercepted connections
 /// included; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
-
-/// What every connection of one build's proxy shares.
-pub struct Shared {
-    pub policy: Policy,
-    pub credentials: Vec<Credential>,
-    pub ca: Authority,
-    pub upstream_tls: Arc<ClientConfig>,
-    pub events: Events,
-}
-
-/// The HTTP/1.1 server settings for connections from the build.
-pub fn http1() -> hyper::server::conn::http1::Builder {
-    let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_header_size(MAX_HEADER)
-        .keep_alive(true);
-    b
-}
-
-/// A connection's place under [`MAX_CONNECTIONS`]. The connection holds it
-/// while hyper serves it, and a tunnel or interception it turns into holds
-/// it until that ends: a CONNECT's upgraded connection outlives hyper's
-/// (which is done once the 200 is sent), and it is what costs descriptors,
-/// an upstream connection and buffers.
-pub type Slot = Arc<OwnedSemaphorePermit>;
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     serve_limited(listener, shared, MAX_CONNECTIONS).await
@@ -152,44 +116,4 @@ async fn linger(fd: std::os::fd::OwnedFd) {
         }
     };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-}
-
-/// How many requests a connection from the build has made (its service
-/// counts them), so `report` can tell an idle kept-alive connection from a
-/// client that never completes a request.
-#[derive(Clone, Default)]
-pub struct Requests(Arc<AtomicUsize>);
-
-impl Requests {
-    pub fn one(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// One error line for a connection hyper gave up on. hyper's header
-/// timeout also ends a kept-alive connection that stays idle after its
-/// requests: routine, so no line for that.
-pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests) {
-    if e.is_timeout() && requests.0.load(Ordering::Relaxed) > 0 {
-        return;
-    }
-    let why = if e.is_timeout() {
-        format!(
-            "no complete request header within {}s (slow or idle client)",
-            HEADER_TIMEOUT.as_secs()
-        )
-    } else if e.is_parse_too_large() {
-        format!("request header larger than {MAX_HEADER} bytes")
-    } else if e.is_parse() {
-        format!("malformed request ({e})")
-    } else if e.is_incomplete_message() {
-        "the client closed it in the middle of a request".to_owned()
-    } else if e.is_canceled() || e.is_closed() {
-        return;
-    } else {
-        e.to_string()
-    };
-    shared
-        .events
-        .line(&format!("error: {what}: {why}; connection closed"));
 }

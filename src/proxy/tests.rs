@@ -42,7 +42,7 @@ async fn proxy(rules: Vec<Rule>, max: usize) -> Proxy {
     std::fs::write(&bundle, ca.ca_pem()).unwrap();
     let (upstream_tls, _) = ca::upstream_config(&bundle).unwrap();
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
-    let shared = server::Shared {
+    let shared = super::conn::Shared {
         policy: Policy { rules },
         credentials: Vec::new(),
         ca,

@@ -13,9 +13,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::audit::{self, clip_shown, Decision};
+use super::conn::{Shared, Slot};
 use super::forward::{self, answer, Body, Origin};
 use super::rules::{normalize_host, ConnectVerdict};
-use super::server::{Shared, Slot};
 use super::{credentials, intercept};
 
 /// Copy buffer per direction: large, so a bulk download costs few syscalls

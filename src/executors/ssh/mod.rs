@@ -21,7 +21,6 @@ mod receive;
 mod unpack;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use super::supervise::Cancel;
@@ -201,41 +200,4 @@ pub fn shell_quote(s: &str) -> String {
         return s.to_owned();
     }
     format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// `nix-hatch check --connect`: log in, check the host key, and run
-/// `<agent> --version` on the far side.
-pub fn check_connect(user: &str, s: &SshExecutor) -> Result<String, String> {
-    let conn = connect::connect(s, user)?;
-    let t = &conn.target;
-    let mut ch = conn
-        .session
-        .channel_session()
-        .map_err(|e| format!("ssh {t}: opening a channel: {e}"))?;
-    let cmd = format!("{} --version", shell_quote(&s.agent));
-    ch.exec(&cmd)
-        .map_err(|e| format!("ssh {t}: running {cmd:?}: {e}"))?;
-    let mut out = String::new();
-    let mut err = String::new();
-    let _ = ch.read_to_string(&mut out);
-    let _ = ch.stderr().read_to_string(&mut err);
-    let _ = ch.wait_close();
-    let status = ch.exit_status().unwrap_or(-1);
-    let _ = conn.session.disconnect(None, "done", None);
-    if status != 0 {
-        let why = crate::util::first_line(&err);
-        return Err(format!(
-            "ssh {t}: the agent does not run there: `{cmd}` exited with {status}{}",
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(": {why}")
-            }
-        ));
-    }
-    Ok(format!(
-        "ssh {t}: ok (host key {}, agent {})",
-        conn.host_key,
-        crate::util::first_line(&out)
-    ))
 }
