@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -17,39 +17,13 @@ use std::time::Duration;
 
 const JAIL_FEATURE: &str = "escape-j";
 
-/// A jail executor routed from `escape-j`, plus `extra` lines in its table.
+/// A jail executor (as `nobody`), plus `extra` lines in its table.
 fn jail_config(env: &TestEnv, extra: &str) {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "state-dir = {}",
-        toml_str(&env.state_dir().to_string_lossy())
-    );
-    let _ = writeln!(
-        s,
-        "fallback = \"decline\"\n[routes]\n{JAIL_FEATURE} = \"jx\""
-    );
-    let _ = writeln!(
-        s,
-        "[executors.jx]\nkind = \"jail\"\nuser = \"nobody\"\nmax-jobs = 4\ntimeout = 120"
-    );
-    s.push_str(extra);
-    env.write_config(&s);
+    write_jail_config(env, "nobody", extra);
 }
 
-/// `jailed { name, script, attrs }`: busybox `sh -c script` in the jail.
-const JAILED: &str = r#"
-  jailed = { name, script, attrs ? { } }:
-    builtins.derivation ({
-      inherit name system nonce;
-      builder = "${bb}/bin/busybox";
-      args = [ "sh" "-c" script ];
-      requiredSystemFeatures = [ "escape-j" ];
-    } // attrs);
-"#;
-
 fn expr(env: &TestEnv, name: &str, body: &str) -> std::path::PathBuf {
-    env.write_expr(name, &format!("let {JAILED} in {body}"))
+    jail_expr(env, name, body)
 }
 
 fn read(p: impl AsRef<Path>) -> String {

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::fmt::Write as _;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,31 +24,18 @@ fn accounts() {
     test_account(JAIL_USER, &[]);
 }
 
-/// A `jail` executor routed from `escape-j` (run as [`JAIL_USER`]), plus
+/// A `jail` executor run as [`JAIL_USER`] that [`MALLORY`] may use, plus
 /// `extra` lines in its table.
 fn jail_config(env: &TestEnv, extra: &str) {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "state-dir = {}\nfallback = \"decline\"\n[routes]\nescape-j = \"jx\"\n[executors.jx]\nkind = \"jail\"\nuser = \"{JAIL_USER}\"\nmax-jobs = 4\ntimeout = 120\nallowed-users = [\"{MALLORY}\"]",
-        toml_str(&env.state_dir().to_string_lossy())
+    write_jail_config(
+        env,
+        JAIL_USER,
+        &format!("allowed-users = [\"{MALLORY}\"]\n{extra}"),
     );
-    s.push_str(extra);
-    env.write_config(&s);
 }
 
-const JAILED: &str = r#"
-  jailed = { name, script, attrs ? { } }:
-    builtins.derivation ({
-      inherit name system nonce;
-      builder = "${bb}/bin/busybox";
-      args = [ "sh" "-c" script ];
-      requiredSystemFeatures = [ "escape-j" ];
-    } // attrs);
-"#;
-
 fn expr(env: &TestEnv, name: &str, body: &str) -> PathBuf {
-    env.write_expr(name, &format!("let {JAILED} in {body}"))
+    jail_expr(env, name, body)
 }
 
 /// A directory every account may write into (for probes and signals).
@@ -68,9 +55,25 @@ fn sh_as(user: &str, script: &str, args: &[&Path]) -> (bool, String) {
     (out.success(), format!("{}{}", out.stdout, out.stderr))
 }
 
-/// Waits (bounded) for the one staging dir of this env whose store holds
-/// `out_base/ready`, and returns the staging dir.
-fn staging_with_ready(env: &TestEnv, out_base: &str, child: &mut std::process::Child) -> PathBuf {
+/// Starts building `attr` of `e` as [`MALLORY`] through `daemon`, and
+/// waits (bounded) until its builder has made `$out/ready`: returns the
+/// running nix-build, the output's base name and the build's staging dir.
+fn start_until_ready(
+    env: &TestEnv,
+    daemon: &Daemon,
+    e: &Path,
+    attr: &str,
+) -> (std::process::Child, String, PathBuf) {
+    let base = env
+        .out_path(e, attr)
+        .trim_start_matches("/nix/store/")
+        .to_owned();
+    let mut child = env
+        .nix_build_via_as_user_command(daemon, MALLORY, e, &[attr], &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let staging = env.state_dir().join("staging");
     let mut found = None;
     let ok = wait_until(Duration::from_secs(120), || {
@@ -78,17 +81,14 @@ fn staging_with_ready(env: &TestEnv, out_base: &str, child: &mut std::process::C
             panic!("the build ended ({st}) before it was ready");
         }
         found = fs::read_dir(&staging).ok().and_then(|d| {
-            d.flatten().map(|e| e.path()).find(|p| {
-                p.join("private/store")
-                    .join(out_base)
-                    .join("ready")
-                    .exists()
-            })
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.join("private/store").join(&base).join("ready").exists())
         });
         found.is_some()
     });
     assert!(ok, "the build never got ready");
-    found.unwrap_or_default()
+    (child, base, found.unwrap_or_default())
 }
 
 fn finish(mut child: std::process::Child) -> (bool, String) {
@@ -196,18 +196,8 @@ fn a_running_builds_files_are_out_of_other_accounts_reach() {
     while [ ! -e /signal/done ]; do sleep 0.1; done
   ''; }; }"#,
     );
-    let base = env
-        .out_path(&e, "s")
-        .trim_start_matches("/nix/store/")
-        .to_owned();
     let daemon = Daemon::start(&env, Some(&hook_bin()));
-    let mut child = env
-        .nix_build_via_as_user_command(&daemon, MALLORY, &e, &["s"], &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let staging = staging_with_ready(&env, &base, &mut child);
+    let (child, base, staging) = start_until_ready(&env, &daemon, &e, "s");
     let sh = staging.join("private/store").join(&base).join("sh");
     let suid = fs::metadata(&sh).unwrap().mode() & 0o6000;
     // Another account can neither list the staging dirs nor reach a file.
@@ -455,18 +445,8 @@ fn an_output_cannot_be_changed_after_it_was_hashed() {
     while [ ! -e /signal/holding ]; do sleep 0.1; done
   ''; }; }"#,
     );
-    let base = env
-        .out_path(&e, "s")
-        .trim_start_matches("/nix/store/")
-        .to_owned();
     let daemon = Daemon::start(&env, Some(&hook_bin()));
-    let mut child = env
-        .nix_build_via_as_user_command(&daemon, MALLORY, &e, &["s"], &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let staging = staging_with_ready(&env, &base, &mut child);
+    let (child, base, staging) = start_until_ready(&env, &daemon, &e, "s");
     let file = staging.join("private/store").join(&base).join("file");
     // The accomplice: the jail's account, outside the jail, holding the
     // output file open for writing until told to write.

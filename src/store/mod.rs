@@ -471,22 +471,7 @@ pub fn import<'a>(
     // sizes alone exceed the limit (a NAR is never smaller).
     let mut total = 0u64;
     for o in req.outputs {
-        match std::fs::symlink_metadata(&o.staged) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ImportError::MissingOutput {
-                    output: o.name.clone(),
-                    path: o.path.to_string(),
-                })
-            }
-            Err(source) => {
-                return Err(ImportError::Io {
-                    action: "inspect the staged output",
-                    path: o.staged.display().to_string(),
-                    source,
-                })
-            }
-        }
+        output_metadata(o, &o.staged)?;
         if let Some(limit) = req.max_size {
             total = total.saturating_add(fsops::apparent_size(&o.staged).map_err(|source| {
                 ImportError::Io {
@@ -516,22 +501,7 @@ pub fn import<'a>(
     // 1. Fixed-output preconditions.
     let mut extras: Vec<Option<ExtraHash>> = Vec::with_capacity(req.outputs.len());
     for (o, read) in req.outputs.iter().zip(&reads) {
-        let md = match std::fs::symlink_metadata(read) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ImportError::MissingOutput {
-                    output: o.name.clone(),
-                    path: o.path.to_string(),
-                })
-            }
-            Err(source) => {
-                return Err(ImportError::Io {
-                    action: "inspect the staged output",
-                    path: o.staged.display().to_string(),
-                    source,
-                })
-            }
-        };
+        let md = output_metadata(o, read)?;
         extras.push(match &o.fixed {
             None => None,
             Some(CAHash::Flat(h)) => {
@@ -726,6 +696,25 @@ pub fn import<'a>(
     registrar.register(records.as_bytes())?;
     crate::timing::mark("register");
     Ok(registered)
+}
+
+/// The metadata of output `o` where it is read from (`at`); a missing one
+/// is the builder's fault.
+fn output_metadata(o: &StagedOutput, at: &Path) -> Result<std::fs::Metadata, ImportError> {
+    std::fs::symlink_metadata(at).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            ImportError::MissingOutput {
+                output: o.name.clone(),
+                path: o.path.to_string(),
+            }
+        } else {
+            ImportError::Io {
+                action: "inspect the staged output",
+                path: at.display().to_string(),
+                source: e,
+            }
+        }
+    })
 }
 
 /// Copies each output whose staging dir is on another file system than

@@ -710,6 +710,37 @@ impl HostConfig {
     }
 }
 
+/// A `jail` executor `jx` routed from `escape-j`, run as `user`, plus
+/// `extra` lines in its table (max-jobs 4, timeout 120).
+pub fn write_jail_config(env: &TestEnv, user: &str, extra: &str) {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "state-dir = {}\nfallback = \"decline\"\n[routes]\nescape-j = \"jx\"\n[executors.jx]\nkind = \"jail\"\nuser = {}\nmax-jobs = 4\ntimeout = 120",
+        toml_str(&env.state_dir().to_string_lossy()),
+        toml_str(user)
+    );
+    s.push_str(extra);
+    env.write_config(&s);
+}
+
+/// `jailed { name, script, attrs }`: busybox `sh -c script` in the jail of
+/// [`write_jail_config`].
+pub const JAILED: &str = r#"
+  jailed = { name, script, attrs ? { } }:
+    builtins.derivation ({
+      inherit name system nonce;
+      builder = "${bb}/bin/busybox";
+      args = [ "sh" "-c" script ];
+      requiredSystemFeatures = [ "escape-j" ];
+    } // attrs);
+"#;
+
+/// [`TestEnv::write_expr`] with [`JAILED`] in scope.
+pub fn jail_expr(env: &TestEnv, name: &str, body: &str) -> PathBuf {
+    env.write_expr(name, &format!("let {JAILED} in {body}"))
+}
+
 // ---------------------------------------------------------------------------
 // Per-test environment
 // ---------------------------------------------------------------------------
