@@ -24,9 +24,14 @@ pub const FILE: &str = "audit.jsonl";
 pub const MAX_BYTES: u64 = 16 << 20;
 /// Rotated files kept (`audit.jsonl.1` … `.5`).
 pub const KEEP: usize = 5;
-/// Arguments recorded per build, and bytes per argument.
+/// Arguments recorded per build, characters per argument, and in all: a
+/// record stays a few KiB whatever the derivation (a refused build costs
+/// its account little, so records must not let it flush the log fast).
 pub const MAX_ARGS: usize = 32;
-pub const MAX_ARG_BYTES: usize = 1024;
+pub const MAX_ARG_BYTES: usize = 256;
+pub const MAX_ARGS_TOTAL: usize = 2048;
+/// Characters of `reason` recorded.
+pub const MAX_REASON: usize = 1024;
 
 /// How an escape attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,17 +131,22 @@ impl Record {
     /// Sets `args` from the derivation's arguments, bounded.
     pub fn set_args<'a>(&mut self, args: impl ExactSizeIterator<Item = &'a [u8]>) {
         let total = args.len();
-        self.args = args
-            .take(MAX_ARGS)
-            .map(|a| {
-                let s = String::from_utf8_lossy(a);
-                match s.char_indices().nth(MAX_ARG_BYTES) {
-                    Some((cut, _)) => format!("{}…", &s[..cut]),
-                    None => s.into_owned(),
-                }
-            })
-            .collect();
-        self.args_total = (total > MAX_ARGS).then_some(total);
+        let mut budget = MAX_ARGS_TOTAL;
+        self.args = Vec::new();
+        for a in args.take(MAX_ARGS) {
+            if budget == 0 {
+                break;
+            }
+            let arg = clip(&String::from_utf8_lossy(a), MAX_ARG_BYTES.min(budget));
+            budget = budget.saturating_sub(arg.chars().count());
+            self.args.push(arg);
+        }
+        self.args_total = (self.args.len() < total).then_some(total);
+    }
+
+    /// Sets `reason`, bounded.
+    pub fn set_reason(&mut self, reason: &str) {
+        self.reason = Some(clip(reason, MAX_REASON));
     }
 
     /// The derivation's name (`hello-1.0` of `/nix/store/…-hello-1.0.drv`).
@@ -152,6 +162,14 @@ impl Record {
     }
 }
 
+/// `s` cut to `max` characters (`…` marks a cut).
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_owned(),
+    }
+}
+
 /// RFC 3339 (UTC, seconds) of `t`.
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -163,9 +181,7 @@ pub fn append(state_dir: &Path, record: &Record) -> io::Result<()> {
     let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
     line.push(b'\n');
     let path = state_dir.join(FILE);
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_BYTES) {
-        rotate(state_dir)?;
-    }
+    rotate_if_larger(state_dir, FILE, MAX_BYTES)?;
     let mut f = open_for_append(&path)?;
     // One write: O_APPEND makes it land whole after every other record.
     let n = f.write(&line)?;
@@ -196,24 +212,29 @@ fn open_for_append(path: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-/// `audit.jsonl` → `.1` → … → `.KEEP` (dropped), under a lock so that
-/// concurrent hooks rotate once.
-fn rotate(state_dir: &Path) -> io::Result<()> {
+/// When `dir/name` has grown to `max` bytes: `name` → `name.1` → … →
+/// `name.KEEP` (dropped), under a lock so that concurrent hooks rotate
+/// once. (The proxy's own log rotates this way too.)
+pub fn rotate_if_larger(dir: &Path, name: &str, max: u64) -> io::Result<()> {
     use nix::fcntl::{Flock, FlockArg};
-    let lock = crate::util::open_lock_file(&state_dir.join("audit.lock"))?;
-    let _held = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
-    let path = state_dir.join(FILE);
-    // Another hook may have rotated while we waited.
-    if !std::fs::metadata(&path).is_ok_and(|m| m.len() >= MAX_BYTES) {
+    let path = dir.join(name);
+    if !std::fs::metadata(&path).is_ok_and(|m| m.len() >= max) {
         return Ok(());
     }
+    let lock = crate::util::open_lock_file(&dir.join(format!("{name}.lock")))?;
+    let _held = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+    // Another hook may have rotated while we waited.
+    if !std::fs::metadata(&path).is_ok_and(|m| m.len() >= max) {
+        return Ok(());
+    }
+    let rotated = |i: usize| dir.join(format!("{name}.{i}"));
     for i in (1..KEEP).rev() {
-        let from = rotated(state_dir, i);
+        let from = rotated(i);
         if from.exists() {
-            std::fs::rename(&from, rotated(state_dir, i + 1))?;
+            std::fs::rename(&from, rotated(i + 1))?;
         }
     }
-    std::fs::rename(&path, rotated(state_dir, 1))
+    std::fs::rename(&path, rotated(1))
 }
 
 fn rotated(state_dir: &Path, i: usize) -> PathBuf {
@@ -315,9 +336,14 @@ mod tests {
         let long = "x".repeat(5000);
         let args: Vec<&[u8]> = (0..40).map(|_| long.as_bytes()).collect();
         r.set_args(args.into_iter());
-        assert_eq!(r.args.len(), MAX_ARGS);
+        // The total budget holds: 2048 characters, 8 of 256 (+ the marks).
+        assert_eq!(r.args.len(), MAX_ARGS_TOTAL / MAX_ARG_BYTES);
         assert_eq!(r.args_total, Some(40));
         assert!(r.args[0].chars().count() <= MAX_ARG_BYTES + 1);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 4 * 1024, "{} bytes", json.len());
+        r.set_reason(&"z".repeat(5000));
+        assert_eq!(r.reason.as_ref().unwrap().chars().count(), MAX_REASON + 1);
         r.set_args([b"a".as_slice(), b"\xffb"].into_iter());
         assert_eq!(r.args, vec!["a".to_owned(), "\u{fffd}b".to_owned()]);
         assert_eq!(r.args_total, None);

@@ -37,6 +37,37 @@ pub fn cloexec_from(first: RawFd) {
     }
 }
 
+/// Closes every descriptor from `first` up (a process about to start
+/// something that must inherit nothing of its own).
+pub fn close_from(first: RawFd) {
+    // SAFETY: close_range only closes descriptors of this process, which
+    // nothing here uses any more.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first as nix::libc::c_uint,
+            nix::libc::c_uint::MAX,
+            0 as nix::libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<RawFd> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd >= first)
+            .collect();
+        for fd in fds {
+            // SAFETY: closing a descriptor of ours (or EBADF for the one
+            // read_dir used, already gone).
+            unsafe {
+                nix::libc::close(fd);
+            }
+        }
+    }
+}
+
 /// Whether `fd` is an open descriptor.
 pub fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only queries.

@@ -334,3 +334,42 @@ fn audit_says_when_there_is_no_log_and_skips_corrupt_lines() {
         "--result \"exploded\": expected built, failed, timed-out, refused or error",
     );
 }
+
+/// A program between Nix and the hook (here a wrapper script that does not
+/// `exec` it) hides who asked: the account is unknown, so only executors
+/// open to everyone take the build — never "whoever runs the wrapper".
+#[test]
+fn a_hook_behind_a_wrapper_cannot_tell_who_asked() {
+    let env = TestEnv::new("access-wrapper");
+    config(&env, "allowed-users = [\"root\"]\n");
+    let wrapper = env.write_script(
+        "wrapper.sh",
+        &format!("#!/bin/sh\n{} \"$@\"\nexit $?\n", hook_bin().display()),
+    );
+    let expr = escape_expr(&env, "wrapper.nix", &["behind"]);
+    let mut cmd = nix_cmd("nix-build");
+    cmd.args([
+        "--no-out-link",
+        "--option",
+        "substituters",
+        "",
+        "--option",
+        "builders",
+        "",
+        "--option",
+        "build-hook",
+    ])
+    .arg(&wrapper)
+    .arg(&expr)
+    .args(["-A", "behind"])
+    .env("NIX_HATCH_CONFIG", env.config_path());
+    let out = run(&mut cmd, NIX_LIMIT);
+    assert_refused(
+        &out,
+        &env,
+        &expr,
+        "behind",
+        "refuses an unknown account (the hook's parent",
+    );
+    out.assert_stderr_contains("is not Nix");
+}

@@ -1329,6 +1329,7 @@ fn fallback_hook_gets_derivations_nix_hatch_does_not_route() {
     let other = HostConfig {
         feature: "escape-y".into(),
         executor: "hosty".into(),
+        arg_paths: Some("any"),
         ..HostConfig::new(&[run_sh.to_str().unwrap()])
     };
     let other_path = env.path("other.toml");

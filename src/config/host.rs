@@ -53,7 +53,9 @@ pub const AGENT_VARS: &[&str] = &[
 /// Why `name` may not be in `pass-env`, if it may not: the command's
 /// environment is the admin's, so nothing from the derivation may make the
 /// loader, the C library or an interpreter load or run something, nor
-/// replace a variable nix-hatch sets.
+/// replace a variable nix-hatch sets. A list of what is known to do that,
+/// so no guarantee for every program: `pass-env` should name variables of
+/// the admin's own command (`pass-env = ["RELEASE_CHANNEL"]`).
 pub fn pass_env_problem(name: &str) -> Option<&'static str> {
     const LOADER: &[&str] = &[
         "GCONV_PATH",
@@ -66,6 +68,18 @@ pub fn pass_env_problem(name: &str) -> Option<&'static str> {
         "RESOLV_HOST_CONF",
         "RES_OPTIONS",
         "TZDIR",
+        "OPENSSL_CONF",
+        "OPENSSL_ENGINES",
+        "OPENSSL_MODULES",
+        "GIO_EXTRA_MODULES",
+        "GTK_MODULES",
+        "GTK_PATH",
+        "QT_PLUGIN_PATH",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "KRB5_CONFIG",
+        "TERMINFO",
+        "TERMINFO_DIRS",
     ];
     const LOADER_PREFIXES: &[&str] = &["LD_", "MALLOC_", "GLIBC_", "DYLD_"];
     const STARTUP: &[&str] = &[
@@ -76,27 +90,35 @@ pub fn pass_env_problem(name: &str) -> Option<&'static str> {
         "PS4",
         "IFS",
         "CDPATH",
+        "ZDOTDIR",
         "PERL5OPT",
         "PERL5LIB",
         "PERLLIB",
-        "PYTHONSTARTUP",
-        "PYTHONPATH",
-        "PYTHONHOME",
+        "PERL5DB",
         "NODE_OPTIONS",
+        "NODE_PATH",
         "RUBYOPT",
         "RUBYLIB",
         "LUA_INIT",
+        "LUA_PATH",
+        "LUA_CPATH",
+        "CLASSPATH",
         "JAVA_TOOL_OPTIONS",
         "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
     ];
+    const STARTUP_PREFIXES: &[&str] = &["BASH_FUNC_", "PYTHON", "GIT_", "GEM_"];
     if name.is_empty() || name.contains(['=', '\0']) {
         return Some("not a variable name");
     }
     if LOADER.contains(&name) || LOADER_PREFIXES.iter().any(|p| name.starts_with(p)) {
-        return Some("it makes the dynamic loader or the C library load files");
+        return Some("it makes the dynamic loader, the C library or a library load files");
     }
-    if STARTUP.contains(&name) || name.starts_with("BASH_FUNC_") {
-        return Some("it makes a shell or an interpreter run code at start");
+    if STARTUP.contains(&name) || STARTUP_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Some("it makes a shell, an interpreter or a tool run code or load modules");
+    }
+    if name.to_ascii_lowercase().ends_with("_proxy") {
+        return Some("network tools read it");
     }
     if name.starts_with("NIX_") || AGENT_VARS.contains(&name) || name == "out" {
         return Some("nix-hatch sets this variable for the command");
@@ -175,6 +197,12 @@ mod tests {
         for bad in [
             "LD_PRELOAD",
             "LD_LIBRARY_PATH",
+            "OPENSSL_CONF",
+            "GIT_SSH_COMMAND",
+            "PYTHONUSERBASE",
+            "ZDOTDIR",
+            "ftps_proxy",
+            "HTTPS_PROXY",
             "GCONV_PATH",
             "GLIBC_TUNABLES",
             "MALLOC_CHECK_",
@@ -188,7 +216,7 @@ mod tests {
         ] {
             assert!(pass_env_problem(bad).is_some(), "{bad}");
         }
-        for good in ["FILE", "version", "src", "GIT_REV"] {
+        for good in ["FILE", "version", "src", "RELEASE_TAG"] {
             assert_eq!(pass_env_problem(good), None, "{good}");
         }
         let errs = parse(

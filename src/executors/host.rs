@@ -51,7 +51,7 @@ pub fn run(
             )));
         }
         if host.arg_paths == ArgPaths::Inputs {
-            check_arg_paths(req)?;
+            check_arg_paths(req, host)?;
         }
         let argv = req.drv.argv_with(host.command.iter().map(String::as_str));
         (argv, admin_env(req, host, &account, &build_dir))
@@ -173,78 +173,114 @@ fn admin_env(
     env
 }
 
-/// Under `arg-paths = "inputs"`: every argument that names a file by an
-/// absolute path (or an option `-…=` whose value does) resolves,
-/// symlinks followed, inside the derivation's input closure, or lies below
-/// one of its outputs; no argument climbs with `..` (a relative path
-/// resolves in the build dir, next to nix-hatch's own files).
-fn check_arg_paths(req: &BuildRequest) -> Result<(), Failure> {
-    let refuse = |why: String| {
+/// Under `arg-paths = "inputs"`, what the derivation hands the command —
+/// each argument and each `pass-env` value — may name a file only as a
+/// path the check can follow: an absolute path, on its own or as an
+/// option's value (`--input=/x`, `-Dkey=/x`), that resolves (symlinks
+/// followed) inside the derivation's input closure, or stays below one of
+/// its outputs. Anything else with a `/` in it (`-f/etc/x`, `file:///x`,
+/// `a/b`) and any `..` component is refused: a command may read a path out
+/// of any spelling, so only the plain ones are let through.
+fn check_arg_paths(req: &BuildRequest, host: &HostExecutor) -> Result<(), Failure> {
+    let refuse = |what: String, why: &str| {
         Err(Failure::Builder(format!(
-            "{why} (arg-paths = \"inputs\"); the command was not run"
+            "{what} {why} (arg-paths = \"inputs\"); the command was not run"
         )))
     };
-    use std::os::unix::ffi::OsStrExt;
-    use std::path::{Component, Path};
-    let store = &req.store.real_store_dir;
-    let real_store = std::fs::canonicalize(store).unwrap_or_else(|_| store.clone());
-    let inputs: std::collections::HashSet<&str> =
-        req.inputs.iter().map(|p| p.base_name()).collect();
-    for (i, arg) in req.drv.drv.arguments().iter().enumerate() {
-        let bytes = arg.as_bytes();
-        let shown = || {
-            String::from_utf8_lossy(bytes)
-                .chars()
-                .take(200)
-                .collect::<String>()
+    let args = req
+        .drv
+        .drv
+        .arguments()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("argument {}", i + 1), a.as_bytes().to_vec()));
+    let env = host.pass_env.iter().filter_map(|var| {
+        let v = match req.drv.drv.environment().get(var) {
+            Some(v) => v.clone(),
+            None => req.drv.env_str(var)?.into_bytes(),
         };
+        Some((format!("variable {var}"), v))
+    });
+    for (what, bytes) in args.chain(env) {
+        let shown: String = String::from_utf8_lossy(&bytes).chars().take(200).collect();
+        let what = format!("{what} ({shown:?})");
+        if !bytes.contains(&b'/') {
+            continue;
+        }
         // `--input=/x`, `-Dkey=/x`: an option's value is a path too.
         let value = match bytes.iter().position(|&b| b == b'=') {
             Some(eq) if bytes.starts_with(b"-") => &bytes[eq + 1..],
-            _ => bytes,
+            _ => &bytes[..],
         };
-        let path = Path::new(std::ffi::OsStr::from_bytes(value));
-        if Path::new(std::ffi::OsStr::from_bytes(bytes))
-            .components()
-            .chain(path.components())
-            .any(|c| c == Component::ParentDir)
-        {
-            return refuse(format!(
-                "argument {} ({:?}) contains \"..\"",
-                i + 1,
-                shown()
-            ));
+        if !value.starts_with(b"/") || value[1..].contains(&b'=') {
+            return refuse(
+                what,
+                "has a '/' but is not a path on its own or an option's value (--name=/path)",
+            );
         }
-        if !path.is_absolute() {
-            continue;
-        }
-        let below_output = req.drv.outputs.values().any(|o| path.starts_with(&o.path));
-        if below_output {
-            continue;
-        }
-        // A logical store path is looked at where the store really is.
-        let on_disk = match path.strip_prefix(&req.store.store_dir) {
-            Ok(rest) => store.join(rest),
-            Err(_) => path.to_path_buf(),
-        };
-        let inside = std::fs::canonicalize(&on_disk).ok().is_some_and(|real| {
-            real.strip_prefix(&real_store)
-                .ok()
-                .and_then(|rest| rest.components().next())
-                .is_some_and(|base| inputs.contains(base.as_os_str().to_string_lossy().as_ref()))
-        });
-        if !inside {
-            return refuse(format!(
-                "argument {} ({:?}) names a file outside the derivation's inputs",
-                i + 1,
-                shown()
-            ));
+        match path_is_allowed(req, value) {
+            Ok(()) => {}
+            Err(why) => return refuse(what, why),
         }
     }
     Ok(())
 }
 
+/// Whether the absolute path `value` resolves inside the input closure or
+/// stays below an output; why not, if not.
+fn path_is_allowed(req: &BuildRequest, value: &[u8]) -> Result<(), &'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Component, Path};
+    let path = Path::new(std::ffi::OsStr::from_bytes(value));
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err("contains \"..\"");
+    }
+    let store = &req.store.real_store_dir;
+    let real_store = std::fs::canonicalize(store).unwrap_or_else(|_| store.clone());
+    // A logical store path is looked at where the store really is.
+    let on_disk = |p: &Path| match p.strip_prefix(&req.store.store_dir) {
+        Ok(rest) => store.join(rest),
+        Err(_) => p.to_path_buf(),
+    };
+    let base_of = |real: &Path| {
+        real.strip_prefix(&real_store)
+            .ok()
+            .and_then(|rest| rest.components().next())
+            .map(|b| b.as_os_str().to_string_lossy().into_owned())
+    };
+    let inputs: std::collections::HashSet<&str> =
+        req.inputs.iter().map(|p| p.base_name()).collect();
+    let in_inputs = |base: &Option<String>| base.as_deref().is_some_and(|b| inputs.contains(b));
+    if let Some(out) = req
+        .drv
+        .outputs
+        .values()
+        .find(|o| path.starts_with(o.path.as_str()))
+    {
+        // Not built yet: below it by its name. Already there (a valid
+        // sibling output): followed, it must stay below it or in the inputs.
+        return match std::fs::canonicalize(on_disk(path)) {
+            Err(_) => Ok(()),
+            Ok(real) => {
+                let base = base_of(&real);
+                let own = std::fs::canonicalize(on_disk(Path::new(out.path.as_str())))
+                    .ok()
+                    .and_then(|o| base_of(&o));
+                if base.is_some() && (base == own || in_inputs(&base)) {
+                    Ok(())
+                } else {
+                    Err("leads out of the derivation's outputs")
+                }
+            }
+        };
+    }
+    match std::fs::canonicalize(on_disk(path)) {
+        Ok(real) if in_inputs(&base_of(&real)) => Ok(()),
+        _ => Err("names a file outside the derivation's inputs"),
+    }
+}
+
 /// The build dir and the store's upper layer belong to the build account.
 fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> std::io::Result<()> {
-    staging.give_to(account, &[(&staging.store, 0o755)])
+    staging.give_to(account, &[&staging.store])
 }

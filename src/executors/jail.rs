@@ -28,6 +28,9 @@ use crate::protocol::buildlog::LogSink;
 use crate::proxy::Proxy;
 use crate::util::{lookup_user, Account};
 
+/// bubblewrap's limit on its arguments (`MAX_ARGS` in bubblewrap.c).
+const BWRAP_MAX_ARGS: usize = 9000;
+
 /// Where the build dir appears inside, as in Nix's sandbox.
 pub const BUILD_DIR: &str = "/build";
 /// The build user inside, as in Nix's sandbox.
@@ -107,6 +110,15 @@ pub fn run(
         &etc,
         proxy.as_ref().map(|p| p.ca_bundle.as_path()),
     );
+    // bubblewrap takes at most 9000 arguments, --args files included.
+    if options.len() + 8 > BWRAP_MAX_ARGS {
+        return Err(Failure::Builder(format!(
+            "the jail would need {} bubblewrap arguments ({} input paths, {} environment variables); bubblewrap takes at most {BWRAP_MAX_ARGS}",
+            options.len(),
+            req.inputs.len(),
+            req.drv.drv.environment().len()
+        )));
+    }
     // Descriptor 3 is the options file itself, the filters follow.
     let filters = super::seccomp::write_filters(&staging.root).map_err(Failure::Internal)?;
     for i in 0..filters.len() {
@@ -312,9 +324,8 @@ fn write_etc(etc: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Build dir, store staging and /tmp belong to the jail's account (inside
-/// `private/`, which nobody else can enter: /tmp keeps the mode the jail
-/// expects).
+/// Build dir, store staging and /tmp belong to the jail's account (0700:
+/// no other account enters them; inside, the builder is their owner).
 fn prepare_dirs(staging: &super::staging::Staging, account: &Account) -> std::io::Result<()> {
-    staging.give_to(account, &[(&staging.store, 0o755), (&staging.tmp, 0o1777)])
+    staging.give_to(account, &[&staging.store, &staging.tmp])
 }

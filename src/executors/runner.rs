@@ -149,7 +149,7 @@ fn run(spec_path: PathBuf) -> Result<i32> {
     .with_context(|| format!("parsing {}", spec_path.display()))?;
     // Whatever else the hook let through, the command inherits nothing but
     // stdio and the descriptors it is given.
-    crate::util::cloexec_from(fd_number(0));
+    crate::util::close_from(fd_number(0));
     place_passed_fds(&spec.fds)?;
     // The death signal tied to the hook was set before exec (`command`).
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)

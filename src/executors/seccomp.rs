@@ -41,6 +41,8 @@ const MODE_SETTERS: &[(&str, u32)] = &[
     ("mknod", 1),
     ("mknodat", 2),
 ];
+/// `fchmodat2`'s number (the common table), for libseccomp without its name.
+const FCHMODAT2_NUMBER: i32 = 452;
 /// Calls that create a file only with a flag: (name, flags index, mode index).
 const CREATING_OPENS: &[(&str, u32, u32)] = &[("open", 1, 2), ("openat", 2, 3)];
 const XATTR_CALLS: &[&str] = &[
@@ -111,11 +113,25 @@ fn build() -> Result<(ScmpFilterContext, Option<ScmpFilterContext>), String> {
     let call = |name: &str| ScmpSyscall::from_name(name).ok();
     let has_bit =
         |arg: u32, bit: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(bit), bit);
+    let mut native: Option<ScmpFilterContext> = None;
     for bit in [S_ISUID, S_ISGID] {
         for &(name, mode) in MODE_SETTERS {
             if let Some(sc) = call(name) {
                 ctx.add_rule_conditional(eperm, sc, &[has_bit(mode, bit)])
                     .map_err(fail(name.into()))?;
+            } else if name == "fchmodat2" {
+                // A libseccomp older than the call (Linux 6.6): by its
+                // number, for the native architecture.
+                let n = match native.as_mut() {
+                    Some(n) => n,
+                    None => native.insert(native_only().map_err(fail("native filter".into()))?),
+                };
+                n.add_rule_conditional_exact(
+                    eperm,
+                    ScmpSyscall::from(FCHMODAT2_NUMBER),
+                    &[has_bit(mode, bit)],
+                )
+                .map_err(fail(name.into()))?;
             }
         }
         for &(name, flags, mode) in CREATING_OPENS {
@@ -131,7 +147,6 @@ fn build() -> Result<(ScmpFilterContext, Option<ScmpFilterContext>), String> {
             ctx.add_rule(enotsup, sc).map_err(fail(name.into()))?;
         }
     }
-    let mut native: Option<ScmpFilterContext> = None;
     for (name, nr) in XATTRAT_CALLS {
         match call(name) {
             Some(sc) => {

@@ -2,13 +2,16 @@
 //! by the hook that owns it; a directory whose lock is free belongs to a
 //! hook that died, and is removed by the next build.
 //!
-//! Who can reach what: `staging/` and each build's dir are root's and mode
-//! 0711 (nobody lists them, names are guessable, so nothing below may rely
-//! on its name). Everything the build account writes lives in the build's
-//! `private/` dir (mode 0700), which belongs to that account only while its
-//! command runs ([`Staging::give_to`]) and to root again before anything
-//! of it is read ([`Staging::take_back`]). No other account ever reaches a
-//! build's files, kept ones included ([`Staging::keep`]).
+//! Who can reach what: `staging/`, each build's dir and its `private/` are
+//! root's and mode 0711 (nobody lists them, names are guessable, so
+//! nothing below may rely on its name; and the build account can't rename
+//! what is in them). Everything the build account writes lives in the leaf
+//! dirs of `private/` (`build`, `store`, `tmp`, `work`), mode 0700, which
+//! belong to that account only while its command runs
+//! ([`Staging::give_to`]) and to root again before anything of them is
+//! read ([`Staging::take_back`]); both change them through descriptors.
+//! No other account ever reaches a build's files, kept ones included
+//! ([`Staging::keep`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,8 +24,8 @@ pub struct Staging {
     /// Root's (0711): the lock, the run spec, files nix-hatch writes for
     /// the command to read, `private/`.
     pub root: PathBuf,
-    /// The build account's while it runs, root's otherwise (0700): holds
-    /// `store`, `work`, `build` and the jail's `tmp`.
+    /// Root's (0711): holds the leaf dirs `store`, `work`, `build` and the
+    /// jail's `tmp` (0700), which are the build account's while it runs.
     pub private: PathBuf,
     /// Where outputs appear, by store base name (the builder's `/nix/store`
     /// writes land here).
@@ -47,24 +50,24 @@ pub const KEPT_MAX_AGE: u64 = 7 * 24 * 3600;
 const NEW_PREFIX: &str = ".new-";
 
 impl Staging {
-    /// Hands `private/`, the build dir (with the files nix-hatch wrote into
-    /// it) and `dirs` (path, mode; inside `private/`) over to `account`.
+    /// Hands the build dir (with the files nix-hatch wrote into it) and the
+    /// other leaf dirs `dirs` (of `private/`) over to `account`, mode 0700.
     /// The files go first, without following symlinks, while the build dir
-    /// is still root's: once the account owns it, another process of that
-    /// account could swap an entry for a symlink to a file root would then
-    /// chown.
-    pub fn give_to(&self, account: &crate::util::Account, dirs: &[(&Path, u32)]) -> io::Result<()> {
+    /// is still root's; each dir is changed through a descriptor opened
+    /// without following symlinks.
+    pub fn give_to(&self, account: &crate::util::Account, dirs: &[&Path]) -> io::Result<()> {
         use nix::fcntl::AtFlags;
         use nix::unistd::{fchownat, Gid, Uid};
         let (uid, gid) = (
             Some(Uid::from_raw(account.uid)),
             Some(Gid::from_raw(account.gid)),
         );
+        let build = open_dir(&self.build)?;
         if let Ok(entries) = std::fs::read_dir(&self.build) {
             for e in entries.flatten() {
                 fchownat(
-                    nix::fcntl::AT_FDCWD,
-                    e.path().as_path(),
+                    &build,
+                    e.file_name().as_os_str(),
                     uid,
                     gid,
                     AtFlags::AT_SYMLINK_NOFOLLOW,
@@ -72,44 +75,35 @@ impl Staging {
                 .map_err(|err| with_path(err.into(), "chown", &e.path()))?;
             }
         }
-        for (dir, mode) in [
-            (self.private.as_path(), 0o700),
-            (self.build.as_path(), 0o700),
-        ]
-        .into_iter()
-        .chain(dirs.iter().copied())
-        {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| with_path(e, "chmod", dir))?;
-            nix::unistd::chown(dir, uid, gid).map_err(|e| with_path(e.into(), "chown", dir))?;
+        for dir in std::iter::once(self.build.as_path()).chain(dirs.iter().copied()) {
+            let fd = open_dir(dir)?;
+            nix::unistd::fchown(&fd, uid, gid).map_err(|e| with_path(e.into(), "chown", dir))?;
+            nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o700))
+                .map_err(|e| with_path(e.into(), "chmod", dir))?;
         }
         Ok(())
     }
 
-    /// Takes `private/` and the store dir back from the build account once
-    /// its last process is gone: from here on no process of that account
-    /// can reach or change the outputs, which are read only after this.
+    /// Takes the leaf dirs back from the build account once its last
+    /// process is gone: from here on no process of that account can reach
+    /// or change the outputs, which are read only after this.
     pub fn take_back(&self) -> io::Result<()> {
         let root = (
             Some(nix::unistd::Uid::from_raw(0)),
             Some(nix::unistd::Gid::from_raw(0)),
         );
-        for dir in [&self.private, &self.store] {
-            match std::fs::symlink_metadata(dir) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(io::Error::other(format!(
-                        "{} is not a directory",
-                        dir.display()
-                    )))
-                }
-                Err(e) => return Err(with_path(e, "inspecting", dir)),
-            }
-            nix::unistd::chown(dir.as_path(), root.0, root.1)
+        for dir in [&self.store, &self.build, &self.tmp, &self.work] {
+            let fd = match open_dir(dir) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            nix::unistd::fchown(&fd, root.0, root.1)
                 .map_err(|e| with_path(e.into(), "chown", dir))?;
+            nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o700))
+                .map_err(|e| with_path(e.into(), "chmod", dir))?;
         }
-        std::fs::set_permissions(&self.private, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| with_path(e, "chmod", &self.private))
+        Ok(())
     }
 
     /// Creates a fresh staging dir for `drv_base` (the .drv's base name).
@@ -164,11 +158,15 @@ impl Staging {
             keep: std::sync::atomic::AtomicBool::new(false),
         };
         std::fs::DirBuilder::new()
-            .mode(0o700)
+            .mode(0o711)
             .create(&staging.private)
             .map_err(|e| with_path(e, "creating", &staging.private))?;
+        std::fs::set_permissions(&staging.private, std::fs::Permissions::from_mode(0o711))?;
         for d in [&staging.store, &staging.work, &staging.build, &staging.tmp] {
-            std::fs::create_dir(d).map_err(|e| with_path(e, "creating", d))?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| with_path(e, "creating", d))?;
         }
         Ok(staging)
     }
@@ -318,6 +316,18 @@ fn is_older_than(path: &Path, secs: u64) -> bool {
         .is_some_and(|age| age.as_secs() >= secs)
 }
 
+/// A directory, opened without following a symlink at its last component
+/// (its parents are root's: nobody else can swap them).
+fn open_dir(p: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    nix::fcntl::open(
+        p,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| with_path(e.into(), "opening", p))
+}
+
 fn with_path(e: io::Error, what: &str, p: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
 }
@@ -345,6 +355,55 @@ mod tests {
             third.root.file_name().unwrap().to_string_lossy(),
             format!("abc-same.{}", std::process::id())
         );
+    }
+
+    /// While a build runs its account owns the leaf dirs only: it can't
+    /// rename them (say, for a symlink root would then chown or chmod), and
+    /// another account can't enter them; afterwards they are root's.
+    #[test]
+    fn the_build_account_gets_the_leaf_dirs_only() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let st = Staging::create(dir.path(), "abc-leaf.drv").unwrap();
+        std::fs::write(st.build.join(".attrs.json"), "{}").unwrap();
+        let nobody = crate::util::lookup_user("nobody").unwrap();
+        st.give_to(&nobody, &[&st.store, &st.tmp]).unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.mode() & 0o7777)
+        };
+        assert_eq!(owner(&st.private), (0, 0o711));
+        for d in [&st.build, &st.store, &st.tmp] {
+            assert_eq!(owner(d), (nobody.uid, 0o700), "{}", d.display());
+        }
+        assert_eq!(owner(&st.build.join(".attrs.json")).0, nobody.uid);
+        let as_nobody = |script: &str| {
+            std::process::Command::new("setpriv")
+                .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+                .args(["sh", "-c", script, "sh"])
+                .arg(&st.private)
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(
+            as_nobody("touch \"$1/tmp/mine\""),
+            "the account can't use its dir"
+        );
+        assert!(
+            !as_nobody("mv \"$1/tmp\" \"$1/elsewhere\""),
+            "the account renamed a leaf"
+        );
+        assert!(
+            !as_nobody("ln -s / \"$1/x\""),
+            "the account wrote into private/"
+        );
+        st.take_back().unwrap();
+        for d in [&st.build, &st.store, &st.tmp, &st.work] {
+            assert_eq!(owner(d), (0, 0o700), "{}", d.display());
+        }
+        assert!(!as_nobody("touch \"$1/tmp/again\""));
     }
 
     #[test]

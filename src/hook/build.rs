@@ -12,7 +12,7 @@ use crate::derivation::Drv;
 use crate::executors::staging::{self, Staging};
 use crate::executors::supervise::Cancel;
 use crate::executors::{self, BuildRequest, Failure, Limits};
-use crate::protocol::buildlog::BuildLog;
+use crate::protocol::buildlog::{BuildLog, LogSink};
 use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput, StorePath};
 
 pub struct RealBuilder;
@@ -51,8 +51,9 @@ impl Builder for RealBuilder {
                 )
             }
         };
+        // Asked for explicitly (NIX_HATCH_TIMING=1): whatever the verbosity.
         if let Some(t) = crate::timing::report() {
-            tracing::info!("timing: {t}");
+            log.raw(format!("nix-hatch: timing: {t}\n").as_bytes());
         }
         let mut record = record_of(
             a.executor,
@@ -63,7 +64,9 @@ impl Builder for RealBuilder {
             clock,
             outcome,
         );
-        record.reason = reason;
+        if let Some(r) = &reason {
+            record.set_reason(r);
+        }
         record.exit_status = status;
         record.proxy = report.proxy;
         record.outputs = outputs
@@ -91,7 +94,7 @@ impl Builder for RealBuilder {
             clock,
             Outcome::Refused,
         );
-        record.reason = Some(r.reason.clone());
+        record.set_reason(&r.reason);
         write_record(&r.config.state_dir, &record);
         // A permanent failure: Nix neither retries nor builds it elsewhere.
         100

@@ -4,12 +4,18 @@
 //! Nix forks the hook from the process that runs the build (Nix 2.8 and
 //! 2.26 alike, `HookInstance`): under nix-daemon that is the daemon's
 //! per-connection worker, and the account is the peer of the one
-//! connection it serves (found by taking a copy of the worker's socket
-//! with `pidfd_getfd(2)` and asking it for `SO_PEERCRED`; a `ssh-ng://`
-//! client arrives as the account that ran `nix-daemon --stdio`). Without a
-//! daemon, the process running Nix is the requester's own. When two clients
-//! want the same derivation, only one worker builds it: its client is the
-//! requester.
+//! connection it serves (found by taking a copy of the worker's sockets
+//! with `pidfd_getfd(2)`: the served connection is the Unix stream socket
+//! the worker *accepted*, the one whose own address is the daemon's socket
+//! path, and `SO_PEERCRED` names its client; a `ssh-ng://` client arrives
+//! as the account that ran `nix-daemon --stdio`). A worker is recognised
+//! by that socket, never by its command line (the daemon overwrites its
+//! workers' arguments). A parent that serves no connection and is Nix
+//! itself (its executable is `nix…`) is a local run: the account running
+//! it. Anything else — a wrapper in between, several client accounts, an
+//! unreadable parent — is unknown, which only executors open to everyone
+//! accept. When two clients want the same derivation, only one worker
+//! builds it: its client is the requester.
 
 use std::fmt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -87,12 +93,18 @@ impl Requester {
     /// Finds the requester of this hook process's builds.
     pub fn identify() -> Requester {
         let ppid = nix::unistd::getppid().as_raw();
-        match parent_kind(ppid) {
-            Some(ParentKind::Daemon) => peer_of_worker(ppid),
-            Some(ParentKind::Local(uid)) => Requester::account(uid, Via::Local),
-            None => Requester::unknown(format!(
-                "the hook's parent (pid {ppid}) is gone or unreadable"
-            )),
+        match served_peers(ppid) {
+            Err(why) => Requester::unknown(why),
+            Ok(peers) => match peers.as_slice() {
+                [uid] => Requester::account(*uid, Via::Daemon),
+                [] => match local_nix(ppid) {
+                    Ok(uid) => Requester::account(uid, Via::Local),
+                    Err(why) => Requester::unknown(why),
+                },
+                _ => Requester::unknown(format!(
+                    "the hook's parent (pid {ppid}) serves connections from several accounts ({peers:?})"
+                )),
+            },
         }
     }
 }
@@ -111,41 +123,15 @@ impl fmt::Display for Requester {
     }
 }
 
-enum ParentKind {
-    Daemon,
-    /// Nix itself, run by this real uid.
-    Local(u32),
-}
-
-/// Whether process `pid` is a nix-daemon (its per-connection worker keeps
-/// the daemon's command line: `nix-daemon …` or `nix daemon …`).
-fn parent_kind(pid: i32) -> Option<ParentKind> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let mut args = cmdline.split(|&b| b == 0);
-    let argv0 = args.next().unwrap_or_default();
-    let base = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
-    let daemon = base.starts_with(b"nix-daemon")
-        || (base == b"nix" && args.next() == Some(b"daemon".as_slice()));
-    if daemon {
-        return Some(ParentKind::Daemon);
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let real_uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|u| u.parse().ok())?;
-    Some(ParentKind::Local(real_uid))
-}
-
-/// The peer of the client connection the daemon worker `pid` serves.
-fn peer_of_worker(pid: i32) -> Requester {
-    let Some(pidfd) = crate::util::pidfd_open(pid as u32) else {
-        return Requester::unknown(format!("cannot open the daemon worker {pid} (pidfd_open)"));
-    };
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Requester::unknown(format!("cannot list the daemon worker {pid}'s descriptors"));
-    };
+/// The accounts (uids) of the clients process `pid` serves: the peers of
+/// the Unix stream sockets it accepted (whose own address is a path).
+/// Sockets it connected itself (to journald, to another daemon) are
+/// unnamed on its side and do not count.
+fn served_peers(pid: i32) -> Result<Vec<u32>, String> {
+    let pidfd = crate::util::pidfd_open(pid as u32)
+        .ok_or_else(|| format!("cannot open the hook's parent (pid {pid}) with pidfd_open"))?;
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| format!("cannot list the hook's parent's descriptors (pid {pid}): {e}"))?;
     let mut peers: Vec<u32> = Vec::new();
     for e in entries.flatten() {
         let is_socket =
@@ -157,24 +143,58 @@ fn peer_of_worker(pid: i32) -> Requester {
             continue;
         }
         let Some(sock) = pidfd_getfd(&pidfd, fd) else {
-            continue;
+            return Err(format!(
+                "cannot inspect the hook's parent's socket {fd} (pid {pid}, pidfd_getfd)"
+            ));
         };
+        if !accepted_unix_stream(&sock) {
+            continue;
+        }
         if let Some(cred) = unix_peer(&sock) {
-            // The worker's own end of something it made, or unconnected.
-            if cred.pid() != pid && cred.pid() > 0 && !peers.contains(&cred.uid()) {
+            if !peers.contains(&cred.uid()) {
                 peers.push(cred.uid());
             }
         }
     }
-    match peers.as_slice() {
-        [uid] => Requester::account(*uid, Via::Daemon),
-        [] => Requester::unknown(format!(
-            "the daemon worker {pid} has no client connection the hook can see"
-        )),
-        _ => Requester::unknown(format!(
-            "the daemon worker {pid} has connections from several accounts ({peers:?})"
-        )),
+    Ok(peers)
+}
+
+/// The real uid running process `pid`, if it is Nix itself (its
+/// executable's name starts with `nix`: `nix`, `nix-build`, `nix-store`…).
+fn local_nix(pid: i32) -> Result<u32, String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|e| format!("cannot read the hook's parent's executable (pid {pid}): {e}"))?;
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !name.starts_with("nix") {
+        return Err(format!(
+            "the hook's parent (pid {pid}, {}) is not Nix: nix-hatch must be Nix's build-hook itself, not run by another program",
+            exe.display()
+        ));
     }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read the hook's parent's status (pid {pid}): {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .ok_or_else(|| format!("no real uid in the status of the hook's parent (pid {pid})"))
+}
+
+/// Whether `sock` is a Unix stream connection this side accepted: not
+/// listening, and its own address is a path (a connecting side's is
+/// unnamed).
+fn accepted_unix_stream(sock: &OwnedFd) -> bool {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
+    if getsockopt(sock, sockopt::SockType).ok() != Some(SockType::Stream)
+        || getsockopt(sock, sockopt::AcceptConn).unwrap_or(true)
+    {
+        return false;
+    }
+    getsockname::<UnixAddr>(sock.as_raw_fd()).is_ok_and(|a| a.path().is_some())
 }
 
 /// A copy of descriptor `fd` of the process behind `pidfd`.
@@ -198,9 +218,6 @@ fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Option<OwnedFd> {
 /// The credentials of the peer of a connected Unix socket.
 fn unix_peer(sock: &OwnedFd) -> Option<nix::sys::socket::UnixCredentials> {
     use nix::sys::socket::{getsockopt, sockopt};
-    if getsockopt(sock, sockopt::SockType).ok()? != nix::sys::socket::SockType::Stream {
-        return None;
-    }
     getsockopt(sock, sockopt::PeerCredentials).ok()
 }
 
@@ -232,12 +249,29 @@ mod tests {
         assert_eq!(u.to_string(), "an unknown account (no parent)");
     }
 
+    /// A listening socket's accepted connection counts, the connecting
+    /// side and a socket pair don't.
     #[test]
-    fn a_local_parent_is_its_real_uid() {
-        // The test harness is not a nix-daemon: its real uid.
-        match parent_kind(std::process::id() as i32) {
-            Some(ParentKind::Local(uid)) => assert_eq!(uid, nix::unistd::getuid().as_raw()),
-            _ => panic!("the test process taken for a daemon"),
-        }
+    fn only_accepted_connections_are_served_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (server, _) = l.accept().unwrap();
+        let me = crate::util::pidfd_open(std::process::id()).unwrap();
+        let own = |fd: i32| pidfd_getfd(&me, fd).unwrap();
+        assert!(accepted_unix_stream(&own(server.as_raw_fd())));
+        assert!(!accepted_unix_stream(&own(client.as_raw_fd())));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!accepted_unix_stream(&own(a.as_raw_fd())));
+        assert!(!accepted_unix_stream(&own(l.as_raw_fd())));
+    }
+
+    /// The test's parent (cargo, a shell) is not Nix: a local run needs
+    /// Nix as the parent.
+    #[test]
+    fn a_parent_that_is_not_nix_is_no_local_run() {
+        let e = local_nix(nix::unistd::getppid().as_raw()).unwrap_err();
+        assert!(e.contains("is not Nix"), "{e}");
     }
 }

@@ -271,7 +271,7 @@ pub fn output_name_problem(name: &str) -> Option<&'static str> {
     if name.starts_with("NIX_") || AGENT_VARS.contains(&name) {
         return Some("the agent or the executor sets this variable");
     }
-    if SPECIAL_LOWER.contains(&name) {
+    if SPECIAL_LOWER.contains(&name) || name.to_ascii_lowercase().ends_with("_proxy") {
         return Some("network tools read this variable");
     }
     None

@@ -35,6 +35,9 @@ use serde::Serialize;
 
 /// The audit file's name under `state-dir`.
 pub const AUDIT_FILE: &str = "proxy-audit.jsonl";
+/// Size past which the proxy's audit file is rotated (5 kept, as
+/// `audit.jsonl`).
+pub const MAX_AUDIT_FILE: u64 = 64 << 20;
 
 /// Longest host, path, URI or method shown in a log line, in bytes.
 pub const MAX_SHOWN: usize = 200;
@@ -179,6 +182,10 @@ impl Events {
             nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETFL(flags))
                 .map_err(|e| anyhow!("proxy log pipe: {e}"))?;
         }
+        // Bounded across builds like the escape audit log (one build's
+        // share is bounded by its budget).
+        crate::audit::rotate_if_larger(state_dir, AUDIT_FILE, MAX_AUDIT_FILE)
+            .map_err(|e| anyhow!("rotating the audit file: {e}"))?;
         let audit_path = state_dir.join(AUDIT_FILE);
         let audit = OpenOptions::new()
             .create(true)

@@ -84,15 +84,28 @@ pub fn defuse_tree(path: &Path) -> io::Result<()> {
         path,
         |dir, name, st| {
             let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
-            if kind == SFlag::S_IFLNK || st.st_mode & 0o6000 == 0 {
+            if st.st_mode & 0o6000 == 0 || !(kind == SFlag::S_IFREG || kind == SFlag::S_IFDIR) {
                 return Ok(());
             }
-            ignore_gone(nix::sys::stat::fchmodat(
-                dir,
-                name,
-                Mode::from_bits_truncate(strip(st.st_mode)),
-                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
-            ))
+            // Through a descriptor of the very entry that was looked at: a
+            // name swapped meanwhile (for a link to another file) changes
+            // nothing.
+            let flags = OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC;
+            let fd = match nix::fcntl::openat(dir, name, flags, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT | Errno::ELOOP) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let now = nix::sys::stat::fstat(&fd)?;
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Ok(());
+            }
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(strip(now.st_mode)))?;
+            Ok(())
         },
         |_, _| Ok(()),
     )
@@ -269,7 +282,7 @@ pub(crate) fn move_into_place(from: &Path, to: &Path) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {}
         Err(e) => return Err(e),
     }
-    copy_tree(from, to, None)?;
+    copy_tree(from, to, None, None)?;
     // The output is in place; a staged copy that can't be removed now is
     // left for the caller's clean-up of the staging directory.
     let _ = remove_tree(from);
@@ -302,82 +315,184 @@ fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Copy the tree at `from` to `to` (which must not exist), stopping with
-/// [`io::ErrorKind::TimedOut`] once `deadline` has passed. On failure,
-/// whatever was created at `to` is removed again.
+/// [`io::ErrorKind::TimedOut`] once `deadline` has passed and with
+/// [`io::ErrorKind::FileTooLarge`] before more than `max_bytes` of file
+/// contents are copied. The source is read through descriptors opened one
+/// level at a time without following symlinks, so a tree someone else can
+/// still rename in can't send the copy elsewhere. On failure, whatever
+/// was created at `to` is removed again.
 pub(crate) fn copy_tree(
     from: &Path,
     to: &Path,
     deadline: Option<std::time::Instant>,
+    max_bytes: Option<u64>,
 ) -> io::Result<()> {
-    let mut created = false;
-    let r = copy_nodes(from, to, &mut created, deadline);
-    if r.is_err() && created {
+    let mut copy = Copy {
+        deadline,
+        max_bytes,
+        copied: 0,
+        created: false,
+        dirs: Vec::new(),
+    };
+    let r = copy.tree(from, to);
+    if r.is_err() && copy.created {
         let _ = remove_tree(to);
     }
     r
 }
 
-fn copy_nodes(
-    from: &Path,
-    to: &Path,
-    created: &mut bool,
+/// One [`copy_tree`].
+struct Copy {
     deadline: Option<std::time::Instant>,
-) -> io::Result<()> {
-    let check = || match deadline {
-        Some(d) if std::time::Instant::now() >= d => Err(io::Error::from(io::ErrorKind::TimedOut)),
-        _ => Ok(()),
-    };
-    let mut todo = vec![(from.to_path_buf(), to.to_path_buf())];
-    // Directories are created writable and sealed (0555) at the end,
-    // deepest first.
-    let mut dirs = Vec::new();
-    while let Some((src, dst)) = todo.pop() {
-        check()?;
-        let md = fs::symlink_metadata(&src)?;
-        let ft = md.file_type();
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-        } else if ft.is_file() {
-            let mut input = OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&src)?;
-            let mut output = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&dst)?;
-            *created = true;
-            // In slices, so a deadline stops even a file of many gigabytes.
-            loop {
-                check()?;
-                let n = io::copy(&mut (&mut input).take(super::nar::LIMIT_SLICE), &mut output)?;
-                if n < super::nar::LIMIT_SLICE {
-                    break;
-                }
+    max_bytes: Option<u64>,
+    copied: u64,
+    created: bool,
+    /// Directories made, sealed (0555) at the end, deepest first.
+    dirs: Vec<std::path::PathBuf>,
+}
+
+/// A source directory being copied: its descriptor, its entries (read
+/// when entered) and where it goes.
+struct CopyLevel {
+    dir: OwnedFd,
+    names: Vec<CString>,
+    next: usize,
+    dst: std::path::PathBuf,
+}
+
+impl Copy {
+    fn check(&self) -> io::Result<()> {
+        match self.deadline {
+            Some(d) if std::time::Instant::now() >= d => {
+                Err(io::Error::from(io::ErrorKind::TimedOut))
             }
-            let exec = md.mode() & 0o100 != 0;
-            output.set_permissions(Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
-        } else if ft.is_dir() {
-            DirBuilder::new().mode(0o700).create(&dst)?;
-            *created = true;
-            for entry in fs::read_dir(&src)? {
-                let entry = entry?;
-                todo.push((entry.path(), dst.join(entry.file_name())));
-            }
-            dirs.push(dst);
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("'{}' has an unsupported file type", src.display()),
-            ));
+            _ => Ok(()),
         }
-        *created = true;
     }
-    for dir in dirs.iter().rev() {
-        fs::set_permissions(dir, Permissions::from_mode(0o555))?;
+
+    fn tree(&mut self, from: &Path, to: &Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let parent = from.parent().unwrap_or(Path::new("/"));
+        let name = from
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "nothing to copy"))?;
+        let parent = nix::fcntl::open(
+            parent,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let name = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+        let mut stack = Vec::new();
+        if let Some(dir) = self.node(&parent, &name, to)? {
+            stack.push(CopyLevel {
+                names: list_dir(&dir)?,
+                dir,
+                next: 0,
+                dst: to.to_path_buf(),
+            });
+        }
+        while let Some(top) = stack.last_mut() {
+            let Some(name) = top.names.get(top.next).cloned() else {
+                stack.pop();
+                continue;
+            };
+            top.next += 1;
+            let dst = top.dst.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+            if stack.len() >= super::nar::MAX_DEPTH {
+                return Err(io::Error::other(format!(
+                    "'{}' is nested more than {} directories deep",
+                    dst.display(),
+                    super::nar::MAX_DEPTH
+                )));
+            }
+            let Some(top) = stack.last() else { break };
+            if let Some(dir) = self.node(&top.dir, &name, &dst)? {
+                stack.push(CopyLevel {
+                    names: list_dir(&dir)?,
+                    dir,
+                    next: 0,
+                    dst,
+                });
+            }
+        }
+        for dir in self.dirs.iter().rev() {
+            fs::set_permissions(dir, Permissions::from_mode(0o555))?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Copies entry `name` of `dir` to `dst`; a directory is only created,
+    /// and its descriptor returned to be walked.
+    fn node(&mut self, dir: &OwnedFd, name: &CStr, dst: &Path) -> io::Result<Option<OwnedFd>> {
+        self.check()?;
+        let st = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let changed =
+            || io::Error::other(format!("'{}' changed while it was copied", dst.display()));
+        match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(dir, name).map_err(|_| changed())?;
+                std::os::unix::fs::symlink(target, dst)?;
+                self.created = true;
+                Ok(None)
+            }
+            SFlag::S_IFREG => {
+                let flags = OFlag::O_RDONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_NONBLOCK
+                    | OFlag::O_NOCTTY
+                    | OFlag::O_CLOEXEC;
+                let fd =
+                    nix::fcntl::openat(dir, name, flags, Mode::empty()).map_err(|_| changed())?;
+                let fst = nix::sys::stat::fstat(&fd)?;
+                if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) {
+                    return Err(changed());
+                }
+                let mut input = fs::File::from(fd);
+                let mut output = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(dst)?;
+                self.created = true;
+                // In slices, so a deadline stops even a file of many
+                // gigabytes, and the size limit holds whatever the file
+                // said its size was.
+                loop {
+                    self.check()?;
+                    let n = io::copy(&mut (&mut input).take(super::nar::LIMIT_SLICE), &mut output)?;
+                    self.copied = self.copied.saturating_add(n);
+                    if let Some(max) = self.max_bytes.filter(|&m| self.copied > m) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::FileTooLarge,
+                            format!("more than {max} bytes to copy"),
+                        ));
+                    }
+                    if n < super::nar::LIMIT_SLICE {
+                        break;
+                    }
+                }
+                let exec = fst.st_mode & 0o100 != 0;
+                output.set_permissions(Permissions::from_mode(if exec { 0o555 } else { 0o444 }))?;
+                Ok(None)
+            }
+            SFlag::S_IFDIR => {
+                let fd = nix::fcntl::openat(dir, name, DIR_FLAGS, Mode::empty())
+                    .map_err(|_| changed())?;
+                let fst = nix::sys::stat::fstat(&fd)?;
+                if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) {
+                    return Err(changed());
+                }
+                DirBuilder::new().mode(0o700).create(dst)?;
+                self.created = true;
+                self.dirs.push(dst.to_path_buf());
+                Ok(Some(fd))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("'{}' has an unsupported file type", dst.display()),
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -416,7 +531,7 @@ mod tests {
         fs::set_permissions(src.join("d/exe"), Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("../d/plain", src.join("d/e/link")).unwrap();
         let dst = tmp.path().join("dst");
-        copy_tree(&src, &dst, None).unwrap();
+        copy_tree(&src, &dst, None, None).unwrap();
         assert_eq!(fs::read(dst.join("d/plain")).unwrap(), b"plain");
         assert_eq!(
             fs::metadata(dst.join("d/plain")).unwrap().mode() & 0o777,
@@ -431,7 +546,7 @@ mod tests {
             Path::new("../d/plain")
         );
         // Refuses to overwrite, and leaves the existing tree alone.
-        assert!(copy_tree(&src, &dst, None).is_err());
+        assert!(copy_tree(&src, &dst, None, None).is_err());
         assert!(dst.join("d/plain").exists());
         remove_tree(&dst).unwrap();
     }

@@ -540,7 +540,8 @@ pub fn import<'a>(
     for ((o, extra), read) in req.outputs.iter().zip(&extras).zip(&reads) {
         let options = DumpOptions {
             seal: true,
-            owner: req.owner,
+            // A copy made here is ours, whoever built the original.
+            owner: if *read == o.staged { req.owner } else { None },
             deadline: req.deadline,
             max_size: req.max_size.map(|m| m.saturating_sub(used)),
             progress: req.progress.cloned(),
@@ -747,8 +748,13 @@ fn copy_across_file_systems(
         // Nothing goes into the store if registration can't happen.
         registrar.ensure_running()?;
         remove_stale_outputs(req.location, std::slice::from_ref(&o.path))?;
-        fsops::copy_tree(&o.staged, real, req.deadline).map_err(|source| {
-            if source.kind() == io::ErrorKind::TimedOut {
+        fsops::copy_tree(&o.staged, real, req.deadline, req.max_size).map_err(|source| {
+            if source.kind() == io::ErrorKind::FileTooLarge {
+                ImportError::TooLarge {
+                    limit: req.max_size.unwrap_or(0),
+                    at_least: req.max_size.unwrap_or(0).saturating_add(1),
+                }
+            } else if source.kind() == io::ErrorKind::TimedOut {
                 ImportError::TimedOut {
                     path: o.path.to_string(),
                 }

@@ -333,6 +333,8 @@ struct Dumper<'s, S: ?Sized> {
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Bytes of archive written so far.
     written: u64,
+    /// Hard-linked files this pass made ours (see [`Dumper::seal_fd`]).
+    sealed: std::collections::HashSet<(u64, u64)>,
     rel: Vec<u8>,
 }
 
@@ -404,12 +406,19 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         }
     }
 
-    fn seal_fd(&self, fd: BorrowedFd<'_>, st: &FileStat, mode: u32) -> Result<(), NarError> {
+    fn seal_fd(&mut self, fd: BorrowedFd<'_>, st: &FileStat, mode: u32) -> Result<(), NarError> {
         let Some((uid, gid)) = self.seal else {
             return Ok(());
         };
+        let id = (st.st_dev, st.st_ino);
         if let Some(owner) = self.owner.filter(|&o| o != uid.as_raw()) {
             if st.st_uid != uid.as_raw() && st.st_uid != owner {
+                return Err(self.err(NarErrorKind::Ownership));
+            }
+            // A build that is not ours can only have a file of ours by
+            // hard-linking it in (where protected_hardlinks is off): unless
+            // this pass sealed it (another link to the same file).
+            if st.st_uid == uid.as_raw() && st.st_nlink > 1 && !self.sealed.contains(&id) {
                 return Err(self.err(NarErrorKind::Ownership));
             }
         }
@@ -417,6 +426,9 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         if st.st_uid != uid.as_raw() {
             fchown(fd, Some(uid), Some(gid)).map_err(|e| self.io("change the owner of", e))?;
             chowned = true;
+            if st.st_nlink > 1 {
+                self.sealed.insert(id);
+            }
         }
         if chowned || st.st_mode & 0o7777 != mode {
             fchmod(fd, Mode::from_bits_truncate(mode))
@@ -643,6 +655,7 @@ pub fn dump_path<S: NarSink + ?Sized>(
         max_size: options.max_size,
         progress: options.progress.clone(),
         written: 0,
+        sealed: std::collections::HashSet::new(),
         rel: Vec::new(),
     };
     let (parent, name) = match (path.parent(), path.file_name()) {

@@ -1290,3 +1290,63 @@ fn a_file_open_for_writing_is_refused() {
     assert!(!st.is_valid(&p));
     drop(held);
 }
+
+/// A build that is not root's can only have a file of root's in its
+/// output by hard-linking it (where protected_hardlinks is off): refused;
+/// two links to a file of its own are fine.
+#[test]
+fn a_hard_link_to_a_file_of_roots_is_refused() {
+    let st = TestStore::new();
+    let secret = st.stage.join("root-secret");
+    fs::write(&secret, b"root's").unwrap();
+    let p = st.path("linked");
+    let d = st.stage.join("linked");
+    fs::create_dir(&d).unwrap();
+    fs::hard_link(&secret, d.join("stolen")).unwrap();
+    let nobody = crate::util::lookup_user("nobody").unwrap().uid;
+    std::os::unix::fs::chown(&d, Some(nobody), None).unwrap();
+    let registrar = Registrar::spawn(&st.location).unwrap();
+    let err = import(
+        &ImportRequest {
+            location: &st.location,
+            deriver: None,
+            inputs: &[],
+            outputs: &[output("out", &p, &d, None)],
+            checks: &Default::default(),
+            owner: Some(nobody),
+            deadline: None,
+            max_size: None,
+            progress: None,
+        },
+        registrar,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("invalid ownership"), "{err}");
+    assert!(!st.is_valid(&p));
+    // Its own file, linked twice: imported.
+    let p = st.path("twice");
+    let d = st.stage.join("twice");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("a"), b"same").unwrap();
+    fs::hard_link(d.join("a"), d.join("b")).unwrap();
+    for e in ["", "a"] {
+        std::os::unix::fs::chown(d.join(e), Some(nobody), None).unwrap();
+    }
+    let registrar = Registrar::spawn(&st.location).unwrap();
+    import(
+        &ImportRequest {
+            location: &st.location,
+            deriver: None,
+            inputs: &[],
+            outputs: &[output("out", &p, &d, None)],
+            checks: &Default::default(),
+            owner: Some(nobody),
+            deadline: None,
+            max_size: None,
+            progress: None,
+        },
+        registrar,
+    )
+    .unwrap();
+    assert!(st.is_valid(&p));
+}

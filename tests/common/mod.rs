@@ -664,6 +664,8 @@ pub struct HostConfig {
     pub timeout: u64,
     pub allow_any_builder: bool,
     pub pass_env: Vec<String>,
+    /// `arg-paths` (`None`: the default, "inputs").
+    pub arg_paths: Option<&'static str>,
     /// Appended verbatim at the end of the executor table.
     pub extra: String,
 }
@@ -679,6 +681,7 @@ impl HostConfig {
             timeout: 60,
             allow_any_builder: false,
             pass_env: Vec::new(),
+            arg_paths: None,
             extra: String::new(),
         }
     }
@@ -700,6 +703,9 @@ impl HostConfig {
         let _ = writeln!(s, "timeout = {}", self.timeout);
         if self.allow_any_builder {
             let _ = writeln!(s, "allow-any-builder = true");
+        }
+        if let Some(a) = self.arg_paths {
+            let _ = writeln!(s, "arg-paths = {}", toml_str(a));
         }
         if !self.pass_env.is_empty() {
             let items: Vec<String> = self.pass_env.iter().map(|c| toml_str(c)).collect();
@@ -836,10 +842,14 @@ impl TestEnv {
     }
 
     /// The standard config: `escape-x` → `hostx`, command `run.sh`,
-    /// max-jobs 2, timeout 60.
+    /// max-jobs 2, timeout 60. run.sh evals its first argument, a shell
+    /// snippet with paths in it, so `arg-paths = "any"` (it is the tests'
+    /// deliberately unsafe command).
     pub fn standard_config(&self) -> HostConfig {
         let cmd = self.run_script();
-        HostConfig::new(&[cmd.to_str().unwrap()])
+        let mut c = HostConfig::new(&[cmd.to_str().unwrap()]);
+        c.arg_paths = Some("any");
+        c
     }
 
     /// Writes an executable script and returns its path.
