@@ -381,13 +381,18 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         }
     }
 
-    /// When sealing: refuses a file some process still has open for
-    /// writing. A read lease is granted only when nobody does (open
+    /// When sealing a tree another account built: refuses a file some
+    /// process still has open for writing. A read lease is granted only when nobody does (open
     /// descriptors and shared writable mappings alike), and once the file
     /// is sealed nobody else can open it for writing again. File systems
     /// without leases are taken as they are.
     fn check_not_open_for_writing(&self, fd: BorrowedFd<'_>) -> Result<(), NarError> {
-        if self.seal.is_none() {
+        // Only a tree another account built can have a writer we don't
+        // know of (ours, or root's own command's, has none left).
+        let Some((uid, _)) = self.seal else {
+            return Ok(());
+        };
+        if self.owner.is_none_or(|o| o == uid.as_raw()) {
             return Ok(());
         }
         use std::os::fd::AsRawFd;

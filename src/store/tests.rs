@@ -1283,9 +1283,27 @@ fn a_file_open_for_writing_is_refused() {
         .write(true)
         .open(d.join("file"))
         .unwrap();
-    let err = st
-        .import_limited(&[output("out", &p, &d, None)], None, None)
-        .unwrap_err();
+    // Built by another account (the one the build ran as).
+    let nobody = crate::util::lookup_user("nobody").unwrap().uid;
+    for e in ["", "file"] {
+        std::os::unix::fs::chown(d.join(e), Some(nobody), None).unwrap();
+    }
+    let registrar = Registrar::spawn(&st.location).unwrap();
+    let err = import(
+        &ImportRequest {
+            location: &st.location,
+            deriver: None,
+            inputs: &[],
+            outputs: &[output("out", &p, &d, None)],
+            checks: &Default::default(),
+            owner: Some(nobody),
+            deadline: None,
+            max_size: None,
+            progress: None,
+        },
+        registrar,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("still open for writing"), "{err}");
     assert!(!st.is_valid(&p));
     drop(held);
