@@ -1570,3 +1570,41 @@ fn waiting_for_a_slot_and_a_large_import_show_as_nix_activities() {
         "{raw}"
     );
 }
+
+/// nix-hatch's lines follow Nix's verbosity: its progress notes at the
+/// default, its detail from `-v`, nothing but errors with `--quiet`
+/// (the builder's own output is always kept).
+#[test]
+fn nix_hatch_lines_follow_nixs_verbosity() {
+    let env = TestEnv::new("verbosity");
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "verbosity.nix",
+        r#"{
+  quiet = escape { name = "verbosity-quiet"; script = ''echo "said ${nonce}"; echo ok > "$out"''; };
+  normal = escape { name = "verbosity-normal"; script = ''echo "said ${nonce}"; echo ok > "$out"''; };
+  verbose = escape { name = "verbosity-verbose"; script = ''echo "said ${nonce}"; echo ok > "$out"''; };
+}"#,
+    );
+    let said = format!("said {}", env.nonce);
+    for (attr, flag, building, detail) in [
+        ("quiet", "--quiet", false, false),
+        ("normal", "", true, false),
+        ("verbose", "-v", true, true),
+    ] {
+        let extra: Vec<&str> = if flag.is_empty() { vec![] } else { vec![flag] };
+        env.nix_build(&expr, &[attr], &extra).assert_ok();
+        let log = nix_log(&env.out_path(&expr, attr)).stdout;
+        assert!(log.contains(&said), "{attr}: {log}");
+        assert_eq!(
+            log.contains("nix-hatch: executor \"hostx\": building "),
+            building,
+            "{attr}: {log}"
+        );
+        assert_eq!(
+            log.contains("nix-hatch: executor \"hostx\": staging in "),
+            detail,
+            "{attr}: {log}"
+        );
+    }
+}

@@ -278,6 +278,22 @@ fn build(
         a.executor.kind.name(),
         a.slot.index
     );
+    tracing::debug!(
+        "staging in {}; timeout {}, max-silent-time {}; {} input paths, outputs {}",
+        staging.root.display(),
+        limits
+            .timeout
+            .map_or("none".to_owned(), |t| format!("{}s", t.as_secs())),
+        limits
+            .max_silent
+            .map_or("none".to_owned(), |t| format!("{}s", t.as_secs())),
+        a.job.inputs.len(),
+        outputs
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let req = BuildRequest {
         drv: &a.drv,
         executor: a.executor,
