@@ -217,6 +217,7 @@ fn import(work: &Work) -> Result<()> {
             checks: &Default::default(),
             owner: None,
             deadline: None,
+            cancel: None,
             max_size: None,
             progress: None,
         },

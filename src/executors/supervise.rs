@@ -105,6 +105,12 @@ impl Cancel {
     pub fn signalled() -> bool {
         SIGNALLED.load(Ordering::Relaxed)
     }
+
+    /// The flag behind [`Cancel::signalled`], for work that checks it
+    /// between steps (reading outputs into the store).
+    pub fn flag() -> &'static AtomicBool {
+        &SIGNALLED
+    }
 }
 
 static CANCEL_FD: AtomicI32 = AtomicI32::new(-1);

@@ -372,6 +372,9 @@ fn build(
                 checks: &checks,
                 owner: executors::output_owner(a.executor),
                 deadline,
+                // Nix >= 2.35 stops a hook with SIGTERM and SIGKILLs it
+                // 500 ms later: leave at once, with nothing in the store.
+                cancel: Some(Cancel::flag()),
                 max_size: a.executor.max_output_size,
                 progress: Some(&read),
             },
@@ -379,6 +382,7 @@ fn build(
         )
     };
     let registered = with_import_progress(a, &staged, &read, import).map_err(|e| match e {
+        store::ImportError::Cancelled => Failure::Cancelled,
         store::ImportError::TimedOut { .. } => Failure::TimedOut(format!(
             "{e}; timeout is {} seconds",
             limits.timeout.unwrap_or_default().as_secs()

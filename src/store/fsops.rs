@@ -282,7 +282,7 @@ pub(crate) fn move_into_place(from: &Path, to: &Path) -> io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {}
         Err(e) => return Err(e),
     }
-    copy_tree(from, to, None, None)?;
+    copy_tree(from, to, None, None, None)?;
     // The output is in place; a staged copy that can't be removed now is
     // left for the caller's clean-up of the staging directory.
     let _ = remove_tree(from);
@@ -315,7 +315,8 @@ fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Copy the tree at `from` to `to` (which must not exist), stopping with
-/// [`io::ErrorKind::TimedOut`] once `deadline` has passed and with
+/// [`io::ErrorKind::TimedOut`] once `deadline` has passed, with
+/// [`io::ErrorKind::Interrupted`] once `cancel` is set, and with
 /// [`io::ErrorKind::FileTooLarge`] before more than `max_bytes` of file
 /// contents are copied. The source is read through descriptors opened one
 /// level at a time without following symlinks, so a tree someone else can
@@ -325,10 +326,12 @@ pub(crate) fn copy_tree(
     from: &Path,
     to: &Path,
     deadline: Option<std::time::Instant>,
+    cancel: Option<&'static std::sync::atomic::AtomicBool>,
     max_bytes: Option<u64>,
 ) -> io::Result<()> {
     let mut copy = Copy {
         deadline,
+        cancel,
         max_bytes,
         copied: 0,
         created: false,
@@ -344,6 +347,7 @@ pub(crate) fn copy_tree(
 /// One [`copy_tree`].
 struct Copy {
     deadline: Option<std::time::Instant>,
+    cancel: Option<&'static std::sync::atomic::AtomicBool>,
     max_bytes: Option<u64>,
     copied: u64,
     created: bool,
@@ -362,6 +366,12 @@ struct CopyLevel {
 
 impl Copy {
     fn check(&self) -> io::Result<()> {
+        if self
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(io::Error::from(io::ErrorKind::Interrupted));
+        }
         match self.deadline {
             Some(d) if std::time::Instant::now() >= d => {
                 Err(io::Error::from(io::ErrorKind::TimedOut))
@@ -531,7 +541,7 @@ mod tests {
         fs::set_permissions(src.join("d/exe"), Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("../d/plain", src.join("d/e/link")).unwrap();
         let dst = tmp.path().join("dst");
-        copy_tree(&src, &dst, None, None).unwrap();
+        copy_tree(&src, &dst, None, None, None).unwrap();
         assert_eq!(fs::read(dst.join("d/plain")).unwrap(), b"plain");
         assert_eq!(
             fs::metadata(dst.join("d/plain")).unwrap().mode() & 0o777,
@@ -546,7 +556,7 @@ mod tests {
             Path::new("../d/plain")
         );
         // Refuses to overwrite, and leaves the existing tree alone.
-        assert!(copy_tree(&src, &dst, None, None).is_err());
+        assert!(copy_tree(&src, &dst, None, None, None).is_err());
         assert!(dst.join("d/plain").exists());
         remove_tree(&dst).unwrap();
     }

@@ -1,5 +1,5 @@
-//! Turning a finished build into valid store paths (DESIGN.md, "Turning a
-//! build into store paths").
+//! Turning a finished build into valid store paths (docs/architecture.md,
+//! "The accepted build").
 //!
 //! [`import`] takes the outputs an executor left in its staging area and:
 //!
@@ -176,6 +176,9 @@ pub struct ImportRequest<'a> {
     pub owner: Option<u32>,
     /// The build's `timeout` covers its import too: reading stops here.
     pub deadline: Option<std::time::Instant>,
+    /// Set when the hook is told to stop (SIGTERM): reading stops, and
+    /// nothing that was not in the store yet is left there.
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
     /// NAR bytes all outputs together may have (`max-output-size`).
     pub max_size: Option<u64>,
     /// Gets the file content bytes read added as they are read.
@@ -339,6 +342,9 @@ pub enum ImportError {
         /// The store path being read.
         path: String,
     },
+    /// The hook was told to stop during the import.
+    #[error("stopped while the outputs were being read into the store: the hook was told to stop")]
+    Cancelled,
     /// The outputs are larger than `max-output-size`.
     #[error("the outputs are larger than max-output-size: at least {at_least} bytes, the limit is {limit} (NAR bytes)")]
     TooLarge {
@@ -496,7 +502,11 @@ pub fn import<'a>(
     // What is hashed is what goes into the store: an output that must be
     // copied to another file system is copied first and read at its store
     // path (a copy made after hashing would read the staged files again).
-    let reads = copy_across_file_systems(req, &reals, &mut registrar)?;
+    let mut placed = Placed {
+        location,
+        paths: Vec::new(),
+    };
+    let reads = copy_across_file_systems(req, &reals, &mut registrar, &mut placed)?;
 
     // 1. Fixed-output preconditions.
     let mut extras: Vec<Option<ExtraHash>> = Vec::with_capacity(req.outputs.len());
@@ -543,6 +553,7 @@ pub fn import<'a>(
             // A copy made here is ours, whoever built the original.
             owner: if *read == o.staged { req.owner } else { None },
             deadline: req.deadline,
+            cancel: req.cancel,
             max_size: req.max_size.map(|m| m.saturating_sub(used)),
             progress: req.progress.cloned(),
         };
@@ -552,6 +563,7 @@ pub fn import<'a>(
                     NarErrorKind::TimedOut => ImportError::TimedOut {
                         path: o.path.to_string(),
                     },
+                    NarErrorKind::Cancelled => ImportError::Cancelled,
                     NarErrorKind::TooLarge { .. } => ImportError::TooLarge {
                         limit: req.max_size.unwrap_or(0),
                         at_least: req.max_size.unwrap_or(0).saturating_add(1),
@@ -670,6 +682,7 @@ pub fn import<'a>(
                 source,
             }
         })?;
+        placed.paths.push(req.outputs[i].path.clone());
     }
 
     crate::util::fault_point("mid-import");
@@ -695,8 +708,26 @@ pub fn import<'a>(
     }
     crate::timing::mark("import");
     registrar.register(records.as_bytes())?;
+    placed.paths.clear();
     crate::timing::mark("register");
     Ok(registered)
+}
+
+/// Outputs this import put at their store paths (copied there from
+/// another file system, or moved): removed again if the import fails or is
+/// stopped before they are registered, so that it leaves nothing in the
+/// store. Only invalid paths are removed (see [`remove_stale_outputs`]).
+struct Placed<'a> {
+    location: &'a StoreLocation,
+    paths: Vec<StorePath>,
+}
+
+impl Drop for Placed<'_> {
+    fn drop(&mut self) {
+        if !self.paths.is_empty() {
+            let _ = remove_stale_outputs(self.location, &self.paths);
+        }
+    }
 }
 
 /// The metadata of output `o` where it is read from (`at`); a missing one
@@ -726,6 +757,7 @@ fn copy_across_file_systems(
     req: &ImportRequest<'_>,
     reals: &[PathBuf],
     registrar: &mut Registrar,
+    placed: &mut Placed<'_>,
 ) -> Result<Vec<PathBuf>, ImportError> {
     let store_dev = std::fs::metadata(&req.location.real_store_dir)
         .map_err(|source| ImportError::Io {
@@ -748,24 +780,29 @@ fn copy_across_file_systems(
         // Nothing goes into the store if registration can't happen.
         registrar.ensure_running()?;
         remove_stale_outputs(req.location, std::slice::from_ref(&o.path))?;
-        fsops::copy_tree(&o.staged, real, req.deadline, req.max_size).map_err(|source| {
-            if source.kind() == io::ErrorKind::FileTooLarge {
-                ImportError::TooLarge {
-                    limit: req.max_size.unwrap_or(0),
-                    at_least: req.max_size.unwrap_or(0).saturating_add(1),
+        fsops::copy_tree(&o.staged, real, req.deadline, req.cancel, req.max_size).map_err(
+            |source| {
+                if source.kind() == io::ErrorKind::FileTooLarge {
+                    ImportError::TooLarge {
+                        limit: req.max_size.unwrap_or(0),
+                        at_least: req.max_size.unwrap_or(0).saturating_add(1),
+                    }
+                } else if source.kind() == io::ErrorKind::TimedOut {
+                    ImportError::TimedOut {
+                        path: o.path.to_string(),
+                    }
+                } else if source.kind() == io::ErrorKind::Interrupted {
+                    ImportError::Cancelled
+                } else {
+                    ImportError::Io {
+                        action: "copy the output into place at",
+                        path: real.display().to_string(),
+                        source,
+                    }
                 }
-            } else if source.kind() == io::ErrorKind::TimedOut {
-                ImportError::TimedOut {
-                    path: o.path.to_string(),
-                }
-            } else {
-                ImportError::Io {
-                    action: "copy the output into place at",
-                    path: real.display().to_string(),
-                    source,
-                }
-            }
-        })?;
+            },
+        )?;
+        placed.paths.push(o.path.clone());
         // The staged tree is not needed any more; what is left of it goes
         // with the staging dir.
         let _ = remove_tree(&o.staged);

@@ -176,6 +176,10 @@ pub struct DumpOptions {
     /// Stop with [`NarErrorKind::TimedOut`] once this instant has passed
     /// (checked between entries and every [`LIMIT_SLICE`] bytes of a file).
     pub deadline: Option<std::time::Instant>,
+    /// Stop with [`NarErrorKind::Cancelled`] once this is set (checked with
+    /// the deadline): the hook was told to stop, and Nix sends SIGKILL
+    /// 500 ms after its SIGTERM.
+    pub cancel: Option<&'static std::sync::atomic::AtomicBool>,
     /// Stop with [`NarErrorKind::TooLarge`] before the archive would grow
     /// past this many bytes.
     pub max_size: Option<u64>,
@@ -242,6 +246,9 @@ pub enum NarErrorKind {
     /// [`DumpOptions::deadline`] passed.
     #[error("ran out of time")]
     TimedOut,
+    /// [`DumpOptions::cancel`] was set.
+    #[error("stopped: the hook was told to stop")]
+    Cancelled,
     /// The archive would exceed [`DumpOptions::max_size`].
     #[error("past the size limit of {limit} bytes (NAR)")]
     TooLarge {
@@ -284,6 +291,9 @@ impl NarError {
                 "'{path}' is still open for writing by another process, which could change it after it was hashed"
             ),
             NarErrorKind::TimedOut => format!("ran out of time while reading '{path}'"),
+            NarErrorKind::Cancelled => {
+                format!("stopped while reading '{path}': the hook was told to stop")
+            }
             NarErrorKind::TooLarge { limit } => format!(
                 "'{path}' takes the outputs past the size limit of {limit} bytes (NAR)"
             ),
@@ -329,6 +339,7 @@ struct Dumper<'s, S: ?Sized> {
     seal: Option<(Uid, Gid)>,
     owner: Option<u32>,
     deadline: Option<std::time::Instant>,
+    cancel: Option<&'static std::sync::atomic::AtomicBool>,
     max_size: Option<u64>,
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     /// Bytes of archive written so far.
@@ -374,7 +385,13 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
         Ok(())
     }
 
-    fn check_deadline(&self) -> Result<(), NarError> {
+    fn check_stop(&self) -> Result<(), NarError> {
+        if self
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(self.err(NarErrorKind::Cancelled));
+        }
         match self.deadline {
             Some(d) if std::time::Instant::now() >= d => Err(self.err(NarErrorKind::TimedOut)),
             _ => Ok(()),
@@ -503,7 +520,7 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
             top.next += 1;
             let (child, hint) = std::mem::take(slot);
             self.push_rel(&child);
-            self.check_deadline()?;
+            self.check_stop()?;
             self.tokens(&[b"entry", b"(", b"name", child.as_bytes(), b"node"])?;
             match self.kind_of(top.dir.as_fd(), &child, hint)? {
                 Type::Directory => {
@@ -560,10 +577,11 @@ impl<S: NarSink + ?Sized> Dumper<'_, S> {
             return Err(self.err(NarErrorKind::Sink(e)));
         }
         let mut file = File::from(fd);
-        // In slices, so a deadline stops even a file of many gigabytes.
+        // In slices, so a deadline or a stop stops even a file of many
+        // gigabytes.
         let mut done = 0;
         while done < size {
-            self.check_deadline()?;
+            self.check_stop()?;
             let slice = (size - done).min(LIMIT_SLICE);
             self.sink.contents(&mut file, slice).map_err(|e| match e {
                 ContentsError::Read(source) => self.err(NarErrorKind::Io { op: "read", source }),
@@ -657,6 +675,7 @@ pub fn dump_path<S: NarSink + ?Sized>(
         seal: options.seal.then(|| (geteuid(), getegid())),
         owner: options.owner,
         deadline: options.deadline,
+        cancel: options.cancel,
         max_size: options.max_size,
         progress: options.progress.clone(),
         written: 0,

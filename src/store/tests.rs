@@ -227,6 +227,7 @@ impl TestStore {
                 checks: &Default::default(),
                 owner: None,
                 deadline: None,
+                cancel: None,
                 max_size: None,
                 progress: None,
             },
@@ -250,6 +251,7 @@ impl TestStore {
                 checks: &Default::default(),
                 owner: None,
                 deadline,
+                cancel: None,
                 max_size,
                 progress: None,
             },
@@ -968,6 +970,7 @@ fn registrar_failures_and_drop() {
             checks: &Default::default(),
             owner: None,
             deadline: None,
+            cancel: None,
             max_size: None,
             progress: None,
         },
@@ -1269,6 +1272,73 @@ fn deadline_stops_the_import() {
     assert!(!st.is_valid(&big));
 }
 
+/// The hook told to stop (SIGTERM) stops the import inside a large file,
+/// and leaves nothing at the store path — also for an output that was
+/// copied there from another file system before it was read.
+#[test]
+fn a_stop_ends_the_import_and_leaves_nothing_in_the_store() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    static STOP: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+    let st = TestStore::new();
+    let shm = tempfile::tempdir_in("/dev/shm").ok().filter(|t| {
+        fs::metadata(t.path()).unwrap().dev() != fs::metadata(&st.stage).unwrap().dev()
+    });
+    let mut stages = vec![("same-fs", st.stage.clone())];
+    match &shm {
+        Some(t) => stages.push(("other-fs", t.path().to_owned())),
+        None => eprintln!("no /dev/shm on another file system: only the same-fs case"),
+    }
+    for (i, (case, dir)) in stages.into_iter().enumerate() {
+        let big = st.path(&format!("stopped-{case}"));
+        let s = dir.join(format!("stopped-{case}"));
+        let f = fs::File::create(&s).unwrap();
+        f.set_len(if case == "same-fs" {
+            8 << 30
+        } else {
+            256 << 20
+        })
+        .unwrap();
+        drop(f);
+        let read = Arc::new(AtomicU64::new(0));
+        let stopper = {
+            let read = read.clone();
+            std::thread::spawn(move || {
+                // Once reading has begun (progress counts file bytes read).
+                while read.load(Ordering::Relaxed) == 0 {
+                    std::thread::park_timeout(std::time::Duration::from_millis(1));
+                }
+                STOP[i].store(true, Ordering::Relaxed);
+            })
+        };
+        let registrar = Registrar::spawn(&st.location).unwrap();
+        let outputs = [output("out", &big, &s, None)];
+        let err = import(
+            &ImportRequest {
+                location: &st.location,
+                deriver: None,
+                inputs: &[],
+                outputs: &outputs,
+                checks: &Default::default(),
+                owner: None,
+                deadline: None,
+                cancel: Some(&STOP[i]),
+                max_size: None,
+                progress: Some(&read),
+            },
+            registrar,
+        )
+        .unwrap_err();
+        stopper.join().unwrap();
+        assert!(matches!(err, ImportError::Cancelled), "{case}: {err}");
+        assert!(!st.is_valid(&big), "{case}");
+        assert!(
+            fs::symlink_metadata(st.real(&big)).is_err(),
+            "{case}: left at its store path"
+        );
+    }
+}
+
 /// A file someone still holds open for writing could be changed after it
 /// was hashed: the import refuses it.
 #[test]
@@ -1298,6 +1368,7 @@ fn a_file_open_for_writing_is_refused() {
             checks: &Default::default(),
             owner: Some(nobody),
             deadline: None,
+            cancel: None,
             max_size: None,
             progress: None,
         },
@@ -1333,6 +1404,7 @@ fn a_hard_link_to_a_file_of_roots_is_refused() {
             checks: &Default::default(),
             owner: Some(nobody),
             deadline: None,
+            cancel: None,
             max_size: None,
             progress: None,
         },
@@ -1360,6 +1432,7 @@ fn a_hard_link_to_a_file_of_roots_is_refused() {
             checks: &Default::default(),
             owner: Some(nobody),
             deadline: None,
+            cancel: None,
             max_size: None,
             progress: None,
         },
