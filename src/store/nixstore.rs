@@ -107,6 +107,17 @@ impl Registrar {
         })
     }
 
+    /// Waits until `nix-store` has exited by itself (tests: a registrar
+    /// that can't open its store), leaving its stdin open.
+    #[cfg(test)]
+    pub(crate) fn wait_until_exited(&mut self) {
+        if let Some(child) = &mut self.child {
+            while matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+
     /// Write `records`, close stdin and wait for `nix-store`.
     pub(crate) fn register(mut self, records: &[u8]) -> Result<(), ImportError> {
         let Some(mut child) = self.child.take() else {

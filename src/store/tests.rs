@@ -956,8 +956,8 @@ fn registrar_failures_and_drop() {
     // moved into place.
     let mut loc = st.location.clone();
     loc.store_uri = Some("bogus://nowhere".into());
-    let registrar = Registrar::spawn(&loc).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut registrar = Registrar::spawn(&loc).unwrap();
+    registrar.wait_until_exited();
     let late = st.path("late");
     let s = st.stage.join("late");
     fs::write(&s, b"late").unwrap();
