@@ -411,6 +411,45 @@ fn failing_command_fails_build_shows_log_tail_and_leaves_no_output() {
     assert_no_staging_leftovers(&env);
 }
 
+/// A build that floods its log right before it fails: Nix stops reading
+/// the log once the hook's stderr ends, so the hook waits for Nix to have
+/// read it all before it exits — the lines saying why the build failed are
+/// in what Nix prints and in `nix log`, not lost in the pipe.
+#[test]
+fn a_build_that_floods_its_log_still_shows_why_it_failed() {
+    let env = TestEnv::new("flood");
+    let mut cfg = env.standard_config();
+    cfg.max_jobs = 3;
+    env.write_host_config(&cfg);
+    // Three at once: one Nix process reads all three logs, so it falls
+    // behind and each hook exits with its log pipe full.
+    let one = |n: u32| {
+        format!(
+            r#"f{n} = escape {{ name = "flood-{n}"; script = ''
+    head -c 1500000 /dev/zero | tr '\0' '\n'
+    echo "the very last words {n} ${{nonce}}"
+    exit 7
+  ''; }};"#
+        )
+    };
+    let expr = env.write_expr(
+        "flood.nix",
+        &format!("{{ {} {} {} }}", one(1), one(2), one(3)),
+    );
+    let out = env.nix_build(&expr, &["f1", "f2", "f3"], &["-j", "3", "--keep-going"]);
+    out.assert_failed();
+    for n in 1..=3 {
+        let drv = env.drv_path(&expr, &format!("f{n}"));
+        out.assert_stderr_contains(&format!("the very last words {n} {}", env.nonce));
+        let log = nix_log(&drv).stdout;
+        let tail = log.trim_end().rsplit('\n').take(3).collect::<Vec<_>>();
+        assert!(
+            log.contains("command failed with exit code 7"),
+            "f{n}: not in nix log; it ends with {tail:?}"
+        );
+    }
+}
+
 #[test]
 fn timeout_kills_command_and_its_background_children() {
     let env = TestEnv::new("timeout");

@@ -78,6 +78,7 @@ impl Builder for RealBuilder {
             })
             .collect();
         write_record(&a.config.state_dir, &record);
+        log_read_by_nix();
         code
     }
 
@@ -96,8 +97,19 @@ impl Builder for RealBuilder {
         );
         record.set_reason(&r.reason);
         write_record(&r.config.state_dir, &record);
+        log_read_by_nix();
         // A permanent failure: Nix neither retries nor builds it elsewhere.
         100
+    }
+}
+
+/// Before the hook exits: Nix has read the whole build log (see
+/// [`crate::protocol::buildlog::wait_until_read`]) — unless Nix is
+/// stopping the hook (SIGTERM), when it reads nothing more and SIGKILLs
+/// the hook 500 ms later.
+fn log_read_by_nix() {
+    if !Cancel::signalled() {
+        crate::protocol::buildlog::wait_until_read(crate::protocol::buildlog::READ_WAIT);
     }
 }
 

@@ -15,6 +15,34 @@ use crate::protocol::log::{msg_line, Level};
 
 pub const LOG_FD: i32 = 4;
 
+/// How long a finished hook waits for Nix to read the rest of its log
+/// ([`wait_until_read`]).
+pub const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits, at most `limit`, until Nix has read everything written to the
+/// build log (fd 4), so that nothing written to it is lost when the hook
+/// exits.
+///
+/// Nix stops reading the log as soon as the hook's stderr ends, at its
+/// exit, and reads at most 4 KiB per round: whatever is still in the pipe
+/// then is missing from what Nix prints and from `nix log` alike. After a
+/// builder that floods its output, that is the tail — the lines saying
+/// why the build failed. A pipe has no event for "empty", so this looks
+/// every millisecond (`FIONREAD`); at once when it is empty or not a pipe.
+pub fn wait_until_read(limit: std::time::Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let mut unread: nix::libc::c_int = 0;
+        // SAFETY: FIONREAD on fd 4 writes one int; on a closed or
+        // non-pipe descriptor it fails, which ends the wait.
+        let ok = unsafe { nix::libc::ioctl(LOG_FD, nix::libc::FIONREAD, &mut unread) } == 0;
+        if !ok || unread <= 0 || start.elapsed() >= limit {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Where a build's output goes: the builder's bytes as they come.
 pub trait LogSink {
     /// Builder output, passed through as it comes.
