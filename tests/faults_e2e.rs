@@ -1,5 +1,6 @@
-//! Faults: the hook killed at every stage, SIGTERM mid-build, a full state
-//! dir, and load through one daemon. Whatever happens, the store stays
+//! Faults: the hook killed at every stage, SIGTERM mid-build, Nix stopping
+//! the hook (both ways Nix does it), a full state dir, and load through one
+//! daemon. Whatever happens, the store stays
 //! consistent (no valid path without its contents, no half-registered
 //! output), no build process survives, and staging is cleaned (at once, or
 //! by the next build).
@@ -8,7 +9,7 @@ mod common;
 
 use common::*;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -201,6 +202,240 @@ fn nix_killed_mid_build_stops_the_hook_and_the_command() {
         staging_entries(&env).is_empty(),
         "staging left: {:?}",
         staging_entries(&env)
+    );
+}
+
+/// Live processes running as `uid`.
+fn processes_of_uid(uid: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let real_uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if real_uid == Some(uid) && pid_alive(pid) {
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// The account the jail of the stop tests runs as: only these tests use
+/// it, so every process it has is one of their builds.
+const STOP_JAIL_USER: &str = "nhtest-stop";
+
+/// Nix stopping the hook while the build runs (it no longer needs it: the
+/// user interrupted, another build failed), both ways Nix does it, for a
+/// host command and a jailed builder: nothing of the build keeps running,
+/// the output is not valid and not on disk, and the next hook start leaves
+/// staging empty.
+#[test]
+fn nix_stopping_the_hook_mid_build_leaves_nothing_running() {
+    let (jail_uid, _) = test_account(STOP_JAIL_USER, &[]);
+    for stop in NIX_STOPS {
+        for kind in ["host", "jail"] {
+            let env = TestEnv::new(&format!("stop-{kind}-{stop:?}"));
+            std::os::unix::fs::symlink("/bin/sleep", env.path("long-sleep")).unwrap();
+            // `next` goes through the same executor: a later hook start.
+            let (expr, attr) = if kind == "host" {
+                env.write_host_config(&env.standard_config());
+                let e = env.write_expr(
+                    "stop.nix",
+                    r#"{
+  s = escape { name = "stopped"; script = ''"@DIR@/long-sleep" 600; echo late > "$out"''; };
+  next = escape { name = "stopped-next"; script = "echo > $out"; };
+}"#,
+                );
+                (e, "s")
+            } else {
+                write_jail_config(&env, STOP_JAIL_USER, "");
+                // A child in the background too: the whole jail must go.
+                let e = jail_expr(
+                    &env,
+                    "stop.nix",
+                    r#"{
+  j = jailed { name = "stopped-jail"; script = "sleep 600 & sleep 600; echo late > $out"; };
+  next = jailed { name = "stopped-next"; script = "echo > $out"; };
+}"#,
+                );
+                (e, "j")
+            };
+            let want = env.out_path(&expr, attr);
+            let mut cmd = env.nix_build_command(&expr, &[attr], &[]);
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let mut build = cmd.spawn().unwrap();
+            let sleeper = env.path("long-sleep").to_string_lossy().into_owned();
+            let running = || {
+                if kind == "host" {
+                    processes_mentioning(&sleeper)
+                } else {
+                    processes_of_uid(jail_uid)
+                }
+            };
+            let sleeping = || {
+                running()
+                    .iter()
+                    .filter(|(_, cmd)| cmd.contains("sleep 600"))
+                    .count()
+            };
+            assert!(
+                wait_until(Duration::from_secs(60), || sleeping()
+                    >= if kind == "host" { 1 } else { 2 }),
+                "{kind} {stop:?}: the build never started"
+            );
+            let hook = nix_started_hook(&env);
+            stop.stop(hook);
+            assert!(!build.wait().unwrap().success());
+            assert!(
+                wait_until(Duration::from_secs(10), || running().is_empty()
+                    && build_processes(&env, &sleeper).is_empty()),
+                "{kind} {stop:?}: still running after Nix stopped the hook: {:?} {:?}",
+                running(),
+                build_processes(&env, &sleeper)
+            );
+            assert!(!is_valid(&want), "{kind} {stop:?}");
+            assert!(!exists_on_disk(&want), "{kind} {stop:?}: {want} on disk");
+            // The next hook start removes what a killed hook left.
+            env.nix_build(&expr, &["next"], &[]).assert_ok();
+            assert!(
+                staging_entries(&env).is_empty(),
+                "{kind} {stop:?}: staging left: {:?}",
+                staging_entries(&env)
+            );
+        }
+    }
+}
+
+/// A build whose output takes seconds to read into the store (a sparse
+/// 4 GiB file: hashing reads every byte), started with Nix's activity log
+/// on; returns once the hook has begun reading it, with the output path.
+fn spawn_build_in_import(
+    env: &TestEnv,
+) -> (
+    std::process::Child,
+    std::thread::JoinHandle<String>,
+    String,
+    PathBuf,
+) {
+    use std::io::BufRead;
+    env.write_host_config(&env.standard_config());
+    let expr = env.write_expr(
+        "import.nix",
+        r#"{
+  big = escape { name = "stopped-import"; script = ''truncate -s 4G "$out"''; };
+  next = escape { name = "stopped-import-next"; script = "echo > $out"; };
+}"#,
+    );
+    let want = env.out_path(&expr, "big");
+    let drv = env.drv_path(&expr, "big");
+    let mut cmd = env.nix_build_command(&expr, &["big"], &["--log-format", "internal-json"]);
+    let mut build = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = build.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut raw = String::new();
+        let needle = format!("reading the outputs of '{drv}' into the store");
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&needle) {
+                let _ = tx.send(());
+            }
+            raw.push_str(&line);
+            raw.push('\n');
+        }
+        raw
+    });
+    if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        let _ = build.kill();
+        panic!("the import never began:\n{}", reader.join().unwrap());
+    }
+    (build, reader, want, expr)
+}
+
+/// Nix stopping the hook while it reads the outputs into the store, both
+/// ways: the output is neither valid nor on disk, nothing keeps running,
+/// and the next hook start leaves staging empty.
+#[test]
+fn nix_stopping_the_hook_mid_import_leaves_no_output() {
+    for stop in NIX_STOPS {
+        let env = TestEnv::new(&format!("stop-import-{stop:?}"));
+        let (mut build, reader, want, expr) = spawn_build_in_import(&env);
+        let hook = nix_started_hook(&env);
+        stop.stop(hook);
+        assert!(!build.wait().unwrap().success());
+        let raw = reader.join().unwrap();
+        let dir = env.root().to_string_lossy().into_owned();
+        assert!(
+            wait_until(Duration::from_secs(10), || build_processes(&env, &dir)
+                .is_empty()),
+            "{stop:?}: still running: {:?}",
+            build_processes(&env, &dir)
+        );
+        assert!(!is_valid(&want), "{stop:?}");
+        assert!(!exists_on_disk(&want), "{stop:?}: {want} on disk\n{raw}");
+        env.nix_build(&expr, &["next"], &[]).assert_ok();
+        assert!(
+            staging_entries(&env).is_empty(),
+            "{stop:?}: staging left: {:?}",
+            staging_entries(&env)
+        );
+    }
+}
+
+/// What the hook does with the 500 ms Nix >= 2.35 gives it after SIGTERM
+/// (here without the SIGKILL, so that its own clean-up is what is seen):
+/// mid-import it stops reading, leaves nothing in the store or in staging,
+/// and records the attempt as stopped.
+#[test]
+fn sigterm_mid_import_ends_the_build_cleanly() {
+    let env = TestEnv::new("term-import");
+    let (mut build, reader, want, _) = spawn_build_in_import(&env);
+    let hook = nix_started_hook(&env);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-(hook as i32)),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(!build.wait().unwrap().success());
+    let raw = reader.join().unwrap();
+    assert!(
+        raw.contains("build cancelled by signal"),
+        "no reason in the build log:\n{raw}"
+    );
+    // The hook exited by itself: it cleaned up before it did.
+    assert!(hooks_of(&env).is_empty(), "{:?}", hooks_of(&env));
+    assert!(
+        staging_entries(&env).is_empty(),
+        "staging left: {:?}",
+        staging_entries(&env)
+    );
+    assert!(!is_valid(&want));
+    assert!(!exists_on_disk(&want), "{want} on disk");
+    let audit = read(env.state_dir().join("audit.jsonl"));
+    let record: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(record["result"], "error", "{audit}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cancelled by signal")),
+        "{audit}"
     );
 }
 

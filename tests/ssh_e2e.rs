@@ -649,6 +649,53 @@ fn timeout_kills_the_remote_command_and_its_children() {
     remote.assert_clean();
 }
 
+/// Nix stopping the hook mid-build (both ways Nix does it, see
+/// [`NixStop`]): the connection goes with the hook, and the agent ends the
+/// far command and what it started in the background; nothing is
+/// registered, and the next hook start leaves no staging dir.
+#[test]
+fn nix_stopping_the_hook_ends_the_far_command() {
+    for stop in NIX_STOPS {
+        let env = TestEnv::new(&format!("ssh-stop-{stop:?}"));
+        let remote = Remote::start(&env);
+        let agent = remote.agent(&env, "agent.sh", "");
+        remote.good_config(&env, &agent);
+        let e = expr(
+            &env,
+            "stop.nix",
+            &format!(
+                "{{ d = {}; next = {}; }}",
+                remote_drv("ssh-stop", "sleep 300 & sleep 302"),
+                remote_drv("ssh-stop-next", "echo x > $out")
+            ),
+        );
+        let out_path = env.out_path(&e, "d");
+        let mut cmd = env.nix_build_command(&e, &["d"], &[]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut build = cmd.spawn().unwrap();
+        let tmp = remote.tmp.to_string_lossy().into_owned();
+        assert!(
+            wait_until(Duration::from_secs(60), || processes_with_env(&tmp)
+                .iter()
+                .filter(|p| p
+                    .split_once(": ")
+                    .is_some_and(|(_, cmd)| cmd.starts_with("sleep 30")))
+                .count()
+                == 2),
+            "{stop:?}: the far command never started: {:?}",
+            processes_with_env(&tmp)
+        );
+        stop.stop(nix_started_hook(&env));
+        assert!(!build.wait().unwrap().success());
+        remote.assert_clean();
+        // The next hook start removes what a killed hook left in staging.
+        env.nix_build(&e, &["next"], &[]).assert_ok();
+        assert_nothing_registered(&env, &out_path);
+    }
+}
+
 #[test]
 fn check_validates_files_and_connect_reports_each_executor() {
     let env = TestEnv::new("ssh-check");

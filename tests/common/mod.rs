@@ -1229,3 +1229,95 @@ pub fn hooks_of(env: &TestEnv) -> Vec<u32> {
         })
         .collect()
 }
+
+/// How Nix stops a hook it no longer needs (the user interrupted, another
+/// build failed, Nix exits): `HookInstance`'s destructor kills the hook's
+/// process group (Nix makes the hook a group leader).
+#[derive(Clone, Copy, Debug)]
+pub enum NixStop {
+    /// Nix <= 2.34: SIGKILL to the group at once.
+    Kill,
+    /// Nix >= 2.35 (NixOS/nix#15105): SIGTERM to the group, then SIGKILL
+    /// to it 500 ms later unless the hook has exited.
+    TermThenKill,
+}
+
+/// Both ways, so every version's behaviour is tested on each Nix here.
+pub const NIX_STOPS: [NixStop; 2] = [NixStop::Kill, NixStop::TermThenKill];
+
+impl NixStop {
+    /// Stops `hook` (the process Nix started, see [`nix_started_hook`]) the
+    /// way Nix does; returns whether it took the SIGKILL.
+    pub fn stop(self, hook: u32) -> bool {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let group = Pid::from_raw(-(hook as i32));
+        match self {
+            NixStop::Kill => {
+                kill(group, Signal::SIGKILL).expect("killing the hook's process group");
+                true
+            }
+            NixStop::TermThenKill => {
+                // Nix waits for the hook itself (waitpid), not its group.
+                let pidfd = pidfd(hook);
+                kill(group, Signal::SIGTERM).expect("signalling the hook's process group");
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&pidfd),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let exited = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(500u16))
+                    .is_ok_and(|n| n > 0);
+                if !exited {
+                    let _ = kill(group, Signal::SIGKILL);
+                }
+                !exited
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid` (readable once it has exited, child or not).
+fn pidfd(pid: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just gave us this descriptor.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// The hook process Nix started for `env` (a process group leader; its
+/// runner helpers are not), once there is exactly one.
+pub fn nix_started_hook(env: &TestEnv) -> u32 {
+    let leaders = || {
+        hooks_of(env)
+            .into_iter()
+            .filter(|&p| {
+                nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(p as i32)))
+                    .is_ok_and(|g| g.as_raw() == p as i32)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || leaders().len() == 1),
+        "not exactly one hook process of {}: {:?}",
+        env.root().display(),
+        leaders()
+    );
+    leaders()[0]
+}
+
+/// Everything of `env`'s builds still running: processes mentioning
+/// `marker` or the env's dir (commands, runners, staging paths) and hooks.
+pub fn build_processes(env: &TestEnv, marker: &str) -> Vec<(u32, String)> {
+    let mut all = processes_mentioning(marker);
+    all.extend(processes_mentioning(&env.root().to_string_lossy()));
+    all.extend(hooks_of(env).into_iter().map(|p| (p, "hook".to_owned())));
+    all.sort();
+    all.dedup();
+    all
+}
