@@ -1,5 +1,5 @@
-//! The record of every escape attempt (DESIGN.md, "Who asked, and the
-//! record of it"): `state-dir/audit.jsonl`, one JSON object per line, read
+//! The record of every escape attempt (docs/architecture.md, "Who
+//! asked, and the record"): `state-dir/audit.jsonl`, one JSON object per line, read
 //! back by `nix-hatch audit`.
 //!
 //! A record is written with one `write(2)` on a file opened `O_APPEND`, so

@@ -1,6 +1,6 @@
 //! Reading a `.drv` and preparing what its builder sees: the output paths
-//! and the environment Nix itself would give it (DESIGN.md "Builder
-//! environment").
+//! and the environment Nix itself would give it (docs/architecture.md,
+//! "Builder environment").
 //!
 //! The `.drv`'s path and its output paths enter nix-hatch here and leave
 //! as [`StorePath`]s. Errors: `anyhow`, one line with context, since no

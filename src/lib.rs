@@ -2,11 +2,11 @@
 //! escape feature to admin-defined executors, and leaves every other
 //! derivation where Nix would have built it.
 //!
-//! Layout (see DESIGN.md): `config` (the bottom layer: the admin's
-//! configuration, data and parsing only) is read by everything above it;
-//! `protocol` speaks Nix's hook wire format, `hook` is the state machine
-//! Nix talks to, `executors` run accepted builds, `store` turns a finished
-//! build into valid store paths.
+//! Layout (docs/architecture.md, "Modules"): `config` (the bottom layer:
+//! the admin's configuration, data and parsing only) is read by everything
+//! above it; `protocol` speaks Nix's hook wire format, `hook` is the state
+//! machine Nix talks to, `executors` run accepted builds, `store` turns a
+//! finished build into valid store paths.
 
 pub mod audit;
 pub mod cli;

@@ -1,5 +1,5 @@
 //! The `jail` executor: the derivation's own builder in bubblewrap, with
-//! exactly the powers the admin granted (DESIGN.md "Jail contract").
+//! exactly the powers the admin granted (docs/architecture.md, "Jail contract").
 //!
 //! bwrap is started as the executor's account (never root) and builds its
 //! sandbox in an unprivileged user namespace, so the builder is uid 1000

@@ -1,5 +1,5 @@
-//! Who asked for the build (DESIGN.md, "Who asked, and the record of
-//! it"): the account behind the hook's `try`s, found once per hook process.
+//! Who asked for the build (docs/architecture.md, "Who asked, and
+//! the record"): the account behind the hook's `try`s, found once per hook process.
 //!
 //! Nix forks the hook from the process that runs the build (Nix 2.8 and
 //! 2.26 alike, `HookInstance`): under nix-daemon that is the daemon's

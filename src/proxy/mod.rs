@@ -1,4 +1,4 @@
-//! The network policy proxy for `network = "proxy"` jails (DESIGN.md,
+//! The network policy proxy for `network = "proxy"` jails (docs/architecture.md,
 //! "Jail contract"): the jail's network namespace has only loopback, and
 //! the one way out is this build's proxy, listening on 127.0.0.1:3128 in
 //! that namespace and announced in `http_proxy`/`https_proxy` (and the
