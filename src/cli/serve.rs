@@ -7,7 +7,7 @@
 //! sends the .drv closure instead of a bare derivation (Nix ≥ 2.16 there,
 //! NixOS/nix#3921). A trusted account gets a bare derivation
 //! (`BuildDerivation`), which never reaches a build hook: its clients see
-//! "a '…' with features {…} is required to build". So a remote client in
+//! the far Nix fail it for missing system features. So a remote client in
 //! `trusted-users` is the one mistake that silently turns this off.
 
 use crate::config::Config;
@@ -53,8 +53,9 @@ pub fn lines(
         if who.uid == Some(0) || access::allows(&trusted_entries, &who) {
             out.push(format!(
                 "warning: remote client {name} is trusted by Nix (trusted-users: {}): its clients' Nix sends bare \
-                 derivations, which never reach nix-hatch, and their escape builds fail with \"a '…' with features \
-                 {{…}} is required to build\"; remove {name} from trusted-users (directly, by group or *)",
+                 derivations, which never reach nix-hatch, and their escape builds fail for missing system features \
+                 (\"a '…' with features {{…}} is required to build\", or \"Reason: missing system features\"); \
+                 remove {name} from trusted-users (directly, by group or *)",
                 trusted_entries.join(" ")
             ));
             continue;
@@ -182,7 +183,7 @@ allowed-users = ["@builders"]
                     w.starts_with(&format!("warning: remote client {name} is trusted by Nix (trusted-users: {trusted}): ")),
                     "{w}"
                 );
-                assert!(w.contains("is required to build"), "{w}");
+                assert!(w.contains("missing system features"), "{w}");
                 assert!(
                     w.ends_with(&format!(
                         "remove {name} from trusted-users (directly, by group or *)"
