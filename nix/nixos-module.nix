@@ -1,4 +1,6 @@
-# NixOS module: services.nix-hatch (the build hook on this machine) and
+# NixOS module: services.nix-hatch (the build hook on this machine),
+# services.nix-hatch.remoteClients (accounts other machines build through,
+# `ssh-ng://ACCOUNT@this-machine` in their `builders`) and
 # services.nix-hatch.agent (the far side of other machines' `ssh` executors).
 #
 #   services.nix-hatch = {
@@ -20,8 +22,9 @@ let
   cfg = config.services.nix-hatch;
   settingsFormat = pkgs.formats.toml { };
 
+  remoteClientNames = lib.attrNames cfg.remoteClients;
   settings = render.complete {
-    settings = cfg.settings;
+    settings = render.withRemoteClients remoteClientNames cfg.settings;
     bwrap = "${cfg.bubblewrap}/bin/bwrap";
   };
   configFile = pkgs.writeText "nix-hatch-config.toml" (render.toTOML settings);
@@ -29,6 +32,9 @@ let
   localUsers = render.localUsers settings;
 
   nixPackage = config.nix.package;
+  # A remote client's key runs this and nothing else: the daemon protocol
+  # on stdio, as the account (untrusted: see remoteClients).
+  daemonStdio = "${nixPackage}/bin/nix-daemon --stdio";
   nixId = { pname = nixPackage.pname or "nix"; version = nixPackage.version or "0"; };
 
   systemFeatures =
@@ -137,6 +143,36 @@ in
       '';
     };
 
+    remoteClients = mkOption {
+      type = types.attrsOf (types.submodule {
+        options.authorizedKeys = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "ssh-ed25519 AAAAC3Nza… root@client-1" ];
+          description = "Public keys of the client machines that log in as this account (the `sshKey` of their `nix.buildMachines` entry).";
+        };
+      });
+      default = { };
+      example = literalExpression ''
+        { fleet.authorizedKeys = [ "ssh-ed25519 AAAAC3Nza… root@client-1" "ssh-ed25519 AAAAC3Nza… root@client-2" ]; }
+      '';
+      description = ''
+        Accounts other machines log in as to have their escape derivations
+        built here: they list this machine as
+        `ssh-ng://ACCOUNT@this-machine` in `builders` (`nix.buildMachines`
+        with `protocol = "ssh-ng"`, one entry per escape feature, each in
+        `supportedFeatures` and `mandatoryFeatures`). Each account is a
+        system user whose keys may only run `nix-daemon --stdio` (forced
+        command, `restrict`); it must not be trusted by Nix (a trusted
+        client's Nix sends bare derivations, which never reach nix-hatch)
+        and must be allowed to connect (`nix.settings.allowed-users`; the
+        default `*` is): evaluation fails otherwise. The accounts are
+        written to the config's `remote-clients`, which `nix-hatch check`
+        checks. Name them in executors' `allowed-users` to let their
+        clients use those executors.
+      '';
+    };
+
     agent = {
       enable = mkEnableOption ''
         the far side of `ssh` executors: an account whose authorized keys
@@ -193,6 +229,41 @@ in
         description = lib.mkOverride 1100 "nix-hatch executor account";
       }));
       users.groups = mkIf (cfg.createUsers && localUsers != [ ]) { nix-hatch = { }; };
+    })
+
+    (mkIf (cfg.remoteClients != { }) {
+      assertions =
+        [{
+          assertion = cfg.enable;
+          message = "services.nix-hatch.remoteClients: needs services.nix-hatch.enable (the hook that builds the clients' escapes).";
+        }]
+        ++ map
+          (message: { assertion = false; message = "services.nix-hatch: ${message}"; })
+          (render.remoteClientProblems {
+            clients = remoteClientNames;
+            trustedUsers = config.nix.settings.trusted-users or [ "root" ];
+            allowedUsers = config.nix.settings.allowed-users or [ "*" ];
+            groups = lib.genAttrs remoteClientNames (name:
+              let u = config.users.users.${name}; in [ u.group ] ++ (u.extraGroups or [ ]));
+            nix = nixId;
+          });
+      services.openssh.enable = mkDefault true;
+      users.users = lib.mapAttrs
+        (name: client: {
+          isSystemUser = mkDefault true;
+          group = lib.mkOverride 1100 "nix-hatch-clients";
+          description = mkDefault "nix-hatch remote client (other machines' builds)";
+          # sshd runs the forced command through the account's shell.
+          useDefaultShell = mkDefault true;
+          home = mkDefault "/var/empty";
+          openssh.authorizedKeys.keys = map (render.restrictKey daemonStdio) client.authorizedKeys;
+        })
+        cfg.remoteClients;
+      users.groups.nix-hatch-clients = { };
+      warnings = lib.concatMap
+        (name: lib.optional (cfg.remoteClients.${name}.authorizedKeys == [ ])
+          "services.nix-hatch.remoteClients.${name} has no authorizedKeys: no machine can log in as it.")
+        remoteClientNames;
     })
 
     (mkIf cfg.agent.enable {

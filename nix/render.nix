@@ -274,4 +274,40 @@ rec {
   # only run the agent wrapper, with no pty, forwarding or agent.
   restrictKey = wrapper: key: "command=\"${wrapper}\",restrict ${key}";
 
+  # The settings with `remote-clients` naming `clients` too (the accounts
+  # of services.nix-hatch.remoteClients), so `nix-hatch check` knows them.
+  withRemoteClients = clients: settings:
+    if clients == [ ] then settings
+    else
+      let
+        own = settings."remote-clients" or [ ];
+        all = (if isList own then own else [ own ]) ++ clients;
+      in
+      settings // { "remote-clients" = foldl' (acc: c: if elem c acc then acc else acc ++ [ c ]) [ ] all; };
+
+  # What keeps other machines' escapes from reaching nix-hatch through the
+  # accounts they log in as (`clients`), one message each: an account in
+  # Nix's trusted-users (its clients' Nix then sends bare derivations,
+  # which never reach a build hook), one Nix's allowed-users turns away,
+  # or a Nix whose daemon does not tell clients whether they are trusted
+  # (before 2.15, NixOS/nix#7515). `groups`: account → its group names.
+  remoteClientProblems = { clients, trustedUsers ? [ "root" ], allowedUsers ? [ "*" ], groups ? { }, nix ? { } }:
+    let
+      matches = entries: name: any
+        (e: e == "*" || e == name
+          || (substring 0 1 e == "@" && elem (substring 1 (stringLength e) e) (groups.${name} or [ ])))
+        (words entries);
+      showList = entries: concatStringsSep " " (words entries);
+    in
+    (if clients != [ ] && (nix.pname or "nix") == "nix" && nix ? version && !(atLeast nix.version "2.15")
+     then [ "remoteClients: Nix ${nix.version} does not tell clients whether they are trusted (Nix >= 2.15, NixOS/nix#7515): their Nix would send bare derivations, which never reach nix-hatch. Use Nix >= 2.15 (nix.package)." ]
+     else [ ])
+    ++ concatMap
+      (name:
+        if name == "root" then [ "remoteClients.root: root is always trusted by Nix, so its clients' escapes would never reach nix-hatch; use an account of its own." ]
+        else if matches trustedUsers name then [ "remoteClients.${name} is trusted by Nix (nix.settings.trusted-users: ${showList trustedUsers}): its clients' Nix would send bare derivations, which never reach nix-hatch, and their escape builds would fail for missing system features. Remove ${name} from trusted-users (directly, by group or \"*\")." ]
+        else if !(matches allowedUsers name) then [ "remoteClients.${name} is not in nix.settings.allowed-users (${showList allowedUsers}): nix-daemon would refuse its connections. Add \"${name}\" (or its group) to allowed-users." ]
+        else [ ])
+      clients;
+
 }

@@ -90,6 +90,7 @@ fn every_nix_file_parses() {
         "tests/nixos-vm/host.nix",
         "tests/nixos-vm/jail-proxy.nix",
         "tests/nixos-vm/ssh.nix",
+        "tests/nixos-vm/serve.nix",
         "tests/nixos-module-eval.nix",
     ] {
         assert!(
@@ -411,6 +412,63 @@ fn module_helpers_users_defaults_and_hook_setting() {
     );
 }
 
+/// services.nix-hatch.remoteClients, the pure half: the accounts join the
+/// config's `remote-clients` (which `nix-hatch check` reads back), and
+/// the admin mistakes that would keep their clients' escapes from ever
+/// reaching the hook fail evaluation, one message each.
+#[test]
+fn remote_clients_join_the_config_and_their_mistakes_are_assertions() {
+    let v = eval_render(
+        r#"{
+             toml = r.toTOML (r.withRemoteClients [ "fleet" "ci" ] { remote-clients = [ "ci" "old" ]; });
+             none = r.withRemoteClients [ ] { fallback = "auto"; };
+             ok = r.remoteClientProblems { clients = [ "fleet" ]; nix = { pname = "nix"; version = "2.26.3"; }; };
+             lix = r.remoteClientProblems { clients = [ "fleet" ]; nix = { pname = "lix"; version = "2.93.0"; }; };
+             bad = r.remoteClientProblems {
+               clients = [ "fleet" "ci" "w" "root" "away" ];
+               trustedUsers = "root ci @wheel";
+               allowedUsers = [ "@wheel" "fleet" "ci" "@clients" ];
+               groups = { w = [ "wheel" ]; fleet = [ "clients" ]; away = [ "other" ]; };
+               nix = { pname = "nix"; version = "2.14.1"; };
+             };
+             star = r.remoteClientProblems { clients = [ "fleet" ]; trustedUsers = [ "*" ]; };
+           }"#,
+    );
+    let toml = v["toml"].as_str().unwrap();
+    let cfg =
+        nix_hatch::config::Config::parse(toml, Path::new("/rendered.toml")).unwrap_or_else(|e| {
+            panic!(
+                "{e}
+{toml}"
+            )
+        });
+    assert_eq!(cfg.remote_clients, ["ci", "old", "fleet"], "{toml}");
+    assert_eq!(v["none"], serde_json::json!({ "fallback": "auto" }));
+    assert_eq!(v["ok"], serde_json::json!([]));
+    assert_eq!(v["lix"], serde_json::json!([]));
+    let bad: Vec<String> = serde_json::from_value(v["bad"].clone()).unwrap();
+    let want = [
+        "remoteClients: Nix 2.14.1 does not tell clients whether they are trusted (Nix >= 2.15, NixOS/nix#7515)",
+        "remoteClients.ci is trusted by Nix (nix.settings.trusted-users: root ci @wheel): ",
+        "remoteClients.w is trusted by Nix (nix.settings.trusted-users: root ci @wheel): ",
+        "remoteClients.root: root is always trusted by Nix",
+        "remoteClients.away is not in nix.settings.allowed-users (@wheel fleet ci @clients): nix-daemon would refuse its connections",
+    ];
+    assert_eq!(bad.len(), want.len(), "{bad:#?}");
+    for (got, w) in bad.iter().zip(want) {
+        assert!(got.starts_with(w), "{w:?} vs {got:?}");
+    }
+    assert!(
+        bad[1].ends_with("Remove ci from trusted-users (directly, by group or \"*\")."),
+        "{}",
+        bad[1]
+    );
+    let star: Vec<String> = serde_json::from_value(v["star"].clone()).unwrap();
+    assert_eq!(star.len(), 1, "{star:#?}");
+    assert!(star[0]
+        .starts_with("remoteClients.fleet is trusted by Nix (nix.settings.trusted-users: *)"));
+}
+
 /// The config for [`lib_nix_derivations_build_through_the_hook`], rendered
 /// by nix/render.nix as the NixOS module renders it.
 fn rendered_config(env: &TestEnv) -> String {
@@ -512,6 +570,8 @@ fn module_evaluates_with_nixpkgs_lib() {
                 executors.j = {{ kind = "jail"; user = "nix-hatch-jail"; }};
               }};
               services.nix-hatch.agent = {{ enable = true; authorizedKeys = [ "ssh-ed25519 AAAA k" ]; }};
+              services.nix-hatch.remoteClients.fleet.authorizedKeys = [ "ssh-ed25519 BBBB c1" "ssh-ed25519 CCCC c2" ];
+              services.nix-hatch.remoteClients.lonely = {{ }};
             }}"#
         ),
         "2.28.3",
@@ -542,6 +602,37 @@ fn module_evaluates_with_nixpkgs_lib() {
         "{key}"
     );
     assert_eq!(v["sshd"], true);
+    // Remote clients: system accounts whose keys only run the daemon on
+    // stdio, known to `nix-hatch check` through remote-clients.
+    let fleet = &v["users"]["fleet"];
+    assert_eq!(
+        (
+            &fleet["isSystemUser"],
+            &fleet["group"],
+            &fleet["useDefaultShell"]
+        ),
+        (&true.into(), &"nix-hatch-clients".into(), &true.into()),
+        "{v:#}"
+    );
+    assert_eq!(
+        fleet["keys"],
+        serde_json::json!([
+            "command=\"/nix/store/00000000000000000000000000000000-nix/bin/nix-daemon --stdio\",restrict ssh-ed25519 BBBB c1",
+            "command=\"/nix/store/00000000000000000000000000000000-nix/bin/nix-daemon --stdio\",restrict ssh-ed25519 CCCC c2"
+        ]),
+        "{v:#}"
+    );
+    assert!(
+        toml.contains("remote-clients = [\"fleet\", \"lonely\"]"),
+        "{toml}"
+    );
+    assert_eq!(
+        v["warnings"],
+        serde_json::json!([
+            "services.nix-hatch.remoteClients.lonely has no authorizedKeys: no machine can log in as it."
+        ]),
+        "{v:#}"
+    );
 
     let v = eval(
         &format!(
@@ -572,4 +663,34 @@ fn module_evaluates_with_nixpkgs_lib() {
     );
     assert_eq!(v["hook"], format!("{h}-hook"), "{v:#}");
     assert_eq!(v["daemonEnv"], serde_json::json!({}), "{v:#}");
+
+    // A remote client that Nix trusts through a group, and remote clients
+    // without the hook: evaluation fails, saying why.
+    let v = eval(
+        &format!(
+            r#"{{
+              nix.settings.trusted-users = [ "root" "@wheel" ];
+              users.users.fleet.extraGroups = [ "wheel" ];
+              services.nix-hatch.enable = true;
+              services.nix-hatch.package = {pkg};
+              services.nix-hatch.remoteClients.fleet.authorizedKeys = [ "ssh-ed25519 BBBB c1" ];
+            }}"#
+        ),
+        "2.26.3",
+    );
+    let failed: Vec<String> = serde_json::from_value(v["failed"].clone()).unwrap();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0].starts_with("services.nix-hatch: remoteClients.fleet is trusted by Nix (nix.settings.trusted-users: root @wheel)"),
+        "{failed:#?}"
+    );
+    let v = eval(
+        r#"{ services.nix-hatch.remoteClients.fleet.authorizedKeys = [ "ssh-ed25519 BBBB c1" ]; }"#,
+        "2.26.3",
+    );
+    assert_eq!(
+        v["failed"],
+        serde_json::json!(["services.nix-hatch.remoteClients: needs services.nix-hatch.enable (the hook that builds the clients' escapes)."]),
+        "{v:#}"
+    );
 }

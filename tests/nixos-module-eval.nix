@@ -31,6 +31,7 @@ let
           options = {
             isSystemUser = mkOption { type = types.bool; default = false; };
             isNormalUser = mkOption { type = types.bool; default = false; };
+            extraGroups = mkOption { type = types.listOf types.str; default = [ ]; };
             group = mkOption { type = types.str; default = ""; };
             description = mkOption { type = types.str; default = ""; };
             useDefaultShell = mkOption { type = types.bool; default = false; };

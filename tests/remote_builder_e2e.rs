@@ -14,20 +14,13 @@ use std::path::Path;
 /// `builders` entry for the sshd's second store under `root`, with extra
 /// supported features. Nix wants the host key base64-encoded.
 fn builders(sshd: &Sshd, root: &Path, features: &str) -> String {
-    let key = run(
-        std::process::Command::new("base64")
-            .arg("-w0")
-            .arg(sshd.dir.join("host_key.pub")),
-        std::time::Duration::from_secs(10),
-    );
-    key.assert_ok();
     format!(
         "ssh://root@127.0.0.1?remote-store=local?root={}&remote-program={} x86_64-linux {} 1 1 {} - {}",
         root.display(),
         root.parent().unwrap().parent().unwrap().join("remote-nix-store").display(),
         sshd.identity.display(),
         if features.is_empty() { "-" } else { features },
-        key.stdout.trim()
+        sshd.host_key_base64()
     )
 }
 

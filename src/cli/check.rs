@@ -239,6 +239,26 @@ pub fn run(path: &Path) -> i32 {
             println!("warning: {w}");
         }
     }
+    let mut status = 0;
+    if !config.remote_clients.is_empty() {
+        let nix = super::nix_version::detect()
+            .ok()
+            .and_then(|v| super::nix_version::parse(&v))
+            .map(|(major, minor, _)| (major, minor));
+        let allowed = super::nix_version::setting("allowed-users");
+        for line in super::serve::lines(
+            &config,
+            trusted.as_deref(),
+            allowed.as_deref(),
+            nix,
+            super::serve::lookup,
+        ) {
+            if line.starts_with("error:") {
+                status = 1;
+            }
+            println!("{line}");
+        }
+    }
     for e in config.executors.values() {
         if !config.routes.values().any(|r| r == &e.name) {
             println!("warning: executor {} has no route", e.name);
@@ -265,7 +285,7 @@ pub fn run(path: &Path) -> i32 {
             );
         }
     }
-    0
+    status
 }
 
 /// What `check` warns about a privileged executor everyone may use: a

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod check;
 pub mod explain;
 pub mod nix_version;
+pub mod serve;
 
 use std::path::PathBuf;
 

@@ -59,6 +59,12 @@ pub fn report_lines(version: &str) -> Vec<String> {
 /// show-config` reports it; `None` when Nix can't be asked. The hook
 /// itself gets the value in its settings.
 pub fn trusted_users() -> Option<String> {
+    setting("trusted-users")
+}
+
+/// A setting of Nix on this machine as `nix show-config` reports it, a
+/// list joined with spaces; `None` when Nix can't be asked.
+pub fn setting(name: &str) -> Option<String> {
     let out = Command::new("nix")
         .args([
             "--extra-experimental-features",
@@ -72,7 +78,7 @@ pub fn trusted_users() -> Option<String> {
         .ok()
         .filter(|o| o.status.success())?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    match &v.get("trusted-users")?["value"] {
+    match &v.get(name)?["value"] {
         serde_json::Value::Array(a) => Some(
             a.iter()
                 .filter_map(|x| x.as_str())

@@ -48,6 +48,10 @@ pub struct Config {
     /// Escape feature → executor name (always an existing executor).
     pub routes: BTreeMap<String, String>,
     pub executors: BTreeMap<String, Executor>,
+    /// Accounts through which other machines reach this one's nix-daemon
+    /// (`ssh-ng://ACCOUNT@…` in their `builders`): what `nix-hatch check`
+    /// checks for trust and access (README, "Serving other machines").
+    pub remote_clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +142,16 @@ impl Config {
             }
         };
         top.seen("fallback");
+        let remote_clients = top
+            .string_list(&mut p, "remote-clients")
+            .unwrap_or_default();
+        for a in &remote_clients {
+            if a.is_empty() || a.starts_with(['@', '*']) || a.contains(char::is_whitespace) {
+                p.push(format!(
+                    "remote-clients: {a:?} is not an account name (list the accounts other machines log in as)"
+                ));
+            }
+        }
         let routes_table = top.table(&mut p, "routes");
         let executors_table = top.table(&mut p, "executors");
         top.finish(&mut p);
@@ -185,6 +199,7 @@ impl Config {
             fallback,
             routes,
             executors,
+            remote_clients,
         })
     }
 
@@ -358,6 +373,18 @@ user = "root"
         .unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].starts_with("executors.a.allowed-users: \"@\" is not"));
+    }
+
+    #[test]
+    fn remote_clients_are_account_names() {
+        let c = parse("remote-clients = [\"fleet-a\", \"ci\"]\n").unwrap();
+        assert_eq!(c.remote_clients, ["fleet-a", "ci"]);
+        assert!(parse("").unwrap().remote_clients.is_empty());
+        let errs = parse("remote-clients = [\"@fleet\", \"*\", \"a b\"]\n").unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("remote-clients: \"@fleet\" is not an account name"));
+        let errs = parse("remote-clients = \"fleet-a\"\n").unwrap_err();
+        assert!(errs[0].starts_with("remote-clients: expected"), "{errs:?}");
     }
 
     #[test]

@@ -416,8 +416,38 @@ pub fn account_ids(name: &str) -> Option<(u32, u32)> {
 /// of its own; `groups` are extra groups it is made a member of, created
 /// too). Returns (uid, gid).
 pub fn test_account(name: &str, groups: &[&str]) -> (u32, u32) {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _held = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    create_account(name, groups)
+}
+
+/// Serialises this process's changes to the user database (useradd and
+/// usermod fail while another holds its lock).
+static ACCOUNTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A [`test_account`] that sshd lets in with a key: a shell (sshd runs a
+/// forced command through it), a home that exists, and a password field
+/// that is not locked (`*`: no password works, but the account is not
+/// disabled, which sshd without PAM would refuse).
+pub fn login_account(name: &str) -> (u32, u32) {
+    let _held = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    let ids = create_account(name, &[]);
+    run(
+        Command::new("usermod").args([
+            "--shell",
+            "/bin/sh",
+            "--home",
+            "/",
+            "--password",
+            "*",
+            name,
+        ]),
+        Duration::from_secs(60),
+    )
+    .assert_ok();
+    ids
+}
+
+fn create_account(name: &str, groups: &[&str]) -> (u32, u32) {
     for g in groups {
         if !Command::new("getent")
             .args(["group", g])
@@ -994,7 +1024,9 @@ impl TestEnv {
         (child, want)
     }
 
-    fn nix_build_cmd(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
+    /// The `nix-build` command line of [`TestEnv::nix_build`] without a
+    /// hook (Nix's default build hook, i.e. its own remote building).
+    pub fn nix_build_cmd(&self, expr: &Path, attrs: &[&str], extra: &[&str]) -> Command {
         let mut c = nix_cmd("nix-build");
         c.args([
             "--no-out-link",
@@ -1070,9 +1102,27 @@ impl Daemon {
 
     /// [`Daemon::start`] with `extra` lines appended to its nix.conf.
     pub fn start_with(env: &TestEnv, hook: Option<&Path>, extra: &str) -> Daemon {
-        let conf_dir = env.path("daemon-conf");
+        Daemon::spawn(env, hook, extra, None)
+    }
+
+    /// A daemon with a store of its own, as on another machine: in a mount
+    /// namespace of its own, `root/nix` is its /nix and `root/etc/nix` its
+    /// /etc/nix (its nix.conf is there, with `extra` appended); its socket
+    /// is the default one of that /nix. Run other programs in that view
+    /// with [`Daemon::in_its_namespace`].
+    pub fn start_in_root(env: &TestEnv, hook: Option<&Path>, extra: &str, root: &Path) -> Daemon {
+        Daemon::spawn(env, hook, extra, Some(root))
+    }
+
+    fn spawn(env: &TestEnv, hook: Option<&Path>, extra: &str, root: Option<&Path>) -> Daemon {
+        let (conf_dir, socket) = match root {
+            None => (env.path("daemon-conf"), env.path("daemon.sock")),
+            Some(r) => (
+                r.join("etc/nix"),
+                r.join("nix/var/nix/daemon-socket/socket"),
+            ),
+        };
         fs::create_dir_all(&conf_dir).unwrap();
-        let socket = env.path("daemon.sock");
         let log = env.path("daemon.log");
         let marker_feature = format!("hatch-marker-{}", env.nonce);
         let mut conf = String::new();
@@ -1094,15 +1144,41 @@ impl Daemon {
         conf.push_str(extra);
         fs::write(conf_dir.join("nix.conf"), conf).unwrap();
         let logf = fs::File::create(&log).unwrap();
-        let mut cmd = nix_cmd("nix-daemon");
+        let mut cmd = match root {
+            None => {
+                let mut c = nix_cmd("nix-daemon");
+                c.env("NIX_CONF_DIR", &conf_dir)
+                    .env("NIX_DAEMON_SOCKET_PATH", &socket);
+                c
+            }
+            Some(r) => {
+                fs::create_dir_all(r.join("nix")).unwrap();
+                // The default paths, seen through the namespace's mounts:
+                // what the daemon's clients (`nix-daemon --stdio` run by
+                // sshd in the same namespace) find without any setting.
+                let mut c = nix_cmd("unshare");
+                c.args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "/bin/sh",
+                    "-euc",
+                ])
+                .arg("mount --bind \"$1\" /nix; mount --bind \"$2\" /etc/nix; shift 2; exec \"$@\"")
+                .arg("sh")
+                .arg(r.join("nix"))
+                .arg(&conf_dir)
+                .arg("nix-daemon");
+                c
+            }
+        };
         if let Some(setting) = hook_setting_value.filter(|_| nix_conf_build_hook_ignored()) {
             // What the README tells users of these versions to do.
             cmd.env("NIX_CONFIG", format!("build-hook = {setting}"));
         }
         let child = cmd
-            .env("NIX_CONF_DIR", &conf_dir)
             .env("NIX_USER_CONF_FILES", conf_dir.join("no-user.conf"))
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
             .env("NIX_HATCH_CONFIG", env.config_path())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
@@ -1129,6 +1205,20 @@ impl Daemon {
             );
         }
         d
+    }
+
+    /// `program` run in the daemon's mount namespace (for a daemon of
+    /// [`Daemon::start_in_root`]: that machine's /nix and /etc/nix).
+    pub fn in_its_namespace(&self, program: &str) -> Command {
+        let mut c = nix_cmd("nsenter");
+        c.args([
+            "--target",
+            &self.pid().to_string(),
+            "--mount",
+            "--",
+            program,
+        ]);
+        c
     }
 
     pub fn pid(&self) -> u32 {

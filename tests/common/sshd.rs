@@ -47,7 +47,18 @@ pub fn free_port() -> u16 {
 }
 
 impl Sshd {
+    /// An sshd whose `authorized_keys` (in its dir) lets root in with
+    /// [`Sshd::identity`].
     pub fn start(env: &TestEnv) -> Sshd {
+        Sshd::start_with(env, || Command::new(SSHD), "authorized_keys")
+    }
+
+    /// An sshd started by `launch` (a command that runs the program
+    /// appended to it, e.g. `nsenter … --`, or sshd itself) whose keys are
+    /// in `keys_file` in its dir (sshd's tokens: `authorized_keys.%u`, one
+    /// file per account, see [`Sshd::authorize`]). Root's key,
+    /// [`Sshd::identity`], is in `authorized_keys` only.
+    pub fn start_with(env: &TestEnv, launch: impl Fn() -> Command, keys_file: &str) -> Sshd {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} missing: apt-get install openssh-server"
@@ -75,7 +86,7 @@ impl Sshd {
                 &config,
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nHostKey {hk2}\nPidFile {d}/sshd.pid\n\
-                     AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n\
+                     AuthorizedKeysFile {d}/{keys_file}\nPermitRootLogin prohibit-password\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                      StrictModes no\nPrintMotd no\nLogLevel VERBOSE\nMaxStartups 50\n",
                     hk = host_key.display(),
@@ -85,7 +96,11 @@ impl Sshd {
             )
             .unwrap();
             let log = fs::File::create(dir.join(format!("sshd.{attempt}.log"))).unwrap();
-            let mut child = Command::new(SSHD)
+            let mut launcher = launch();
+            if launcher.get_program() != SSHD {
+                launcher.arg(SSHD);
+            }
+            let mut child = launcher
                 .args(["-D", "-e", "-f"])
                 .arg(&config)
                 .stdin(Stdio::null())
@@ -115,6 +130,35 @@ impl Sshd {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Lets `account` in with a new key whose logins may only run
+    /// `command` (`command="…",restrict`, as an admin restricts a key);
+    /// returns the private key's path. Needs the `authorized_keys.%u`
+    /// layout of [`Sshd::start_with`].
+    pub fn authorize(&self, account: &str, command: &str) -> PathBuf {
+        let key = self.dir.join(format!("id_{account}"));
+        keygen(&key);
+        let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+        fs::write(
+            self.dir.join(format!("authorized_keys.{account}")),
+            format!("command=\"{command}\",restrict {public}"),
+        )
+        .unwrap();
+        key
+    }
+
+    /// The host's public key line, base64-encoded: the last column of a
+    /// `builders` entry.
+    pub fn host_key_base64(&self) -> String {
+        let out = run(
+            Command::new("base64")
+                .arg("-w0")
+                .arg(self.dir.join("host_key.pub")),
+            Duration::from_secs(10),
+        );
+        out.assert_ok();
+        out.stdout.trim().to_owned()
     }
 
     /// A known_hosts file trusting this sshd.

@@ -1,15 +1,21 @@
-# What every builder node in the VM tests shares: nix-hatch enabled, an
-# unprivileged user `alice` who starts the builds (through the daemon, as
-# every non-root user on NixOS does), no substituters (no network), and the
-# test expressions in /etc/nix-hatch-test (drvs.nix with the store paths it
+# What every builder node in the VM tests shares (`node`): nix-hatch
+# enabled, and (`user`, also for nodes without nix-hatch) an unprivileged
+# user `alice` who starts the builds (through the daemon, as every non-root
+# user on NixOS does), no substituters (no network), and the test
+# expressions in /etc/nix-hatch-test (drvs.nix with the store paths it
 # needs, made valid in the VM because the etc file refers to them).
 { pkgs, module, hatchLib }:
 
-{
-  # A node module.
-  node = { lib, ... }: {
-    imports = [ module ];
+rec {
+  # A builder node module.
+  node = { ... }: {
+    imports = [ module user ];
     services.nix-hatch.enable = true;
+  };
+
+  # What a node needs to build the test expressions as alice, with or
+  # without nix-hatch.
+  user = { lib, ... }: {
     users.users.alice = { isNormalUser = true; };
     nix.settings.substituters = lib.mkForce [ ];
     virtualisation.writableStore = true;

@@ -5,6 +5,7 @@
 #   nix build -L .#checks.x86_64-linux.vm-host
 #   nix build -L .#checks.x86_64-linux.vm-jail-proxy
 #   nix build -L .#checks.x86_64-linux.vm-ssh
+#   nix build -L .#checks.x86_64-linux.vm-serve
 #
 # `module`: the flake's nixosModules.default; `hatchLib`: nix/lib.nix.
 { pkgs, module, hatchLib }:
@@ -16,4 +17,5 @@ in
   vm-host = pkgs.testers.runNixOSTest (import ./host.nix args);
   vm-jail-proxy = pkgs.testers.runNixOSTest (import ./jail-proxy.nix args);
   vm-ssh = pkgs.testers.runNixOSTest (import ./ssh.nix args);
+  vm-serve = pkgs.testers.runNixOSTest (import ./serve.nix args);
 }

@@ -3,7 +3,7 @@
 # common.nix); `nonce` is only there to vary outputs between test runs.
 { hatch, bash, curl, nonce ? "1" }:
 
-{
+rec {
   # host executor "signer": the admin's command gets the args.
   signed = hatch.makeRunner "escape-sign" { env = { inherit nonce; }; } "signed-release" [ "release-1.0" ];
 
@@ -51,6 +51,18 @@
     ];
     env = { inherit nonce; };
   };
+
+  # Built on another machine through Nix's own remote building
+  # (serve.nix): its argument, an input-addressed derivation, is built on
+  # the client first and travels signed.
+  stampInput = derivation {
+    name = "to-stamp";
+    system = builtins.currentSystem;
+    builder = "${bash}/bin/bash";
+    args = [ "-c" "echo to-stamp > $out" ];
+    inherit nonce;
+  };
+  stamped = hatch.makeRunner "escape-stamp" { env = { inherit nonce; }; } "stamped" [ "${stampInput}" ];
 
   # ssh executor "remote": the admin's command on the other machine.
   rendered = hatch.makeRunner "escape-render" { env = { inherit nonce; }; } "rendered" [ "scene-1" ];
