@@ -128,7 +128,7 @@ in
       default = render.hookSetting { hatch = cfg.package; nix = nixId; };
       defaultText = literalExpression ''
         [ "''${package}/bin/nix-hatch" "hook" ]   # Nix >= 2.19
-        "''${package}/bin/nix-hatch-hook"          # older Nix, and Lix
+        "''${package}/bin/nix-hatch-hook"          # older Nix, and Lix ≤ 2.93
       '';
       description = "The value of `nix.settings.build-hook`.";
     };
@@ -204,7 +204,11 @@ in
     (mkIf cfg.enable {
       assertions = map
         (message: { assertion = false; message = "services.nix-hatch: ${message}"; })
-        (render.problems { settings = cfg.settings; inherit systemFeatures; });
+        (render.problems { settings = cfg.settings; inherit systemFeatures; })
+      ++ [ {
+        assertion = !render.lixRpcHooks nixId;
+        message = "services.nix-hatch: nix.package is Lix ${nixId.version}: Lix 2.94 and later talk to build hooks over Cap'n Proto RPC, which nix-hatch does not speak. Use Lix 2.93 or older, or Nix.";
+      } ];
 
       environment.etc."nix-hatch/config.toml".source = configFile;
       environment.systemPackages = [ cfg.package ];
@@ -213,6 +217,7 @@ in
 
       # Nix 2.25 … 2.33 ignore build-hook from nix.conf; the daemon reads
       # NIX_CONFIG after it (the hook inherits the daemon's environment).
+      # Nix ≥ 2.34 reads nix.conf again (NixOS/nix#15083) and gets none.
       systemd.services.nix-daemon.environment = mkIf (render.hookIgnoredInNixConf nixId) {
         NIX_CONFIG = "build-hook = ${render.confValue cfg.buildHook}";
       };

@@ -252,8 +252,9 @@ rec {
 
   # The `build-hook` setting for `nix` ({ pname, version } of nix.package):
   # the list form [ nix-hatch hook ] where Nix takes a list (Nix ≥ 2.19),
-  # else the nix-hatch-hook program, which needs no arguments (Nix ≤ 2.18,
-  # and Lix, which forked from 2.18).
+  # else the nix-hatch-hook program, which needs no arguments (Nix ≤ 2.18;
+  # and Lix, forked from 2.18: its build-hook is a list too, but the
+  # program works on every Lix that nix-hatch can serve).
   hookSetting = { hatch, nix }:
     if (nix.pname or "nix") == "nix" && atLeast (nix.version or "0") "2.19"
     then [ "${hatch}/bin/nix-hatch" "hook" ]
@@ -266,6 +267,12 @@ rec {
     (nix.pname or "nix") == "nix"
     && atLeast (nix.version or "0") "2.25"
     && !(atLeast (nix.version or "0") "2.34");
+
+  # Lix 2.94 and later talk to build hooks over Cap'n Proto RPC
+  # (lix/libstore/build/hook-instance.capnp), not the stdio protocol
+  # nix-hatch speaks: it cannot be their build-hook.
+  lixRpcHooks = nix:
+    (nix.pname or "nix") == "lix" && atLeast (nix.version or "0") "2.94";
 
   # A nix.conf value: lists joined with spaces.
   confValue = v: if isList v then concatStringsSep " " v else v;

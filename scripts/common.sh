@@ -14,9 +14,38 @@ DEB_PACKAGES=(
   nix-bin nix-setup-systemd bubblewrap busybox-static openssh-server
   build-essential pkg-config ca-certificates curl git openssl util-linux procps
   iproute2 # the jail-loopback test reads `ip -d link`
+  jq       # cargo's JSON output: where it put the binaries (cargo_build)
   libssl-dev zlib1g-dev # openssl-sys / libssh2-sys / libz-sys (the ssh2 crate)
   libseccomp-dev        # libseccomp-sys (the jail's system call filter)
 )
+
+# Where cargo puts its output: CARGO_TARGET_DIR, build.target-dir of a
+# .cargo/config.toml, else target/ (never assume the last).
+cargo_target_dir() {
+  local d
+  d="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)" \
+    && [ -n "$d" ] && [ "$d" != null ] || die "cargo metadata did not say where cargo builds"
+  printf '%s\n' "$d"
+}
+
+# cargo_build ARGS...: `cargo build ARGS`, then BUILT[NAME] is the path of
+# every executable (binary or example) it built or found fresh, as cargo
+# reports it (so wherever the target directory and --target put it).
+declare -A BUILT=()
+cargo_build() {
+  local json name path
+  json="$(cargo build "$@" --message-format=json-render-diagnostics)" || return 1
+  while IFS=$'\t' read -r name path; do
+    BUILT["$name"]="$path"
+  done < <(jq -r 'select(.reason == "compiler-artifact" and .executable != null)
+                  | [.target.name, .executable] | @tsv' <<<"$json")
+}
+
+# built NAME: the path of executable NAME from the last cargo_build.
+built() {
+  [ -n "${BUILT[$1]:-}" ] && [ -x "${BUILT[$1]}" ] || die "cargo build did not produce $1"
+  printf '%s\n' "${BUILT[$1]}"
+}
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }

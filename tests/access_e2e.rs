@@ -61,7 +61,7 @@ fn assert_refused(out: &Output, env: &TestEnv, expr: &Path, name: &str, line: &s
     out.assert_failed();
     out.assert_stderr_contains(line);
     assert!(
-        !out.stderr.contains("is required to build"),
+        !out.says_unbuildable_here(None),
         "declined instead of refused:\n{}",
         out.describe()
     );

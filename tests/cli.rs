@@ -212,14 +212,68 @@ fn check_prints_the_nix_version_on_path() {
     let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
     let (code, out) = run(&["check", "--config", &cfg]);
     assert_eq!(code, 0, "{out}");
-    let want = format!("nix: {version} (tested: 2.8 … 2.26)");
+    let want = format!("nix: {version} (tested: 2.8 … 2.34)");
     assert_eq!(out.lines().next(), Some(want.as_str()), "{out}");
-    // Both versions the suite runs on are in the tested range.
+    // Every version the suite runs on is in the tested range.
     assert!(!out.contains("outside"), "{out}");
     // A config error still comes with the version.
     let (code, out) = run(&["check", "--config", "/nonexistent/c.toml"]);
     assert_eq!(code, 1);
     assert!(out.starts_with("nix: "), "{out}");
+}
+
+/// With Lix on PATH, `check` names it and says whether nix-hatch can be its
+/// hook: up to 2.93 (Nix's stdio hook protocol) with a warning, from 2.94
+/// (Cap'n Proto RPC) not at all, which fails the check.
+#[test]
+fn check_recognises_lix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "c.toml", "");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let check_with = |version: &str| {
+        // What Lix prints (newer ones add their configuration).
+        let script = write(
+            &bin,
+            "nix-store",
+            &format!(
+                "#!/bin/sh\nprintf '%s\\n' 'nix-store (Lix, like Nix) {version}' 'System type: x86_64-linux'\n"
+            ),
+        );
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new(CLI)
+            .args(["check", "--config", &cfg])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .expect("running nix-hatch");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, out) = check_with("2.93.3");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().next(),
+        Some(
+            "nix: nix-store (Lix, like Nix) 2.93.3 (Lix; nix-hatch is tested with Nix 2.8 … 2.34)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: Lix 2.93 is not among the versions nix-hatch is tested with"),
+        "{out}"
+    );
+    assert!(out.contains("deprecates `build-hook`"), "{out}");
+    assert!(out.contains(": ok"), "{out}");
+
+    let (code, out) = check_with("2.94.1");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: Lix 2.94 talks to build hooks over Cap'n Proto RPC"),
+        "{out}"
+    );
+    // The config is still checked and reported.
+    assert!(out.contains(&format!("config {cfg}: ok")), "{out}");
 }
 
 /// `check` says who may use each executor, and warns about a privileged

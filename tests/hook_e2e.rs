@@ -159,6 +159,47 @@ fn escape_derivation_built_through_private_daemon() {
     check_basic(&env, &expr, &out);
 }
 
+/// An admin's set-up: `build-hook` only in the daemon's own nix.conf (a
+/// private NIX_CONF_DIR), no `NIX_CONFIG`, no `--option` anywhere. Nix ≤
+/// 2.24 and ≥ 2.34 use it: escapes reach nix-hatch. Nix 2.25 … 2.33
+/// overwrite it with their default hook (NixOS/nix#15083), so nix-hatch is
+/// never asked and the escape fails as an unroutable feature does — what
+/// the README's `NIX_CONFIG` drop-in and the NixOS module work around.
+#[test]
+fn daemon_takes_build_hook_from_its_nix_conf() {
+    let env = TestEnv::new("conf-hook");
+    env.write_host_config(&env.standard_config());
+    let daemon = Daemon::start_nix_conf_only(&env, &hook_bin());
+    let expr = env.write_expr(
+        "conf-hook.nix",
+        r#"{ e = escape { name = "conf-hook"; script = ''echo "built from nix.conf's hook" > "$out"''; }; }"#,
+    );
+    let out = env.nix_build_via(&daemon, &expr, &["e"], &[]);
+    let audit = env.state_dir().join("audit.jsonl");
+    if nix_conf_build_hook_ignored() {
+        out.assert_failed();
+        out.assert_unbuildable_here(None);
+        assert!(
+            !audit.exists(),
+            "Nix {} is known to ignore build-hook in nix.conf, yet nix-hatch saw the escape",
+            nix_version()
+        );
+        return;
+    }
+    if !out.success() {
+        panic!("{}\ndaemon log:\n{}", out.describe(), daemon.log_text());
+    }
+    let p = env.out_path(&expr, "e");
+    assert_eq!(out.store_paths(), vec![p.clone()]);
+    assert!(is_valid(&p));
+    assert_eq!(read(&p), "built from nix.conf's hook\n");
+    assert!(
+        read(&audit).contains(r#""result":"built""#),
+        "no audit record of the build:\n{}",
+        read(&audit)
+    );
+}
+
 #[test]
 fn unprivileged_user_builds_escape_through_the_daemon() {
     let env = TestEnv::new("untrusted");
@@ -400,7 +441,7 @@ fn failing_command_fails_build_shows_log_tail_and_leaves_no_output() {
     let want = env.out_path(&expr, "fail");
     let out = env.nix_build(&expr, &["fail"], &[]);
     out.assert_failed();
-    out.assert_stderr_contains(&format!("builder for '{drv}' failed"));
+    out.assert_builder_failed(&drv);
     out.assert_stderr_contains(&format!("the very last words {}", env.nonce));
     out.assert_stderr_contains("noise line 30");
     assert!(!is_valid(&want), "{want} valid after a failed build");
@@ -848,7 +889,7 @@ fn check_bad_config(env: &TestEnv, config: &Path) {
     let drv = env.drv_path(&expr, "esc");
     let out = env.nix_build_config(config, &expr, &["esc"], &[]);
     out.assert_failed();
-    out.assert_stderr_contains(&format!("is required to build '{drv}'"));
+    out.assert_unbuildable_here(Some(&drv));
     out.assert_stderr_contains("escape-x");
     let cfg = config.to_string_lossy();
     let reasons = out.stderr.lines().filter(|l| l.contains(&*cfg)).count();
@@ -890,7 +931,7 @@ fn command_succeeding_without_creating_outputs_fails() {
         let out = env.nix_build(&expr, &[attr], &[]);
         out.assert_failed();
         let drv = env.drv_path(&expr, attr);
-        out.assert_stderr_contains(&format!("builder for '{drv}' failed"));
+        out.assert_builder_failed(&drv);
         let o = env.out_path(&expr, attr);
         assert!(!is_valid(&o), "{o} valid");
         assert!(!exists_on_disk(&o), "{o} left on disk");
@@ -1097,7 +1138,7 @@ fn config_problem_is_reported_to_daemon_clients() {
     env.nix_build_via(&daemon, &expr, &["pl"], &[]).assert_ok();
     let out = env.nix_build_via(&daemon, &expr, &["esc"], &[]);
     out.assert_failed();
-    out.assert_stderr_contains("is required to build");
+    out.assert_unbuildable_here(None);
     let cfg = env.config_path().to_string_lossy().into_owned();
     let n = out.stderr.lines().filter(|l| l.contains(&cfg)).count();
     assert_eq!(
@@ -1121,7 +1162,7 @@ fn failure_log_tail_reaches_daemon_clients() {
     let out = env.nix_build_via(&daemon, &expr, &["f"], &[]);
     out.assert_failed();
     let drv = env.drv_path(&expr, "f");
-    out.assert_stderr_contains(&format!("builder for '{drv}' failed"));
+    out.assert_builder_failed(&drv);
     out.assert_stderr_contains(&format!("last words {}", env.nonce));
 }
 
@@ -1480,10 +1521,7 @@ fn fallback_auto_hands_other_derivations_to_nix_build_remote() {
     let out = build("r");
     out.assert_failed();
     out.assert_stderr_contains("cannot build on 'ssh://root@127.0.0.1'");
-    out.assert_stderr_contains(&format!(
-        "is required to build '{}'",
-        env.drv_path(&expr, "r")
-    ));
+    out.assert_unbuildable_here(Some(&env.drv_path(&expr, "r")));
     assert!(!is_valid(&env.out_path(&expr, "r")));
 }
 

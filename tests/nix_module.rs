@@ -372,6 +372,8 @@ fn module_helpers_users_defaults_and_hook_setting() {
            hooks = map hook [ "2.8.0" "2.18.9" "2.19.0" "2.28.3" "2.34.1" ];
            lix = r.hookSetting { hatch = "/H"; nix = { pname = "lix"; version = "2.93.0"; }; };
            ignored = map ignored [ "2.18.1" "2.24.9" "2.25.0" "2.31.2" "2.33.9" "2.34.0" ];
+           lixRpc = map (version: r.lixRpcHooks { pname = "lix"; inherit version; }) [ "2.90.0" "2.93.3" "2.94.0" "2.95.3" ]
+             ++ [ (r.lixRpcHooks { pname = "nix"; version = "2.94.0"; }) ];
            conf = r.confValue [ "/H/bin/nix-hatch" "hook" ];
            key = r.restrictKey "/nix/store/w-agent" "ssh-ed25519 AAAA k";
          }"#,
@@ -404,6 +406,10 @@ fn module_helpers_users_defaults_and_hook_setting() {
     assert_eq!(
         v["ignored"],
         serde_json::json!([false, false, true, true, true, false])
+    );
+    assert_eq!(
+        v["lixRpc"],
+        serde_json::json!([false, false, true, true, false])
     );
     assert_eq!(v["conf"], "/H/bin/nix-hatch hook");
     assert_eq!(
@@ -530,17 +536,36 @@ fn lib_nix_derivations_build_through_the_hook() {
     assert_eq!(fs::read_to_string(&paths[1]).unwrap(), "out\n");
 }
 
+/// nixpkgs' `lib` directory for [`module_evaluates_with_nixpkgs_lib`]:
+/// `NIX_HATCH_NIXPKGS_LIB` if set, else `../shared/nixpkgs-lib/lib` next to
+/// the repository (there for every CI run; scripts/nix-root binds either
+/// into the Nix roots). Neither is a failure, not a skip: the module would
+/// go untested.
+fn nixpkgs_lib() -> PathBuf {
+    let (lib, from) = match std::env::var_os("NIX_HATCH_NIXPKGS_LIB") {
+        Some(v) => (PathBuf::from(v), "NIX_HATCH_NIXPKGS_LIB"),
+        None => (
+            Path::new(REPO).join("../shared/nixpkgs-lib/lib"),
+            "the default (set NIX_HATCH_NIXPKGS_LIB to a nixpkgs lib/ directory)",
+        ),
+    };
+    let lib = fs::canonicalize(&lib)
+        .unwrap_or_else(|e| panic!("nixpkgs lib {} from {from}: {e}", lib.display()));
+    assert!(
+        lib.join("default.nix").is_file(),
+        "{} (from {from}) is not nixpkgs' lib/: it has no default.nix",
+        lib.display()
+    );
+    lib
+}
+
 /// The module itself through nixpkgs' module system (lib only, stub NixOS
-/// options: tests/nixos-module-eval.nix). Runs when NIX_HATCH_NIXPKGS_LIB
-/// names a nixpkgs `lib` directory (e.g. from nix-community/nixpkgs.lib);
-/// CI has none, so it is skipped there.
+/// options: tests/nixos-module-eval.nix), with nixpkgs' lib from
+/// [`nixpkgs_lib`].
 #[test]
 fn module_evaluates_with_nixpkgs_lib() {
-    let Some(nixpkgs_lib) = std::env::var_os("NIX_HATCH_NIXPKGS_LIB") else {
-        eprintln!("skipped: set NIX_HATCH_NIXPKGS_LIB to a nixpkgs lib/ directory");
-        return;
-    };
-    let eval = |config: &str, version: &str| -> serde_json::Value {
+    let nixpkgs_lib = nixpkgs_lib();
+    let eval_as = |config: &str, pname: &str, version: &str| -> serde_json::Value {
         let out = run(
             nix_cmd("nix-instantiate")
                 .args(["--read-write-mode", "--eval", "--strict", "--json", "-E"])
@@ -548,6 +573,7 @@ fn module_evaluates_with_nixpkgs_lib() {
                     r#"import {REPO}/tests/nixos-module-eval.nix {{
                          nixpkgsLib = {lib};
                          configuration = {{ lib, ... }}: {config};
+                         nixPname = "{pname}";
                          nixVersion = "{version}";
                        }}"#,
                     lib = nix_str(&nixpkgs_lib.to_string_lossy()),
@@ -557,6 +583,7 @@ fn module_evaluates_with_nixpkgs_lib() {
         out.assert_ok();
         serde_json::from_str(out.stdout.trim()).unwrap()
     };
+    let eval = |config: &str, version: &str| eval_as(config, "nix", version);
     let pkg = r#"{ type = "derivation"; outPath = "/nix/store/11111111111111111111111111111111-nix-hatch"; name = "nix-hatch"; }"#;
     let v = eval(
         &format!(
@@ -691,6 +718,41 @@ fn module_evaluates_with_nixpkgs_lib() {
     assert_eq!(
         v["failed"],
         serde_json::json!(["services.nix-hatch.remoteClients: needs services.nix-hatch.enable (the hook that builds the clients' escapes)."]),
+        "{v:#}"
+    );
+
+    // Nix ≥ 2.34 reads build-hook from nix.conf again: no NIX_CONFIG.
+    let minimal = format!(
+        r#"{{
+          services.nix-hatch.enable = true;
+          services.nix-hatch.package = {pkg};
+          services.nix-hatch.settings.routes.escape-sign = "signer";
+          services.nix-hatch.settings.executors.signer = {{ kind = "host"; command = [ "/run/sign" ]; }};
+        }}"#
+    );
+    let v = eval(&minimal, "2.34.8");
+    assert_eq!(v["failed"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["hook"], serde_json::json!([h, "hook"]), "{v:#}");
+    assert_eq!(v["daemonEnv"], serde_json::json!({}), "{v:#}");
+    let v = eval(&minimal, "2.33.2");
+    assert_eq!(
+        v["daemonEnv"]["NIX_CONFIG"],
+        format!("build-hook = {h} hook"),
+        "{v:#}"
+    );
+
+    // Lix: the hook program up to 2.93; 2.94 (Cap'n Proto RPC hooks) is
+    // refused with the reason.
+    let v = eval_as(&minimal, "lix", "2.93.3");
+    assert_eq!(v["failed"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["hook"], format!("{h}-hook"), "{v:#}");
+    assert_eq!(v["daemonEnv"], serde_json::json!({}), "{v:#}");
+    let v = eval_as(&minimal, "lix", "2.94.0");
+    assert_eq!(
+        v["failed"],
+        serde_json::json!([
+            "services.nix-hatch: nix.package is Lix 2.94.0: Lix 2.94 and later talk to build hooks over Cap'n Proto RPC, which nix-hatch does not speak. Use Lix 2.93 or older, or Nix."
+        ]),
         "{v:#}"
     );
 }

@@ -13,11 +13,11 @@ use std::path::Path;
 
 /// `builders` entry for the sshd's second store under `root`, with extra
 /// supported features. Nix wants the host key base64-encoded.
-fn builders(sshd: &Sshd, root: &Path, features: &str) -> String {
+fn builders(env: &TestEnv, sshd: &Sshd, root: &Path, features: &str) -> String {
     format!(
         "ssh://root@127.0.0.1?remote-store=local?root={}&remote-program={} x86_64-linux {} 1 1 {} - {}",
         root.display(),
-        root.parent().unwrap().parent().unwrap().join("remote-nix-store").display(),
+        env.path("remote-nix-store").display(),
         sshd.identity.display(),
         if features.is_empty() { "-" } else { features },
         sshd.host_key_base64()
@@ -33,10 +33,33 @@ fn remote_program(env: &TestEnv, features: &str) {
     );
 }
 
+/// The remote store's root: not under /tmp, because Nix ≥ 2.30 refuses to
+/// build in a store whose build dir has a world-writable ancestor ("Path
+/// \"/tmp\" is world-writable or a symlink"); cargo's per-test temp dir
+/// lies in the target directory.
+struct RemoteRoot(tempfile::TempDir);
+
+impl RemoteRoot {
+    fn new(name: &str) -> RemoteRoot {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nhtest-{name}-store-"))
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("remote store dir");
+        RemoteRoot(dir)
+    }
+}
+
+impl std::ops::Deref for RemoteRoot {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
 /// A test env whose config routes `escape-x` to the host executor with
 /// `fallback = "auto"`, a private sshd, and the remote store's root (whose
 /// nix-store accepts `features`).
-fn remote_setup(name: &str, features: &str) -> (TestEnv, Sshd, std::path::PathBuf) {
+fn remote_setup(name: &str, features: &str) -> (TestEnv, Sshd, RemoteRoot) {
     let env = TestEnv::new(name);
     env.write_host_config(&env.standard_config());
     // fallback = "auto" (the default): Nix's build-remote gets the rest.
@@ -45,8 +68,7 @@ fn remote_setup(name: &str, features: &str) -> (TestEnv, Sshd, std::path::PathBu
         .replace("fallback = \"decline\"\n", "");
     env.write_config(&text);
     let sshd = Sshd::start(&env);
-    let root = env.path("remote/root");
-    fs::create_dir_all(&root).unwrap();
+    let root = RemoteRoot::new(name);
     remote_program(&env, features);
     (env, sshd, root)
 }
@@ -91,7 +113,7 @@ fn plain_goes_to_nix_remote_builder_and_escape_to_nix_hatch_in_one_build() {
         &sshd,
         &expr,
         &["plain", "esc"],
-        &builders(&sshd, &root, ""),
+        &builders(&env, &sshd, &root, ""),
     );
     out.assert_ok();
     let plain = env.out_path(&expr, "plain");
@@ -127,7 +149,7 @@ fn unrouted_escape_feature_goes_to_a_remote_builder_that_advertises_it() {
         &sshd,
         &expr,
         &["gpu"],
-        &builders(&sshd, &root, "escape-gpu"),
+        &builders(&env, &sshd, &root, "escape-gpu"),
     );
     out.assert_ok();
     let gpu = env.out_path(&expr, "gpu");

@@ -193,10 +193,13 @@ fn ssh_problems(name: &str, s: &SshExecutor) -> Vec<String> {
 }
 
 pub fn run(path: &Path) -> i32 {
-    // Informational: the Nix version never changes the exit status.
-    for line in super::nix_version::check_lines() {
+    // Informational, except for a Nix nix-hatch cannot be the hook of
+    // (Lix ≥ 2.94): then `check` fails after reporting on the config.
+    let nix_lines = super::nix_version::check_lines();
+    for line in &nix_lines {
         println!("{line}");
     }
+    let nix_unusable = super::nix_version::unusable(&nix_lines);
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(problems) => {
@@ -244,7 +247,7 @@ pub fn run(path: &Path) -> i32 {
         let nix = super::nix_version::detect()
             .ok()
             .and_then(|v| super::nix_version::parse(&v))
-            .map(|(major, minor, _)| (major, minor));
+            .map(|v| v.nix_equivalent());
         let allowed = super::nix_version::setting("allowed-users");
         for line in super::serve::lines(
             &config,
@@ -284,6 +287,9 @@ pub fn run(path: &Path) -> i32 {
                  so derivations without an escape feature are declined there"
             );
         }
+    }
+    if nix_unusable {
+        status = 1;
     }
     status
 }

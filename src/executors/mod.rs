@@ -153,6 +153,21 @@ pub fn run(
     }
 }
 
+/// `NIX_BUILD_CORES` for Nix's `cores` setting as the hook received it.
+/// Nix ≥ 2.31 sends its default, 0, and puts the number of CPUs it may use
+/// in its own builders' `NIX_BUILD_CORES` (older Nix sent that number
+/// itself): the same here, so a build sees the same value either way.
+/// Absent (no Nix omits it): 1.
+pub fn build_cores(setting: Option<&str>) -> String {
+    match setting.map(str::trim) {
+        Some("0") => std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .to_string(),
+        Some(n) => n.to_owned(),
+        None => "1".to_owned(),
+    }
+}
+
 /// The local account (uid) that owns the files an executor leaves in the
 /// staging dir: the account it ran the build as. `None` for `ssh`, whose
 /// `user` is the far side's: its outputs are unpacked by the hook itself.
@@ -168,6 +183,14 @@ pub fn output_owner(executor: &Executor) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cores_zero_means_the_cpus_this_process_may_use() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(build_cores(Some("0")), cpus.to_string());
+        assert_eq!(build_cores(Some("3")), "3");
+        assert_eq!(build_cores(None), "1");
+    }
 
     #[test]
     fn limits_take_the_smaller_nonzero() {

@@ -312,7 +312,7 @@ fn build(
         store: a.store,
         inputs: &inputs,
         outputs: &outputs,
-        cores: a.settings.get("cores").unwrap_or("1").to_owned(),
+        cores: executors::build_cores(a.settings.get("cores")),
         limits,
         staging: &staging,
     };

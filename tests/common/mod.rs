@@ -1,9 +1,11 @@
 //! Harness for end-to-end tests against the real Nix installed on the machine
-//! (Debian 12: Nix 2.8 from `nix-bin`), or Nix 2.26 in a Debian 13 root.
+//! (Debian 12: Nix 2.8 from `nix-bin`), or Nix 2.26 in a Debian 13 root, or
+//! Nix 2.34 in a Debian sid root.
 //!
 //! Which Nix and which hook form (both set by `scripts/test`):
-//! - `NIX_HATCH_TEST_NIX=2.26`: the test binary runs inside the trixie root
-//!   (`scripts/nix-root run`, cargo's target runner), so every Nix command,
+//! - `NIX_HATCH_TEST_NIX=2.26` or `2.34`: the test binary runs inside a
+//!   Debian trixie or sid root (`scripts/nix-root --nix V run`, cargo's
+//!   target runner), so every Nix command,
 //!   the hook and the test's own reads of /nix/store and /proc see that
 //!   root's Nix and store. The harness only checks that `nix-store
 //!   --version` is the announced one (a misconfigured run fails loudly
@@ -30,13 +32,17 @@
 //! - Nix prints ANSI colour codes even when stderr is a pipe (errors), so
 //!   [`Output::stderr`] has them stripped.
 //!
-//! And about Nix 2.26 (Debian 13), where they differ:
+//! And about Nix 2.26 (Debian 13) and 2.34 (Debian sid), where they differ:
 //! - `build-hook` is a list; `--option build-hook "prog arg…"` splits it on
 //!   whitespace. Nix 2.25 … 2.33 ignore `build-hook` from the system
 //!   nix.conf (see [`nix_conf_build_hook_ignored`]); [`Daemon`] then also
-//!   passes it in `NIX_CONFIG`.
+//!   passes it in `NIX_CONFIG` (2.34 reads nix.conf again, so there the
+//!   daemon tests use nix.conf alone).
+//! - Nix's words for a failed build and for a derivation nothing can build
+//!   changed in 2.29 … 2.32 ([`Output::assert_builder_failed`],
+//!   [`Output::says_unbuildable_here`]).
 //! - Everything else above holds (daemon socket variable, `nix log`
-//!   spelling, "builder for '…' failed" and "is required to build" texts).
+//!   spelling).
 #![allow(dead_code)]
 
 pub mod sshd;
@@ -215,6 +221,56 @@ impl Output {
         assert!(
             self.stderr.contains(needle),
             "stderr does not contain {needle:?}:\n{}",
+            self.describe()
+        );
+        self
+    }
+
+    /// Whether Nix said nothing can build `drv` (any derivation: `None`)
+    /// for its system or features, in the words of every Nix here:
+    /// "a '…' with features {…} is required to build '…'" (≤ 2.29),
+    /// "Cannot build '…'." with "Reason: required system or feature not
+    /// available" (2.30, 2.31) or "Reason: missing system features" (≥ 2.32).
+    pub fn says_unbuildable_here(&self, drv: Option<&str>) -> bool {
+        let old = match drv {
+            Some(d) => format!("is required to build '{d}'"),
+            None => "is required to build".to_owned(),
+        };
+        let new = match drv {
+            Some(d) => format!("Cannot build '{d}'."),
+            None => "Cannot build '".to_owned(),
+        };
+        self.stderr.contains(&old)
+            || (self.stderr.contains(&new)
+                && (self.stderr.contains("Reason: missing system features")
+                    || self
+                        .stderr
+                        .contains("Reason: required system or feature not available")))
+    }
+
+    /// Panics unless [`Output::says_unbuildable_here`].
+    #[track_caller]
+    pub fn assert_unbuildable_here(&self, drv: Option<&str>) -> &Self {
+        assert!(
+            self.says_unbuildable_here(drv),
+            "Nix does not say that nothing can build {}:\n{}",
+            drv.unwrap_or("the derivation"),
+            self.describe()
+        );
+        self
+    }
+
+    /// Panics unless Nix reported `drv`'s builder (or the hook building
+    /// it) as failed: "builder for '…' failed" (≤ 2.28), "Cannot build
+    /// '…'." with "Reason: builder failed" (≥ 2.29).
+    #[track_caller]
+    pub fn assert_builder_failed(&self, drv: &str) -> &Self {
+        let old = format!("builder for '{drv}' failed");
+        let new = format!("Cannot build '{drv}'.");
+        assert!(
+            self.stderr.contains(&old)
+                || (self.stderr.contains(&new) && self.stderr.contains("Reason: builder failed")),
+            "Nix does not report {drv}'s builder as failed:\n{}",
             self.describe()
         );
         self
@@ -1102,7 +1158,14 @@ impl Daemon {
 
     /// [`Daemon::start`] with `extra` lines appended to its nix.conf.
     pub fn start_with(env: &TestEnv, hook: Option<&Path>, extra: &str) -> Daemon {
-        Daemon::spawn(env, hook, extra, None)
+        Daemon::spawn(env, hook, extra, None, nix_conf_build_hook_ignored())
+    }
+
+    /// A daemon that gets `build-hook = hook` from its nix.conf only, as an
+    /// admin writes it: no `NIX_CONFIG` work-around, even on the versions
+    /// that ignore the line ([`nix_conf_build_hook_ignored`]).
+    pub fn start_nix_conf_only(env: &TestEnv, hook: &Path) -> Daemon {
+        Daemon::spawn(env, Some(hook), "", None, false)
     }
 
     /// A daemon with a store of its own, as on another machine: in a mount
@@ -1111,10 +1174,18 @@ impl Daemon {
     /// is the default one of that /nix. Run other programs in that view
     /// with [`Daemon::in_its_namespace`].
     pub fn start_in_root(env: &TestEnv, hook: Option<&Path>, extra: &str, root: &Path) -> Daemon {
-        Daemon::spawn(env, hook, extra, Some(root))
+        Daemon::spawn(env, hook, extra, Some(root), nix_conf_build_hook_ignored())
     }
 
-    fn spawn(env: &TestEnv, hook: Option<&Path>, extra: &str, root: Option<&Path>) -> Daemon {
+    /// `work_around`: also pass the hook in `NIX_CONFIG`, as the README
+    /// tells users of Nix 2.25 … 2.33.
+    fn spawn(
+        env: &TestEnv,
+        hook: Option<&Path>,
+        extra: &str,
+        root: Option<&Path>,
+        work_around: bool,
+    ) -> Daemon {
         let (conf_dir, socket) = match root {
             None => (env.path("daemon-conf"), env.path("daemon.sock")),
             Some(r) => (
@@ -1173,7 +1244,7 @@ impl Daemon {
                 c
             }
         };
-        if let Some(setting) = hook_setting_value.filter(|_| nix_conf_build_hook_ignored()) {
+        if let Some(setting) = hook_setting_value.filter(|_| work_around) {
             // What the README tells users of these versions to do.
             cmd.env("NIX_CONFIG", format!("build-hook = {setting}"));
         }
@@ -1237,7 +1308,7 @@ impl Daemon {
 
     /// Proves that clients set up with [`Daemon::client_env`] really go
     /// through this daemon: a derivation requiring the daemon's private
-    /// marker feature fails locally ("... is required to build ...") but
+    /// marker feature fails locally ([`Output::says_unbuildable_here`]) but
     /// builds through the daemon, and the daemon logs the connection.
     #[track_caller]
     pub fn assert_used_by_clients(&self, env: &TestEnv) {
@@ -1250,7 +1321,7 @@ impl Daemon {
         );
         let local = env.nix_build_without_hook(&expr, &[], &[]);
         local.assert_failed();
-        local.assert_stderr_contains("is required to build");
+        local.assert_unbuildable_here(None);
         let before = self.log_text().matches("accepted connection").count();
         let via = env.nix_build_via(self, &expr, &[], &[]);
         via.assert_ok();
