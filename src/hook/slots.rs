@@ -64,7 +64,8 @@ pub enum Claim {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Occupancy {
     pub running: u32,
-    /// Waiting inside their hooks (a waiting build counts itself).
+    /// Waiting inside their hooks (for a waiting build: itself and those
+    /// ahead of it).
     pub waiting: u32,
 }
 
@@ -255,7 +256,9 @@ impl Drop for Ticket {
 
 impl Ticket {
     /// Waits for this build's turn and a free slot. `waiting` is called
-    /// once, when the build has to wait (not when a slot is free at once).
+    /// once, when the build has to wait (not when a slot is free at once),
+    /// with the builds running and those waiting up to this one (itself
+    /// and those ahead of it).
     /// Ends early when one of `stop` becomes readable or reports an error
     /// (a signal's self-pipe, the write end of a pipe whose reader left).
     pub fn wait(
@@ -296,9 +299,10 @@ impl Ticket {
                 }
             }
             let now = match waiting {
+                // Those behind it don't delay it: its place in the queue.
                 Some(_) => Some(Occupancy {
                     running: busy(&s, &mut slot_files)?,
-                    waiting: tickets.len() as u32,
+                    waiting: tickets.iter().filter(|&&n| n <= self.number).count() as u32,
                 }),
                 None => None,
             };
