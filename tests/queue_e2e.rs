@@ -244,12 +244,14 @@ fn staging_entries(env: &TestEnv) -> Vec<String> {
 }
 
 /// A hook stopped while its build waits for a slot — SIGTERM (Nix ≥ 2.35
-/// stopping a build, an admin) or SIGKILL (older Nix, the OOM killer) —
-/// leaves nothing behind: no staging, no place in the queue, no output,
-/// no audit record that claims it ran. The next build takes its place.
+/// stopping a build, an admin), SIGKILL (older Nix, the OOM killer), or
+/// its Nix SIGKILLed (Nix starts hooks with SIGKILL as their parent-death
+/// signal) — leaves nothing behind: no staging, no place in the queue, no
+/// output, no audit record that claims it ran. The next build takes its
+/// place.
 #[test]
 fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot() {
-    for signal in ["TERM", "KILL"] {
+    for signal in ["TERM", "KILL", "nix-gone"] {
         let env = TestEnv::new(&format!("queue-{signal}"));
         let mut cfg = env.standard_config();
         cfg.max_jobs = 1;
@@ -287,13 +289,29 @@ fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot(
             .collect();
         assert_eq!(new.len(), 1, "the waiting hook: {new:?}");
         assert_eq!(tickets(&env).len(), 1, "one build waits");
+        let hook = new[0];
+        let (sig, pid) = match signal {
+            // nix-build itself, SIGKILLed: its hook is left waiting alone.
+            "nix-gone" => ("KILL", stopped.child.id()),
+            sig => (sig, hook),
+        };
         let killed = std::process::Command::new("kill")
-            .args([format!("-{signal}"), new[0].to_string()])
+            .args([format!("-{sig}"), pid.to_string()])
             .status()
             .unwrap();
         assert!(killed.success());
         let (status, raw) = stopped.finish();
         assert!(!status.success(), "{signal}: {raw}");
+        assert!(
+            wait_until(Duration::from_secs(60), || !pid_alive(hook)),
+            "{signal}: the hook still runs"
+        );
+        let sigkilled = signal != "TERM";
+        if !sigkilled {
+            // It left the queue itself (a SIGKILLed hook's ticket is dead
+            // and removed by the next hook that looks).
+            assert!(tickets(&env).is_empty(), "{signal}: {:?}", tickets(&env));
+        }
         if signal == "TERM" {
             assert!(
                 raw.contains(
@@ -316,18 +334,17 @@ fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot(
             .filter_map(|l| serde_json::from_str(l).ok())
             .filter(|r: &serde_json::Value| r["drv"] == stopped_drv.as_str())
             .collect();
-        if signal == "TERM" {
+        if sigkilled {
+            assert!(records.is_empty(), "a SIGKILLed hook wrote {records:?}");
+        } else {
             assert_eq!(records.len(), 1, "{audit}");
             assert_eq!(records[0]["result"], "error", "{audit}");
             assert_eq!(records[0]["outputs"], serde_json::json!([]), "{audit}");
-            assert!(
-                records[0]["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("while waiting for a free slot; nothing was run")),
+            assert_eq!(
+                records[0]["reason"],
+                "cancelled by a signal while waiting for a free slot; nothing was run",
                 "{audit}"
             );
-        } else {
-            assert!(records.is_empty(), "a SIGKILLed hook wrote {records:?}");
         }
 
         // The next build queues in its place (the stopped one no longer

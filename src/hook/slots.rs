@@ -565,6 +565,22 @@ mod tests {
         assert!(ticket(x.admit().unwrap()).number >= 1);
     }
 
+    /// The log pipe's reader gone (Nix): a write end in `stop` reports an
+    /// error, which ends the wait too.
+    #[test]
+    fn a_pipe_without_reader_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Slots::new(dir.path(), "x", 1, 1);
+        let _running = slot(x.admit().unwrap());
+        let t = ticket(x.admit().unwrap());
+        let (signals, _keep) = nix::unistd::pipe().unwrap();
+        let (gone, log) = nix::unistd::pipe().unwrap();
+        drop(gone);
+        let r = t.wait(&[signals.as_fd(), log.as_fd()], |_| {});
+        assert!(matches!(r, Err(Ended::Stopped(1))), "{:?}", r.err());
+        assert!(x.tickets(None, false).unwrap().is_empty());
+    }
+
     /// One hook of the cross-process tests (this test binary run again,
     /// see [`Hook::spawn`]): admits itself to executor `x` of the state
     /// dir in `NIX_HATCH_SLOTS_CHILD` and says on stdout what it got; a
