@@ -41,10 +41,25 @@ struct Watched {
 }
 
 impl Watched {
+    /// `nix-build` with nix-hatch as its hook.
     fn start(env: &TestEnv, expr: &Path, attrs: &[&str], extra: &[&str]) -> Watched {
         let mut args = vec!["--log-format", "internal-json"];
         args.extend_from_slice(extra);
-        let mut cmd = env.nix_build_command(expr, attrs, &args);
+        Watched::spawn(env.nix_build_command(expr, attrs, &args))
+    }
+
+    /// `nix-build` as a client of `daemon`, whose own hook is nix-hatch.
+    fn via(daemon: &Daemon, expr: &Path, attr: &str) -> Watched {
+        let mut cmd = nix_cmd("nix-build");
+        cmd.args(["--no-out-link", "--log-format", "internal-json"])
+            .args(["--option", "substituters", "", "--option", "builders", ""])
+            .arg(expr)
+            .args(["-A", attr]);
+        daemon.client_env(&mut cmd);
+        Watched::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: std::process::Command) -> Watched {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -428,5 +443,57 @@ fn the_timeout_starts_when_the_build_does_not_while_it_waits() {
     assert!(
         record["waited_s"].as_f64().is_some_and(|w| w > 2.0),
         "it waited longer than its timeout: {record}"
+    );
+}
+
+/// The queue spans hook processes of different daemon workers: a build
+/// of a second client waits for the slot a first client's build holds,
+/// and both are built.
+#[test]
+fn clients_of_one_daemon_share_the_queue() {
+    let env = TestEnv::new("queue-daemon");
+    let mut cfg = env.standard_config();
+    cfg.max_jobs = 1;
+    env.write_host_config(&cfg);
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    let expr = env.write_expr(
+        "daemon.nix",
+        &format!(
+            r#"{{
+  first = escape {{ name = "daemon-first"; script = ''
+    touch "@DIR@/first-started"
+    {}
+    echo first > "$out"
+  ''; }};
+  second = escape {{ name = "daemon-second"; script = ''echo second > "$out"''; }};
+}}"#,
+            wait_for_file("go")
+        ),
+    );
+    let first = Watched::via(&daemon, &expr, "first");
+    assert!(
+        wait_until(Duration::from_secs(120), || env
+            .path("first-started")
+            .exists()),
+        "the first build never started: {}",
+        first.raw()
+    );
+    let second = Watched::via(&daemon, &expr, "second");
+    second.wait_for_activities(WAITING_IN_HOOK, 1);
+    fs::write(env.path("go"), "").unwrap();
+    for (name, build) in [("first", first), ("second", second)] {
+        let (status, raw) = build.finish();
+        assert!(
+            status.success(),
+            "{name}: {raw}\ndaemon log:\n{}",
+            daemon.log_text()
+        );
+    }
+    let log = nix_log(&env.out_path(&expr, "second")).stdout;
+    assert!(
+        log.contains(
+            "nix-hatch: waiting for a free slot of executor \"hostx\": 1 running, 1 waiting"
+        ),
+        "{log}"
     );
 }

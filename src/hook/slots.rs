@@ -716,6 +716,26 @@ mod tests {
         hooks.remove(0).finish();
     }
 
+    /// A running hook that is killed frees its slot for the first in line
+    /// (the kernel reports the close just before it drops the lock: the
+    /// waiting build looks again shortly after).
+    #[test]
+    fn a_killed_running_hook_frees_its_slot_for_the_next_in_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (said, hear) = channel();
+        let x = Slots::new(dir.path(), "x", 1, 2);
+        let running = Hook::spawn(dir.path(), 2, "running", &said, &hear, "running");
+        let t = ticket(x.admit().unwrap());
+        let (_stop, never) = nix::unistd::pipe().unwrap();
+        let waiter = std::thread::spawn(move || {
+            t.wait(&[never.as_fd()], |_| {})
+                .map(|s| s.index)
+                .map_err(|e| format!("{e:?}"))
+        });
+        running.kill();
+        assert_eq!(waiter.join().unwrap(), Ok(0));
+    }
+
     /// A waiting hook that is killed frees its place at once: the queue
     /// has room again, and the one behind it is next.
     #[test]
