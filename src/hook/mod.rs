@@ -401,11 +401,15 @@ impl<'c> Decider<'c> {
             // its build-poll-interval.
             Ok(None) => {
                 let activity = waiting.unwrap_or_else(|| {
+                    let queue = match executor.queue {
+                        0 => String::new(),
+                        q => format!(", queue {q} full"),
+                    };
                     crate::protocol::activity::Activity::start(
                         crate::protocol::activity::Kind::BuildWaiting,
                         &format!(
-                            "waiting for a free slot of executor {:?} (max-jobs {}, queue {} full) to build '{}'",
-                            executor.name, executor.max_jobs, executor.queue, req.drv_path
+                            "waiting for a free slot of executor {:?} (max-jobs {}{queue}) to build '{}'",
+                            executor.name, executor.max_jobs, req.drv_path
                         ),
                         &[],
                     )

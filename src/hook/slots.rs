@@ -23,7 +23,8 @@
 //! (inotify on the directory: a finished build closes its slot; the kernel
 //! closes a killed hook's files), looking again shortly after each change
 //! and once a second regardless: the kernel reports a killed process's
-//! close just before it drops that file's lock.
+//! close just before it drops that file's lock. Without inotify (the
+//! account's instances used up) it looks every 50 ms.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -88,6 +89,9 @@ impl From<io::Error> for Ended {
 /// sleeps at most.
 const LOOK_AGAIN_MS: u16 = 20;
 const LOOK_ANYWAY_MS: u16 = 1000;
+/// How often a waiting build looks when it cannot watch the directory
+/// (inotify instances are limited per account: 128 by default).
+const POLL_MS: u16 = 50;
 
 impl Slots {
     pub fn new(state_dir: &Path, executor: &str, max_jobs: u32, queue: u32) -> Slots {
@@ -266,16 +270,28 @@ impl Ticket {
         stop: &[BorrowedFd<'_>],
         waiting: impl FnOnce(Occupancy),
     ) -> Result<Slot, Ended> {
-        let s = self.slots.clone();
         // Watch first, look second: a change after a look is an event.
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-            .map_err(|e| io::Error::other(format!("inotify: {e}")))?;
-        inotify
-            .add_watch(
-                &s.dir,
-                AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE,
-            )
-            .map_err(|e| io::Error::other(format!("watching {}: {e}", s.dir.display())))?;
+        let inotify = watch(&self.slots.dir);
+        self.wait_watching(inotify, stop, waiting)
+    }
+
+    fn wait_watching(
+        self,
+        inotify: nix::Result<Inotify>,
+        stop: &[BorrowedFd<'_>],
+        waiting: impl FnOnce(Occupancy),
+    ) -> Result<Slot, Ended> {
+        let s = self.slots.clone();
+        let inotify = match inotify {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::debug!(
+                    "cannot watch {} ({e}): looking every {POLL_MS} ms",
+                    s.dir.display()
+                );
+                None
+            }
+        };
         // Opened once and kept: looking at them again closes nothing, so a
         // waiting build wakes no other (nor itself).
         let mut slot_files = (0..s.max_jobs)
@@ -316,13 +332,28 @@ impl Ticket {
             if let (Some(tell), Some(now)) = (waiting.take(), now) {
                 tell(now);
             }
-            let ms = if soon { LOOK_AGAIN_MS } else { LOOK_ANYWAY_MS };
+            let ms = match (&inotify, soon) {
+                (None, _) => POLL_MS,
+                (Some(_), true) => LOOK_AGAIN_MS,
+                (Some(_), false) => LOOK_ANYWAY_MS,
+            };
             soon = matches!(
-                sleep_until_change(&inotify, stop, &prefix, ms)?,
+                sleep_until_change(inotify.as_ref(), stop, &prefix, ms)?,
                 Wake::Changed
             );
         }
     }
+}
+
+/// An inotify instance watching `dir` for files closed after writing
+/// (a slot, a ticket or the queue lock given up) and removed (a ticket).
+fn watch(dir: &Path) -> nix::Result<Inotify> {
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
+    inotify.add_watch(
+        dir,
+        AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE,
+    )?;
+    Ok(inotify)
 }
 
 /// What ended a sleep of a waiting build.
@@ -335,7 +366,7 @@ enum Wake {
 /// Sleeps until one of the executor's files (`prefix`…) is closed or
 /// removed, a `stop` fires, or `ms` milliseconds have passed.
 fn sleep_until_change(
-    inotify: &Inotify,
+    inotify: Option<&Inotify>,
     stop: &[BorrowedFd<'_>],
     prefix: &str,
     ms: u16,
@@ -345,8 +376,10 @@ fn sleep_until_change(
         let left = deadline.saturating_duration_since(Instant::now());
         // Whole milliseconds, rounded up: never a busy loop.
         let left_ms = u16::try_from(left.as_micros().div_ceil(1000)).unwrap_or(ms);
-        let mut fds: Vec<PollFd<'_>> = std::iter::once(inotify.as_fd())
-            .chain(stop.iter().copied())
+        let mut fds: Vec<PollFd<'_>> = stop
+            .iter()
+            .copied()
+            .chain(inotify.map(AsFd::as_fd))
             .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .collect();
         match poll(&mut fds, PollTimeout::from(left_ms)) {
@@ -354,14 +387,13 @@ fn sleep_until_change(
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(Ended::Failed(io::Error::other(format!("poll: {e}")))),
         }
-        for (i, fd) in fds[1..].iter().enumerate() {
-            if fd.revents().is_some_and(|r| !r.is_empty()) {
-                return Err(Ended::Stopped(i));
-            }
+        let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        if let Some(i) = fds[..stop.len()].iter().position(fired) {
+            return Err(Ended::Stopped(i));
         }
-        if fds[0].revents().is_none_or(|r| r.is_empty()) {
+        let Some(inotify) = inotify.filter(|_| fds.last().is_some_and(fired)) else {
             return Ok(Wake::TimedOut);
-        }
+        };
         let mut changed = false;
         loop {
             match inotify.read_events() {
@@ -563,6 +595,28 @@ mod tests {
         assert!(matches!(r, Err(Ended::Stopped(0))), "{:?}", r.err());
         assert!(told.get(), "the wait was not reported");
         assert!(ticket(x.admit().unwrap()).number >= 1);
+    }
+
+    /// Without inotify (the account's instances used up), a waiting build
+    /// still gets the slot that frees.
+    #[test]
+    fn without_inotify_a_waiting_build_still_gets_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Slots::new(dir.path(), "x", 1, 1);
+        let running = slot(x.admit().unwrap());
+        let t = ticket(x.admit().unwrap());
+        let (_stop, never) = nix::unistd::pipe().unwrap();
+        let (told, waits) = channel();
+        let waiter = std::thread::spawn(move || {
+            t.wait_watching(Err(Errno::EMFILE), &[never.as_fd()], |_| {
+                told.send(()).unwrap()
+            })
+            .map(|s| s.index)
+            .map_err(|e| format!("{e:?}"))
+        });
+        waits.recv_timeout(Duration::from_secs(60)).unwrap();
+        drop(running);
+        assert_eq!(waiter.join().unwrap(), Ok(0));
     }
 
     /// The log pipe's reader gone (Nix): a write end in `stop` reports an
