@@ -451,6 +451,27 @@ fn an_account_outside_allowed_users_is_refused_and_nothing_runs() {
     }
 }
 
+/// A refused account is refused before anything waits: not queued
+/// behind a busy slot, not postponed when the queue is full.
+#[test]
+fn a_refused_account_never_waits_for_a_slot() {
+    let env = Env::new();
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&some_job()));
+    for queue in [0, 2] {
+        let cfg = config_with(
+            &env,
+            &format!("allowed-users = [\"ci\"]\nmax-jobs = 1\nqueue = {queue}\n"),
+        );
+        let held = hold_slot(&cfg);
+        let b = fake();
+        let (code, out) = drive_as(someone("alice", &[]), Ok(cfg), &input, &b);
+        assert_eq!((code, out.as_str()), (100, "# accept\nnix-hatch:hx\n"));
+        assert_eq!(b.refusals.borrow().len(), 1, "queue {queue}");
+        assert!(b.claims.borrow().is_empty(), "queue {queue}: it queued");
+        drop(held);
+    }
+}
+
 /// Without `allowed-users`, Nix's `trusted-users` (in the hook's
 /// settings) decide; root always may.
 #[test]
