@@ -97,6 +97,9 @@ in
             # (`nix-hatch audit`).
             allowed-users = [ "@release" ];
             max-jobs = 1;
+            # Builds that may wait in the hook for the slot (default
+            # 2 × max-jobs); more are postponed until Nix asks again.
+            queue = 4;
             timeout = 600;
             max-output-size = "1M";
           };

@@ -125,6 +125,10 @@ pub struct Record {
     pub outputs: Vec<OutputRecord>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub proxy: Option<ProxyCounts>,
+    /// Seconds it waited inside the hook for a free slot (part of
+    /// `duration_s`), when it had to.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub waited_s: Option<f64>,
 }
 
 impl Record {
@@ -301,6 +305,7 @@ mod tests {
                 size: 120,
             }],
             proxy: None,
+            waited_s: None,
         }
     }
 

@@ -31,7 +31,7 @@ pub fn wire(data: &[u8]) {
 struct NoBuild;
 
 impl Builder for NoBuild {
-    fn build(&self, _: Accepted<'_>) -> i32 {
+    fn build(&self, _: Accepted<'_>, _: crate::hook::slots::Claim) -> i32 {
         0
     }
 

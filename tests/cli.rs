@@ -35,6 +35,22 @@ fn check_lists_routes_of_a_good_config() {
         out.contains("route: escape-sign -> signer (kind host, user root, max-jobs 3)"),
         "{out}"
     );
+    // The queue: 2 × max-jobs unless set.
+    assert!(
+        out.contains("executor signer: max-jobs 3, queue 6: when every slot is busy, up to 6 more builds are accepted and wait in their hooks for a slot, first come first served"),
+        "{out}"
+    );
+    let cfg = write(
+        dir.path(),
+        "q.toml",
+        "[routes]\nescape-sign = \"signer\"\n[executors.signer]\nkind = \"host\"\ncommand = [\"/bin/true\"]\nqueue = 0\n",
+    );
+    let (code, out) = run(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("executor signer: max-jobs 1, queue 0: when every slot is busy, builds are postponed; Nix asks again every build-poll-interval"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -126,10 +142,14 @@ fn instantiate(expr: &str) -> String {
 #[test]
 fn explain_names_the_route_or_the_reason() {
     let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
     let cfg = write(
         dir.path(),
         "c.toml",
-        "[routes]\nescape-sign = \"signer\"\n[executors.signer]\nkind = \"host\"\ncommand = [\"/bin/true\"]\n",
+        &format!(
+            "state-dir = {:?}\n[routes]\nescape-sign = \"signer\"\n[executors.signer]\nkind = \"host\"\ncommand = [\"/bin/true\"]\nqueue = 3\n",
+            state.display()
+        ),
     );
     let esc = instantiate(
         r#"hatch.escape { feature = "escape-sign"; name = "explain-me"; args = [ "x" ]; }"#,
@@ -140,6 +160,18 @@ fn explain_names_the_route_or_the_reason() {
         out.contains("route: feature escape-sign -> executor signer (kind host"),
         "{out}"
     );
+    assert!(
+        out.contains("slots: max-jobs 1, queue 3: when every slot is busy, up to 3 more builds are accepted and wait in their hooks"),
+        "{out}"
+    );
+    assert!(out.contains("now: 0 running, 0 waiting"), "{out}");
+    // A build running and one waiting, as hooks would hold them.
+    let slots = nix_hatch::hook::slots::Slots::new(&state, "signer", 1, 3);
+    let running = slots.admit().unwrap().unwrap();
+    let waiting = slots.admit().unwrap().unwrap();
+    let (_, out) = run(&["explain", &esc, "--config", &cfg]);
+    assert!(out.contains("now: 1 running, 1 waiting"), "{out}");
+    drop((running, waiting));
 
     let other =
         instantiate(r#"hatch.escape { feature = "escape-other"; name = "explain-other"; }"#);

@@ -122,6 +122,7 @@ fn sample_settings(dir: &Path) -> String {
     command = [ "/bin/true" "--key" "/root/key with space" ];
     user = "root";
     max-jobs = 2;
+    queue = 3;
     timeout = 600;
     pass-env = [ "scene" ];
   }};
@@ -214,6 +215,8 @@ fn rendered_settings_pass_nix_hatch_check() {
         "route: escape-sign -> signer (kind host, user root, max-jobs 2)",
         "route: escape-fetch -> fetcher (kind jail, user nobody, max-jobs 4)",
         "route: escape-render -> gpu (kind ssh, user builder, max-jobs 1)",
+        "executor signer: max-jobs 2, queue 3: when every slot is busy",
+        "executor fetcher: max-jobs 4, queue 8: when every slot is busy",
     ] {
         assert!(out.stdout.contains(want), "{want:?}:\n{}", out.describe());
     }

@@ -238,6 +238,7 @@ pub fn run(path: &Path) -> i32 {
             e.name,
             super::explain::who_may(e, trusted.as_deref())
         );
+        println!("executor {}: {}", e.name, super::explain::queue_policy(e));
         if let Some(w) = open_privilege_warning(e, trusted.as_deref()) {
             println!("warning: {w}");
         }

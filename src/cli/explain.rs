@@ -32,6 +32,34 @@ pub fn who_may(e: &crate::config::Executor, trusted: Option<&str>) -> String {
     }
 }
 
+/// What happens to `e`'s builds when its slots are busy, as `explain`
+/// and `check` say it.
+pub fn queue_policy(e: &crate::config::Executor) -> String {
+    let postponed = "Nix asks again every build-poll-interval (5 s by default)";
+    if e.queue == 0 {
+        return format!(
+            "max-jobs {}, queue 0: when every slot is busy, builds are postponed; {postponed}",
+            e.max_jobs
+        );
+    }
+    format!(
+        "max-jobs {}, queue {}: when every slot is busy, up to {} more builds are accepted \
+         and wait in their hooks for a slot, first come first served (their timeout starts \
+         when they do); further ones are postponed; {postponed}",
+        e.max_jobs, e.queue, e.queue
+    )
+}
+
+/// How many of `e`'s builds run and wait now (`state-dir/slots`), or why
+/// that can't be read here.
+fn occupancy_now(config: &Config, e: &crate::config::Executor) -> String {
+    let slots = crate::hook::slots::Slots::new(&config.state_dir, &e.name, e.max_jobs, e.queue);
+    match slots.occupancy() {
+        Ok(o) => format!("now: {} running, {} waiting", o.running, o.waiting),
+        Err(err) => format!("now: not readable here ({err})"),
+    }
+}
+
 pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
     let store = StoreLocation::from_setting(store);
     let drv = match Drv::load(&store, drv_path) {
@@ -85,6 +113,8 @@ pub fn run(config_path: &Path, drv_path: &str, store: Option<&str>) -> i32 {
             );
             let trusted = crate::cli::nix_version::trusted_users();
             println!("{}", who_may(e, trusted.as_deref()));
+            println!("slots: {}", queue_policy(e));
+            println!("{}", occupancy_now(&config, e));
             0
         }
         Route::Refuse(reason) => {

@@ -31,6 +31,8 @@ use ssh::SshExecutor;
 
 pub const DEFAULT_PATH: &str = "/etc/nix-hatch/config.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nix-hatch";
+/// The largest `queue` an executor may have.
+pub const MAX_QUEUE: u64 = 1000;
 
 /// The config file the hook and the CLI read by default.
 pub fn default_path() -> PathBuf {
@@ -70,6 +72,9 @@ pub struct Executor {
     /// Account the command or builder runs as.
     pub user: String,
     pub max_jobs: u32,
+    /// Builds that may wait inside the hook for a free slot (after
+    /// `# accept`); further ones are postponed. 0 = never wait.
+    pub queue: u32,
     /// Seconds; 0 = none. The smaller non-zero of this and Nix's wins.
     pub timeout: u64,
     pub max_silent_time: u64,
@@ -229,6 +234,17 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
     if max_jobs == 0 {
         p.push(format!("{ctx}.max-jobs: must be at least 1"));
     }
+    let max_jobs = max_jobs.clamp(1, u32::MAX as u64) as u32;
+    let queue = k
+        .uint(p, "queue")
+        .unwrap_or_else(|| 2 * u64::from(max_jobs));
+    // Every waiting build is a hook process that rescans the queue when
+    // it changes: the bound keeps that cheap.
+    if queue > MAX_QUEUE {
+        p.push(format!(
+            "{ctx}.queue: at most {MAX_QUEUE} builds can wait for a slot, got {queue}"
+        ));
+    }
     let timeout = k.uint(p, "timeout").unwrap_or(0);
     let max_silent_time = k.uint(p, "max-silent-time").unwrap_or(0);
     let systems = k.string_list(p, "systems");
@@ -263,7 +279,8 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
         name: name.to_owned(),
         kind: kind?,
         user,
-        max_jobs: max_jobs.clamp(1, u32::MAX as u64) as u32,
+        max_jobs,
+        queue: queue.min(MAX_QUEUE) as u32,
         timeout,
         max_silent_time,
         systems,
@@ -302,6 +319,7 @@ pass-env = ["FILE"]
         assert_eq!(c.fallback, Fallback::Decline);
         let e = c.executor_for_feature("escape-sign").unwrap();
         assert_eq!(e.max_jobs, 2);
+        assert_eq!(e.queue, 4, "the default queue is 2 × max-jobs");
         assert_eq!(e.timeout, 600);
         let ExecutorKind::Host(h) = &e.kind else {
             panic!("not host")
@@ -385,6 +403,26 @@ user = "root"
         assert!(errs[0].starts_with("remote-clients: \"@fleet\" is not an account name"));
         let errs = parse("remote-clients = \"fleet-a\"\n").unwrap_err();
         assert!(errs[0].starts_with("remote-clients: expected"), "{errs:?}");
+    }
+
+    #[test]
+    fn queue() {
+        let exec = |extra: &str| {
+            format!("[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nmax-jobs = 3\n{extra}")
+        };
+        assert_eq!(parse(&exec("")).unwrap().executors["a"].queue, 6);
+        assert_eq!(parse(&exec("queue = 0")).unwrap().executors["a"].queue, 0);
+        assert_eq!(
+            parse(&exec("queue = 1000")).unwrap().executors["a"].queue,
+            1000
+        );
+        let errs = parse(&exec("queue = 1001")).unwrap_err();
+        assert_eq!(
+            errs[0],
+            "executors.a.queue: at most 1000 builds can wait for a slot, got 1001"
+        );
+        let errs = parse(&exec("queue = -1")).unwrap_err();
+        assert!(errs[0].starts_with("executors.a.queue: expected a non-negative integer"));
     }
 
     #[test]

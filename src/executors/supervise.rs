@@ -113,6 +113,14 @@ impl Cancel {
     }
 }
 
+/// Readable once one of the signals has arrived: for a caller that polls
+/// other descriptors too.
+impl AsFd for Cancel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+}
+
 static CANCEL_FD: AtomicI32 = AtomicI32::new(-1);
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 

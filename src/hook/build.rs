@@ -5,6 +5,7 @@
 use std::time::{Instant, SystemTime};
 
 use super::requester::Requester;
+use super::slots::{Claim, Ended, Slot, Ticket};
 use super::{Accepted, Builder, Refused};
 use crate::audit::{self, Outcome};
 use crate::config::Executor;
@@ -18,7 +19,7 @@ use crate::store::{self, ImportRequest, Registered, Registrar, StagedOutput, Sto
 pub struct RealBuilder;
 
 impl Builder for RealBuilder {
-    fn build(&self, a: Accepted<'_>) -> i32 {
+    fn build(&self, a: Accepted<'_>, claim: Claim) -> i32 {
         let (started, clock) = (SystemTime::now(), Instant::now());
         let mut log = BuildLog::from_nix();
         messages_to_build_log();
@@ -31,7 +32,23 @@ impl Builder for RealBuilder {
         // Every message of the build names the executor (this span).
         let span = tracing::error_span!("executor", name = %a.executor.name);
         let mut report = executors::Report::default();
-        let ran = span.in_scope(|| build(&a, &mut log, &mut report));
+        let mut waited = None;
+        let ran = Cancel::install()
+            .map_err(|e| Failure::Internal(format!("installing signal handlers: {e}")))
+            .and_then(|cancel| {
+                let slot = match claim {
+                    Claim::Slot(slot) => slot,
+                    Claim::Queued(ticket) => {
+                        let from = Instant::now();
+                        let slot = wait_for_slot(&a, ticket, &cancel);
+                        waited = Some(from.elapsed());
+                        crate::timing::mark("queue");
+                        slot?
+                    }
+                };
+                // The build's `timeout` starts here, with the build.
+                span.in_scope(|| build(&a, &slot, &cancel, &mut log, &mut report))
+            });
         let (code, outcome, reason, status, outputs) = match ran {
             Ok(registered) => (0, Outcome::Built, None, Some(0), registered),
             Err(f) => {
@@ -68,6 +85,7 @@ impl Builder for RealBuilder {
             record.set_reason(r);
         }
         record.exit_status = status;
+        record.waited_s = waited.map(audit::seconds);
         record.proxy = report.proxy;
         record.outputs = outputs
             .iter()
@@ -203,6 +221,7 @@ fn record_of(
         reason: None,
         outputs: Vec::new(),
         proxy: None,
+        waited_s: None,
     };
     record.set_args(drv.drv.arguments().iter().map(|a| a.as_bytes()));
     record
@@ -214,6 +233,49 @@ fn write_record(state_dir: &std::path::Path, record: &audit::Record) {
     if let Err(e) = audit::append(state_dir, record) {
         tracing::warn!("cannot write the audit record: {e}");
     }
+}
+
+/// Waits inside the accepted hook for the build's turn and a free slot,
+/// saying so once in the build log and in Nix's progress bar. Ends,
+/// having run nothing, on a signal (Nix stopping the build) or when Nix
+/// is gone (the log pipe has no reader any more).
+fn wait_for_slot(a: &Accepted<'_>, ticket: Ticket, cancel: &Cancel) -> Result<Slot, Failure> {
+    use crate::protocol::activity::{Activity, Kind};
+    use std::os::fd::{AsFd, BorrowedFd};
+    let name = &a.executor.name;
+    let mut stop = vec![cancel.as_fd()];
+    if crate::util::fd_is_open(crate::protocol::buildlog::LOG_FD) {
+        // SAFETY: fd 4 is Nix's log pipe, open for the life of the hook.
+        stop.push(unsafe { BorrowedFd::borrow_raw(crate::protocol::buildlog::LOG_FD) });
+    }
+    let mut activity = None;
+    let got = ticket.wait(&stop, |now| {
+        tracing::info!(
+            "waiting for a free slot of executor {name:?}: {} running, {} waiting",
+            now.running,
+            now.waiting
+        );
+        activity = Some(Activity::start(
+            Kind::BuildWaiting,
+            &format!(
+                "waiting for a free slot of executor {name:?} (max-jobs {}) to build '{}'",
+                a.executor.max_jobs, a.drv.path
+            ),
+            &[],
+        ));
+    });
+    drop(activity);
+    got.map_err(|e| {
+        Failure::Internal(match e {
+            Ended::Stopped(0) => {
+                "cancelled by a signal while waiting for a free slot; nothing was run".to_owned()
+            }
+            Ended::Stopped(_) => {
+                "Nix went away while the build waited for a free slot; nothing was run".to_owned()
+            }
+            Ended::Failed(e) => format!("waiting for a free slot: {e}; nothing was run"),
+        })
+    })
 }
 
 /// Maps what Nix sent as wanted outputs to (name, path). Nix ≥ 2.4 sends
@@ -250,12 +312,12 @@ pub fn wanted_outputs(a: &Accepted<'_>) -> Result<Vec<(String, StorePath)>, Fail
 
 fn build(
     a: &Accepted<'_>,
+    slot: &Slot,
+    cancel: &Cancel,
     log: &mut BuildLog,
     report: &mut executors::Report,
 ) -> Result<Vec<Registered>, Failure> {
     let internal = |e: String| Failure::Internal(e);
-    let cancel =
-        Cancel::install().map_err(|e| internal(format!("installing signal handlers: {e}")))?;
     let outputs = wanted_outputs(a)?;
     // The input closure as Nix sent it, refused here if it isn't one.
     let inputs = a
@@ -288,7 +350,7 @@ fn build(
         "building {} ({}, slot {})",
         a.drv.path,
         a.executor.kind.name(),
-        a.slot.index
+        slot.index
     );
     tracing::debug!(
         "staging in {}; timeout {}, max-silent-time {}; {} input paths, outputs {}",
@@ -323,7 +385,7 @@ fn build(
     let deadline = limits
         .timeout
         .and_then(|t| std::time::Instant::now().checked_add(t));
-    let ran = executors::run(&req, log, &cancel, report);
+    let ran = executors::run(&req, log, cancel, report);
     crate::timing::mark("executor");
     // No process of the build is left (executors return only then): from
     // here on its account can neither reach nor change what it left.

@@ -34,7 +34,6 @@ pub struct Accepted<'a> {
     pub executor: &'a Executor,
     pub drv: Drv,
     pub job: AcceptedJob,
-    pub slot: slots::Slot,
     /// Who asked for it.
     pub requester: Requester,
     /// The escape feature that routed it.
@@ -58,7 +57,9 @@ pub struct Refused<'a> {
 /// Runs an accepted build, or reports a refused one, and returns the
 /// hook's exit status.
 pub trait Builder {
-    fn build(&self, accepted: Accepted<'_>) -> i32;
+    /// `claim`: the build's slot, or its place in the queue (then the
+    /// builder waits for a slot first).
+    fn build(&self, accepted: Accepted<'_>, claim: slots::Claim) -> i32;
     fn refuse(&self, refused: Refused<'_>) -> i32;
 }
 
@@ -199,7 +200,7 @@ pub fn run_for(
                 executor,
                 feature,
                 drv,
-                slot,
+                claim,
             } => {
                 crate::util::fault_point("before-accept");
                 // An idle delegate would hold the log pipe's read side
@@ -210,17 +211,19 @@ pub fn run_for(
                 let Some(job) = accept(executor, input, replies) else {
                     return 1;
                 };
-                return builder.build(Accepted {
-                    config,
-                    settings: &settings,
-                    store: &decider.store,
-                    executor,
-                    drv: *drv,
-                    job,
-                    slot,
-                    requester: decider.requester.take().unwrap_or_else(Requester::identify),
-                    feature,
-                });
+                return builder.build(
+                    Accepted {
+                        config,
+                        settings: &settings,
+                        store: &decider.store,
+                        executor,
+                        drv: *drv,
+                        job,
+                        requester: decider.requester.take().unwrap_or_else(Requester::identify),
+                        feature,
+                    },
+                    claim,
+                );
             }
             Step::Refuse {
                 config,
@@ -259,14 +262,15 @@ enum Step<'c> {
     /// Not nix-hatch's to build: the fallback (Nix's build-remote, another
     /// hook, or a decline) answers.
     PassOn,
-    /// Build it with `executor` in `slot`.
+    /// Build it with `executor` in its slot, or once its place in the
+    /// queue has become one.
     Accept {
         config: &'c Config,
         executor: &'c Executor,
         feature: String,
         // Boxed: a parsed derivation is large, the other steps are a word.
         drv: Box<Drv>,
-        slot: slots::Slot,
+        claim: slots::Claim,
     },
     /// Accept it and fail it at once: the requester may not use
     /// `executor` (`reason` says so in one line).
@@ -379,20 +383,32 @@ impl<'c> Decider<'c> {
                 reason,
             });
         }
-        match slots::try_acquire(&cfg.state_dir, &executor.name, executor.max_jobs) {
-            Ok(Some(slot)) => self.step(Step::Accept {
+        let slots = slots::Slots::new(
+            &cfg.state_dir,
+            &executor.name,
+            executor.max_jobs,
+            executor.queue,
+        );
+        match slots.admit() {
+            Ok(Some(claim)) => self.step(Step::Accept {
                 config: cfg,
                 executor,
                 feature,
                 drv: Box::new(drv),
-                slot,
+                claim,
             }),
+            // Every slot busy and the queue full: Nix asks again after
+            // its build-poll-interval.
             Ok(None) => {
                 let activity = waiting.unwrap_or_else(|| {
+                    let queue = match executor.queue {
+                        0 => String::new(),
+                        q => format!(", queue {q} full"),
+                    };
                     crate::protocol::activity::Activity::start(
                         crate::protocol::activity::Kind::BuildWaiting,
                         &format!(
-                            "waiting for a free slot of executor {:?} (max-jobs {}) to build '{}'",
+                            "waiting for a free slot of executor {:?} (max-jobs {}{queue}) to build '{}'",
                             executor.name, executor.max_jobs, req.drv_path
                         ),
                         &[],

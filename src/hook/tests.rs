@@ -11,18 +11,22 @@ type Call = (String, Vec<String>, Vec<String>);
 
 struct FakeBuilder {
     calls: RefCell<Vec<Call>>,
+    /// The claim of each accepted build, kept (a queued one keeps its
+    /// place in the queue until dropped).
+    claims: RefCell<Vec<slots::Claim>>,
     /// (executor, requester, reason) of each refused build.
     refusals: RefCell<Vec<(String, Requester, String)>>,
     status: i32,
 }
 
 impl Builder for FakeBuilder {
-    fn build(&self, a: Accepted<'_>) -> i32 {
+    fn build(&self, a: Accepted<'_>, claim: slots::Claim) -> i32 {
         self.calls.borrow_mut().push((
             a.executor.name.clone(),
             a.job.inputs.clone(),
             a.job.wanted_outputs.clone(),
         ));
+        self.claims.borrow_mut().push(claim);
         self.status
     }
 
@@ -37,6 +41,7 @@ impl Builder for FakeBuilder {
 fn fake() -> FakeBuilder {
     FakeBuilder {
         calls: RefCell::new(Vec::new()),
+        claims: RefCell::new(Vec::new()),
         refusals: RefCell::new(Vec::new()),
         status: 0,
     }
@@ -184,19 +189,81 @@ fn build_status_is_the_exit_status() {
     assert_eq!(drive(Ok(env.config(1)), &input, &b).0, 100);
 }
 
-#[test]
-fn busy_executor_postpones() {
-    let env = Env::new();
-    let cfg = env.config(1);
-    let held = slots::try_acquire(&cfg.state_dir, "hx", 1)
+/// A slot of `hx` held from outside, as another hook's running build.
+fn hold_slot(cfg: &Config) -> slots::Claim {
+    let e = &cfg.executors["hx"];
+    slots::Slots::new(&cfg.state_dir, "hx", e.max_jobs, e.queue)
+        .admit()
         .unwrap()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn busy_executor_without_a_queue_postpones() {
+    let env = Env::new();
+    let cfg = config_with(&env, "max-jobs = 1\nqueue = 0\n");
+    let held = hold_slot(&cfg);
+    assert!(matches!(held, slots::Claim::Slot(_)));
     let input = env.stream(&[env.try_(&["escape-x"]), env.try_(&[])], None);
     let b = fake();
     let (code, out) = drive(Ok(cfg), &input, &b);
     assert_eq!((code, out.as_str()), (0, "# postpone\n# decline\n"));
     assert!(b.calls.borrow().is_empty());
     drop(held);
+}
+
+/// With every slot busy, up to `queue` builds are accepted to wait in
+/// their hooks; the next is postponed until one of them leaves.
+#[test]
+fn busy_executor_queues_up_to_its_bound_then_postpones() {
+    let env = Env::new();
+    let cfg = config_with(&env, "max-jobs = 1\nqueue = 2\n");
+    let held = hold_slot(&cfg);
+    let job = some_job();
+    let accepts = env.stream(&[env.try_(&["escape-x"])], Some(&job));
+    let b = fake();
+    for _ in 0..2 {
+        let (code, out) = drive(Ok(cfg.clone()), &accepts, &b);
+        assert_eq!((code, out.as_str()), (0, "# accept\nnix-hatch:hx\n"));
+    }
+    assert!(b
+        .claims
+        .borrow()
+        .iter()
+        .all(|c| matches!(c, slots::Claim::Queued(_))));
+    let postpones = env.stream(&[env.try_(&["escape-x"])], None);
+    let (code, out) = drive(Ok(cfg.clone()), &postpones, &fake());
+    assert_eq!((code, out.as_str()), (0, "# postpone\n"));
+    // A waiting build leaves (its hook was killed): there is room again.
+    drop(b.claims.borrow_mut().pop());
+    let (code, out) = drive(Ok(cfg.clone()), &accepts, &b);
+    assert_eq!((code, out.as_str()), (0, "# accept\nnix-hatch:hx\n"));
+    drop(held);
+}
+
+/// A slot that frees while a build waits for one is that build's: a new
+/// `try` queues behind it instead of taking the slot.
+#[test]
+fn a_new_try_does_not_overtake_a_waiting_build() {
+    let env = Env::new();
+    let cfg = config_with(&env, "max-jobs = 1\n");
+    let held = hold_slot(&cfg);
+    let job = some_job();
+    let accepts = env.stream(&[env.try_(&["escape-x"])], Some(&job));
+    let b = fake();
+    drive(Ok(cfg.clone()), &accepts, &b);
+    drop(held);
+    drive(Ok(cfg.clone()), &accepts, &b);
+    let claims = b.claims.borrow();
+    assert!(
+        claims.iter().all(|c| matches!(c, slots::Claim::Queued(_))),
+        "the second try took the slot the first was waiting for"
+    );
+    drop(claims);
+    // With nobody waiting, a free slot is taken at once.
+    b.claims.borrow_mut().clear();
+    drive(Ok(cfg), &accepts, &b);
+    assert!(matches!(b.claims.borrow()[0], slots::Claim::Slot(_)));
 }
 
 #[test]
@@ -381,6 +448,27 @@ fn an_account_outside_allowed_users_is_refused_and_nothing_runs() {
         let b = fake();
         let (code, _) = drive_as(who, Ok(cfg), &input, &b);
         assert_eq!((code, b.calls.borrow().len()), (0, 1), "{list}");
+    }
+}
+
+/// A refused account is refused before anything waits: not queued
+/// behind a busy slot, not postponed when the queue is full.
+#[test]
+fn a_refused_account_never_waits_for_a_slot() {
+    let env = Env::new();
+    let input = env.stream(&[env.try_(&["escape-x"])], Some(&some_job()));
+    for queue in [0, 2] {
+        let cfg = config_with(
+            &env,
+            &format!("allowed-users = [\"ci\"]\nmax-jobs = 1\nqueue = {queue}\n"),
+        );
+        let held = hold_slot(&cfg);
+        let b = fake();
+        let (code, out) = drive_as(someone("alice", &[]), Ok(cfg), &input, &b);
+        assert_eq!((code, out.as_str()), (100, "# accept\nnix-hatch:hx\n"));
+        assert_eq!(b.refusals.borrow().len(), 1, "queue {queue}");
+        assert!(b.claims.borrow().is_empty(), "queue {queue}: it queued");
+        drop(held);
     }
 }
 
