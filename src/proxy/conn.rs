@@ -34,12 +34,16 @@ pub struct Shared {
 }
 
 /// The HTTP/1.1 server settings for connections from the build.
+/// `half_close`: a client may end its sending side once its request is
+/// out and still read the answer (HTTP/1.0 style, `printf … | nc`); hyper
+/// would otherwise take that end of input for an abandoned request.
 pub fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_header_size(MAX_HEADER)
-        .keep_alive(true);
+        .keep_alive(true)
+        .half_close(true);
     b
 }
 
