@@ -7,9 +7,10 @@
 //! blind CONNECT tunnel, plain requests forwarded), one whose path rule
 //! makes it intercept (TLS terminated with the per-build CA and
 //! re-encrypted upstream). With `--tinyproxy PATH` also tinyproxy, the
-//! peer, on a loopback port of this namespace with the equivalent allow
-//! filter (`^localhost$`, default deny, CONNECT to the server's port only),
-//! set up as its Debian package is (own account, a log file at `Info`).
+//! peer, twice, on loopback ports of this namespace with the equivalent
+//! allow filter (`^localhost$`, default deny, CONNECT to the server's port
+//! only), as its Debian package runs it (own account, a log file): at
+//! `LogLevel Warning` and at Debian's `Info`.
 //!
 //! Prints one line of shell assignments (ports, CA files, each proxy's
 //! namespace as a `/proc/PID/fd/N` path for `nsenter --net=`, tinyproxy's
@@ -288,11 +289,12 @@ fn main() {
         ));
         namespaces.push(net);
     }
-    // tinyproxy as Debian configures it (every request logged, `Info`)
-    // and with only problems logged (`Warning`).
+    // tinyproxy at its fastest (only problems logged, `Warning`: no line,
+    // hence no fsync, per request) and as Debian configures it (`Info`:
+    // every request logged, each line fsynced).
     let mut tinyproxies = Vec::new();
     if let Some(exe) = &tinyproxy_exe {
-        for (name, level) in [("TINYPROXY", "Info"), ("TINYPROXY_QUIET", "Warning")] {
+        for (name, level) in [("TINYPROXY", "Warning"), ("TINYPROXY_INFO", "Info")] {
             let (child, port) = tinyproxy(exe, &dir, &name.to_lowercase(), level, server_port);
             line.push_str(&format!(" {name}_PORT={port} {name}_PID={}", child.id()));
             tinyproxies.push(child);
