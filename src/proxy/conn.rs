@@ -68,9 +68,11 @@ impl Requests {
 
 /// One error line for a connection hyper gave up on. hyper's header
 /// timeout also ends a kept-alive connection that stays idle after its
-/// requests: routine, so no line for that.
+/// requests, and a client that got its answers may drop the connection
+/// with the rest unread (a reset): routine, so no line for those.
 pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests) {
-    if e.is_timeout() && requests.0.load(Ordering::Relaxed) > 0 {
+    let answered = requests.0.load(Ordering::Relaxed) > 0;
+    if answered && (e.is_timeout() || reset_by_client(e)) {
         return;
     }
     let why = if e.is_timeout() {
@@ -92,4 +94,14 @@ pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests
     shared
         .events
         .line(&format!("error: {what}: {why}; connection closed"));
+}
+
+fn reset_by_client(e: &hyper::Error) -> bool {
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    })
 }
