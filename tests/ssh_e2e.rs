@@ -888,6 +888,135 @@ fn bench_transfer_512mib() {
     );
 }
 
+/// Benchmark (`scripts/bench ssh-vs-nix-remote`): one derivation whose
+/// output is 512 MiB of random data in 4 files, built on the far side and
+/// brought back, whole `nix-build` each (evaluation, connection set-up,
+/// build, transfer, registration): through the ssh executor vs through
+/// Nix's own build-remote over `ssh-ng://` to a `nix-daemon --stdio` with a
+/// store of its own (a chroot store under the test dir), behind the same
+/// loopback sshd. Both build scripts are the same busybox commands. Prints
+/// best and median of each; asserts nothing about speed.
+#[test]
+#[ignore = "benchmark: run with scripts/bench ssh-vs-nix-remote"]
+fn bench_vs_nix_remote_512mib() {
+    let mib: u64 = std::env::var("NIX_HATCH_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let rounds: usize = std::env::var("NIX_HATCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let env = TestEnv::new("ssh-vs-nix");
+    let remote = Remote::start(&env);
+    let agent = remote.agent(&env, "agent.sh", "");
+    remote.good_config(&env, &agent);
+    // The far side's Nix: its own store, the settings an offline builder
+    // has in its nix.conf (no substituters).
+    let far = env.path("far");
+    fs::create_dir_all(&far).unwrap();
+    let far_store = format!("local?root={}", far.display());
+    let daemon = env.write_script(
+        "far-nix-daemon",
+        "#!/bin/sh\nexec nix-daemon --option substituters '' \"$@\"\n",
+    );
+    let host_key = run(
+        Command::new("base64")
+            .arg("-w0")
+            .arg(remote.sshd.dir.join("host_key.pub")),
+        Duration::from_secs(10),
+    );
+    host_key.assert_ok();
+    let builders = format!(
+        "ssh-ng://root@127.0.0.1?remote-store={far_store}&remote-program={} x86_64-linux {} 1 1 - - {}",
+        daemon.display(),
+        remote.sshd.identity.display(),
+        host_key.stdout.trim()
+    );
+    // 4 files of random bytes: the same busybox commands on both sides.
+    let part = (mib << 20) / 4;
+    let script = format!(
+        "${{bb}}/bin/busybox mkdir $out && for i in 1 2 3 4; do ${{bb}}/bin/busybox head -c {part} /dev/urandom > $out/$i || exit 1; done"
+    );
+    let mut ours = Vec::new();
+    let mut nix = Vec::new();
+    for round in 0..rounds {
+        let e = expr(
+            &env,
+            &format!("round{round}.nix"),
+            &format!(
+                "{{ ours = escape {{ name = \"ssh-vs-nix-ours-{round}\"; feature = \"{SSH_FEATURE}\"; script = ''{script}''; }};\n  \
+                 nix = plain {{ name = \"ssh-vs-nix-nix-{round}\"; script = ''{script}''; }}; }}"
+            ),
+        );
+        nix::unistd::sync();
+        let out = env.nix_build(&e, &["ours"], &[]);
+        out.assert_ok();
+        ours.push(out.elapsed.as_secs_f64());
+        let p = out.store_paths()[0].clone();
+        assert_eq!(fs::metadata(format!("{p}/4")).unwrap().len(), part, "{p}/4");
+        let _ = run(
+            nix_cmd("nix-store").args(["--delete", &p]),
+            Duration::from_secs(120),
+        );
+
+        nix::unistd::sync();
+        let mut c = nix_cmd("nix-build");
+        c.args(["--no-out-link", "--option", "substituters", ""])
+            .args(["--option", "builders", &builders])
+            .args(["--option", "max-jobs", "0"])
+            .arg(&e)
+            .args(["-A", "nix"])
+            .env(
+                "NIX_SSHOPTS",
+                format!(
+                    "-p {} -o UserKnownHostsFile={} -o BatchMode=yes",
+                    remote.sshd.port,
+                    remote.sshd.known_hosts().display()
+                ),
+            );
+        let out = run(&mut c, NIX_LIMIT);
+        out.assert_ok();
+        out.assert_stderr_contains("on 'ssh-ng://root@127.0.0.1");
+        nix.push(out.elapsed.as_secs_f64());
+        let p = out.store_paths()[0].clone();
+        assert_eq!(fs::metadata(format!("{p}/4")).unwrap().len(), part, "{p}/4");
+        // It was built in the far store and copied back.
+        assert!(
+            far.join(p.trim_start_matches('/')).exists(),
+            "{p} not built in {far_store}"
+        );
+        for store in ["", &far_store] {
+            let mut c = nix_cmd("nix-store");
+            if !store.is_empty() {
+                c.args(["--store", store]);
+            }
+            let _ = run(c.args(["--delete", &p]), Duration::from_secs(120));
+        }
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("bench-ssh-nix: {mib} MiB in 4 files, {rounds} rounds");
+    println!(
+        "bench-ssh-nix: nix-hatch ssh executor   best {:.3} s  median {:.3} s  all: {ours:.3?}",
+        best(&ours),
+        median(&ours)
+    );
+    println!(
+        "bench-ssh-nix: Nix build-remote ssh-ng  best {:.3} s  median {:.3} s  all: {nix:.3?}",
+        best(&nix),
+        median(&nix)
+    );
+    println!(
+        "bench-ssh-nix: ratio (nix-hatch / Nix, best) {:.2}",
+        best(&ours) / best(&nix)
+    );
+}
+
 /// The agent on its own (no sshd), as an unprivileged account: no pid
 /// namespace, so its process group, death signal and subreaper must do.
 /// A finished build streams log, tar and a trailer whose digest covers

@@ -34,12 +34,16 @@ pub struct Shared {
 }
 
 /// The HTTP/1.1 server settings for connections from the build.
+/// `half_close`: a client may end its sending side once its request is
+/// out and still read the answer (HTTP/1.0 style, `printf … | nc`); hyper
+/// would otherwise take that end of input for an abandoned request.
 pub fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_header_size(MAX_HEADER)
-        .keep_alive(true);
+        .keep_alive(true)
+        .half_close(true);
     b
 }
 
@@ -64,9 +68,11 @@ impl Requests {
 
 /// One error line for a connection hyper gave up on. hyper's header
 /// timeout also ends a kept-alive connection that stays idle after its
-/// requests: routine, so no line for that.
+/// requests, and a client that got its answers may drop the connection
+/// with the rest unread (a reset): routine, so no line for those.
 pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests) {
-    if e.is_timeout() && requests.0.load(Ordering::Relaxed) > 0 {
+    let answered = requests.0.load(Ordering::Relaxed) > 0;
+    if answered && (e.is_timeout() || reset_by_client(e)) {
         return;
     }
     let why = if e.is_timeout() {
@@ -88,4 +94,14 @@ pub fn report(shared: &Shared, e: &hyper::Error, what: &str, requests: &Requests
     shared
         .events
         .line(&format!("error: {what}: {why}; connection closed"));
+}
+
+fn reset_by_client(e: &hyper::Error) -> bool {
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    })
 }

@@ -415,3 +415,41 @@ async fn log_lines_of_hostile_requests_are_bounded() {
         &long[..200]
     ));
 }
+
+/// A client that ends its sending side after the request (HTTP/1.0
+/// style: `nc`, shell scripts, `printf … | nc`) still gets the whole
+/// answer, allowed or denied, and nothing is logged as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_is_answered() {
+    let (up, seen) = http_upstream().await;
+    let mut p = proxy(vec![rule(r"127\.0\.0\.1", Some("^/pub/"))], 8).await;
+    for (path, status, body) in [
+        ("/pub/a", "200", "ok"),
+        ("/secret", "403", "nix-hatch proxy: denied"),
+    ] {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(
+            format!("GET http://127.0.0.1:{up}{path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut answer))
+            .await
+            .expect("the proxy neither answered nor closed")
+            .expect("reading the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        let status_line = answer.lines().next().unwrap_or_default();
+        assert!(
+            status_line.starts_with("HTTP/1.") && status_line.contains(&format!(" {status} ")),
+            "{path}: {answer:?}"
+        );
+        let (_, got_body) = answer.split_once("\r\n\r\n").unwrap_or_default();
+        assert!(got_body.starts_with(body), "{path}: {answer:?}");
+    }
+    assert_eq!(request_lines(&seen), vec!["GET /pub/a HTTP/1.0".to_owned()]);
+    let log = p.lines();
+    assert!(!log.contains("error"), "{log}");
+}
