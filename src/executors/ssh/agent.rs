@@ -20,6 +20,14 @@
 //! pid namespace, so that nothing it started survives it (`CommandTree`).
 //! The temporary directory is removed however the agent ends: on return,
 //! and by a janitor process even when the agent is SIGKILLed.
+//!
+//! A request with resource limits (version 2) runs the command in a cgroup
+//! of its own with them, as the local executors do (`executors::limits`),
+//! named after the temporary directory and removed with it (the janitor
+//! too removes it); with limits and no cgroup to be had here, nothing runs.
+//! What the command used goes back in a `Usage` frame before the trailer.
+//! A probe request (`nix-hatch check --connect`) only tries whether the
+//! limits can be enforced here.
 
 use std::ffi::OsString;
 use std::fs::File;
