@@ -488,7 +488,7 @@ fn the_agent_enforces_the_limits_on_the_far_side() {
     );
     assert!(check.success(), "{}", check.describe());
     let want = format!(
-        "limits: executor sshx (far side): memory-max 64 MiB enforced by cgroup v{}",
+        "limits: executor sshx (far side): memory-max 64 MiB: enforced by cgroup v{}",
         cgroup_version()
     );
     assert!(check.stdout.contains(&want), "{want}\n{}", check.describe());

@@ -153,30 +153,35 @@ impl Plan {
     }
 
     /// For messages: `cgroup v2 in /sys/fs/cgroup/x/nix-hatch (memory,
-    /// pids)` or, on v1, one entry per hierarchy.
+    /// pids)`, or on v1 `cgroup v1: memory in /sys/fs/cgroup/memory/x/
+    /// nix-hatch, pids in …`.
     pub fn describe(&self) -> String {
-        let parts: Vec<String> = self
+        let names = |p: &PlannedPart| -> Vec<&str> {
+            p.required
+                .iter()
+                .chain(&p.optional)
+                .map(|c| c.name())
+                .collect()
+        };
+        let mut out = Vec::new();
+        let v1: Vec<String> = self
             .parts
             .iter()
-            .map(|p| {
-                let mut cs: Vec<&str> = p.required.iter().map(|c| c.name()).collect();
-                cs.extend(p.optional.iter().map(|c| c.name()));
-                let v = match p.version {
-                    Version::V1 => "v1",
-                    Version::V2 => "v2",
-                };
-                if cs.is_empty() {
-                    format!("cgroup {v} in {}", p.container.display())
-                } else {
-                    format!(
-                        "cgroup {v} in {} ({})",
-                        p.container.display(),
-                        cs.join(", ")
-                    )
-                }
-            })
+            .filter(|p| p.version == Version::V1)
+            .map(|p| format!("{} in {}", names(p).join(", "), p.container.display()))
             .collect();
-        parts.join("; ")
+        if !v1.is_empty() {
+            out.push(format!("cgroup v1: {}", v1.join(", ")));
+        }
+        for p in self.parts.iter().filter(|p| p.version == Version::V2) {
+            let cs = names(p);
+            out.push(if cs.is_empty() {
+                format!("cgroup v2 in {}", p.container.display())
+            } else {
+                format!("cgroup v2 in {} ({})", p.container.display(), cs.join(", "))
+            });
+        }
+        out.join("; ")
     }
 
     /// The directories that hold the builds' cgroups.

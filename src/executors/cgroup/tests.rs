@@ -202,7 +202,7 @@ fn v1_gets_a_cgroup_per_hierarchy() {
     assert_eq!(
         plan.describe(),
         format!(
-            "cgroup v1 in {} (memory); cgroup v1 in {} (cpuacct)",
+            "cgroup v1: memory in {}, cpuacct in {}",
             t.path().join("memory/nhtest/nix-hatch").display(),
             t.path().join("cpuacct/nhtest/nix-hatch").display()
         )

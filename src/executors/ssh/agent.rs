@@ -287,7 +287,7 @@ fn probe(limits: &ResourceLimits, out: &mut HashingWriter<Stdout>) -> Result<(),
         .encode(),
     )
     .map_err(gone)?;
-    let line = format!("{} enforced by {how}\n", limits.describe());
+    let line = format!("{}: enforced by {how}\n", limits.describe());
     out.frame(hatch::TAG_LOG, line.as_bytes()).map_err(gone)?;
     send_trailer(out, 0, Status::Exited(0))
 }
