@@ -225,6 +225,21 @@ in
         NIX_CONFIG = "build-hook = ${render.confValue cfg.buildHook}";
       };
 
+      # Executors with limits (memory-max, tasks-max, cpu-max) and no
+      # cgroup-parent put each build in a cgroup beside the hook's own, and
+      # the hook is a child of nix-daemon: the daemon's unit must hand its
+      # cgroup subtree over (Delegate), and keep its own processes in a
+      # leaf below it (DelegateSubgroup, systemd >= 254), because cgroup v2
+      # only lets leaf cgroups hold processes and controllers can only be
+      # enabled for the children of a cgroup without them. The daemon then
+      # runs in nix-daemon.service/supervisor and the builds in
+      # nix-daemon.service/nix-hatch/<build> (Nix's and Lix's own
+      # use-cgroups builds go beside it the same way).
+      systemd.services.nix-daemon.serviceConfig = mkIf (render.delegatesCgroups settings) {
+        Delegate = mkDefault true;
+        DelegateSubgroup = mkDefault "supervisor";
+      };
+
       # Staging dirs, slot locks and the proxy audit log. The hook runs as
       # root (under the daemon); jailed builders reach their own staging dir.
       systemd.tmpfiles.rules = [ "d ${stateDir} 0755 root root - -" ];

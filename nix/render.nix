@@ -195,6 +195,20 @@ rec {
     in
     filter (u: isString u && u != "root" && u != "nobody" && match "[0-9]+" u == null) unique;
 
+  # Whether the daemon's unit must delegate its cgroup subtree: a `host`
+  # or `jail` executor has limits (memory-max, tasks-max, cpu-max) and no
+  # cgroup-parent of its own, so its builds' cgroups go beside the hook's,
+  # i.e. below nix-daemon.service (the hook is the daemon's child).
+  delegatesCgroups = settings:
+    let execs = executorsOf settings; in
+    any
+      (n:
+        let e = execs.${n}; k = kindOf e; in
+        (k == "host" || k == "jail")
+        && any (key: e ? ${key}) [ "memory-max" "tasks-max" "cpu-max" ]
+        && !(e ? cgroup-parent))
+      (attrNames execs);
+
   # The state dir the settings name (the hook's default otherwise).
   stateDir = settings: settings."state-dir" or "/var/lib/nix-hatch";
 

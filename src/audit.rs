@@ -129,9 +129,27 @@ pub struct Record {
     /// `duration_s`), when it had to.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub waited_s: Option<f64>,
+    /// Peak memory of the build in bytes: its cgroup's, or without one its
+    /// largest process's (absent where nothing measured it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time of all its processes, user + system, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpu_s: Option<f64>,
+    /// How long the builder (or command) ran, in seconds: what `cpu_s`
+    /// compares with (`duration_s` is the whole attempt).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub wall_s: Option<f64>,
 }
 
 impl Record {
+    /// Sets what the build used.
+    pub fn set_usage(&mut self, u: &crate::usage::Usage) {
+        self.peak_memory_bytes = u.peak_memory;
+        self.cpu_s = u.cpu.map(seconds);
+        self.wall_s = Some(seconds(u.wall));
+    }
+
     /// Sets `args` from the derivation's arguments, bounded.
     pub fn set_args<'a>(&mut self, args: impl ExactSizeIterator<Item = &'a [u8]>) {
         let total = args.len();
@@ -306,6 +324,9 @@ mod tests {
             }],
             proxy: None,
             waited_s: None,
+            peak_memory_bytes: None,
+            cpu_s: None,
+            wall_s: None,
         }
     }
 

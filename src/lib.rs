@@ -21,4 +21,5 @@ pub mod proxy;
 pub mod store;
 #[doc(hidden)]
 pub mod timing;
+pub mod usage;
 pub mod util;

@@ -378,6 +378,13 @@ fn module_helpers_users_defaults_and_hook_setting() {
            lixRpc = map (version: r.lixRpcHooks { pname = "lix"; inherit version; }) [ "2.90.0" "2.93.3" "2.94.0" "2.95.3" ]
              ++ [ (r.lixRpcHooks { pname = "nix"; version = "2.94.0"; }) ];
            conf = r.confValue [ "/H/bin/nix-hatch" "hook" ];
+           delegates = map r.delegatesCgroups [
+             s
+             { executors.h = { kind = "host"; command = [ "/x" ]; memory-max = "4G"; }; }
+             { executors.j = { kind = "jail"; tasks-max = 512; }; }
+             { executors.j = { kind = "jail"; cpu-max = 0.5; cgroup-parent = "/nix-hatch"; }; }
+             { executors.s = { kind = "ssh"; host = "h"; command = [ "/x" ]; memory-max = "4G"; }; }
+           ];
            key = r.restrictKey "/nix/store/w-agent" "ssh-ed25519 AAAA k";
          }"#,
     );
@@ -415,6 +422,14 @@ fn module_helpers_users_defaults_and_hook_setting() {
         serde_json::json!([false, false, true, true, false])
     );
     assert_eq!(v["conf"], "/H/bin/nix-hatch hook");
+    // The daemon delegates its cgroup subtree when local builds get limits
+    // beside the hook's cgroup; not for a cgroup-parent of their own, nor
+    // for ssh executors (the far side's agent applies theirs).
+    assert_eq!(
+        v["delegates"],
+        serde_json::json!([false, true, true, false, false]),
+        "{v:#}"
+    );
     assert_eq!(
         v["key"],
         r#"command="/nix/store/w-agent",restrict ssh-ed25519 AAAA k"#
@@ -661,6 +676,27 @@ fn module_evaluates_with_nixpkgs_lib() {
         serde_json::json!([
             "services.nix-hatch.remoteClients.lonely has no authorizedKeys: no machine can log in as it."
         ]),
+        "{v:#}"
+    );
+    // No limits: the daemon's unit is left as it is.
+    assert_eq!(v["daemonService"], serde_json::json!({}), "{v:#}");
+    let v = eval(
+        &format!(
+            r#"{{
+              services.nix-hatch.enable = true;
+              services.nix-hatch.package = {pkg};
+              services.nix-hatch.settings = {{
+                routes.escape-big = "big";
+                executors.big = {{ kind = "jail"; user = "nix-hatch-jail"; memory-max = "4G"; tasks-max = 512; }};
+              }};
+            }}"#
+        ),
+        "2.28.3",
+    );
+    assert_eq!(v["failed"], serde_json::json!([]), "{v:#}");
+    assert_eq!(
+        v["daemonService"],
+        serde_json::json!({ "Delegate": true, "DelegateSubgroup": "supervisor" }),
         "{v:#}"
     );
 

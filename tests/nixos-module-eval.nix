@@ -24,7 +24,13 @@ let
       environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
       nix.package = mkOption { type = types.raw; default = drv "nix" // { pname = nixPname; version = nixVersion; }; };
       nix.settings = mkOption { type = types.attrsOf types.anything; default = { system-features = [ "nixos-test" "benchmark" "big-parallel" "kvm" ]; }; };
-      systemd.services = mkOption { type = types.attrsOf (types.submodule { options.environment = mkOption { type = types.attrsOf types.str; default = { }; }; }); default = { }; };
+      systemd.services = mkOption {
+        type = types.attrsOf (types.submodule {
+          options.environment = mkOption { type = types.attrsOf types.str; default = { }; };
+          options.serviceConfig = mkOption { type = types.attrsOf types.anything; default = { }; };
+        });
+        default = { };
+      };
       systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
       users.users = mkOption {
         type = types.attrsOf (types.submodule {
@@ -58,6 +64,7 @@ in
   config = if builtins.any (a: !a.assertion) c.assertions then null else if c.environment.etc ? "nix-hatch/config.toml" then builtins.readFile c.environment.etc."nix-hatch/config.toml".source else null;
   hook = c.nix.settings.build-hook or null;
   daemonEnv = c.systemd.services.nix-daemon.environment or { };
+  daemonService = c.systemd.services.nix-daemon.serviceConfig or { };
   tmpfiles = c.systemd.tmpfiles.rules;
   users = lib.mapAttrs (_: u: { inherit (u) isSystemUser isNormalUser group description useDefaultShell; keys = u.openssh.authorizedKeys.keys; }) c.users.users;
   groups = builtins.attrNames c.users.groups;

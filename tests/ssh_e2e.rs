@@ -1060,6 +1060,7 @@ fn agent_as_non_root_streams_and_dies_with_its_stdin() {
             outputs: vec!["out".into()],
             timeout: 0,
             max_silent: 0,
+            limits: None,
         }
         .encode();
         let mut stdin = child.stdin.take().unwrap();
@@ -1378,6 +1379,7 @@ fn agent_takes_huge_limits_and_refuses_clobbering_outputs() {
         outputs: outputs.iter().map(|s| s.to_string()).collect(),
         timeout: u64::MAX,
         max_silent: i64::MAX as u64,
+        limits: None,
     };
     let frames = agent_frames(&tmp, &req(&["out"]));
     let log: Vec<u8> = frames

@@ -78,6 +78,18 @@ fn jail_problems(name: &str, user: &str, j: &JailExecutor) -> Vec<String> {
             j.daemon_socket.display()
         ));
     }
+    if j.tmp_size.is_some() && j.bwrap.is_file() {
+        let help = std::process::Command::new(&j.bwrap)
+            .arg("--help")
+            .stdin(std::process::Stdio::null())
+            .output();
+        if help.is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("--size")) {
+            problems.push(format!(
+                "executors.{name}.tmp-size: bubblewrap at {} has no --size option (it came with bubblewrap 0.8)",
+                j.bwrap.display()
+            ));
+        }
+    }
     if !j.bwrap.is_file() {
         problems.push(format!(
             "executors.{name}: bubblewrap not found at {} (install Debian's `bubblewrap`, or set `bwrap`)",
@@ -209,7 +221,9 @@ pub fn run(path: &Path) -> i32 {
             return 1;
         }
     };
-    let problems = environment_problems(&config);
+    let mut problems = environment_problems(&config);
+    let (limits_lines, limits_problems) = limits_report(&config);
+    problems.extend(limits_problems);
     if !problems.is_empty() {
         for p in problems {
             println!("error: {p}");
@@ -263,6 +277,9 @@ pub fn run(path: &Path) -> i32 {
             println!("{line}");
         }
     }
+    for line in limits_lines {
+        println!("{line}");
+    }
     for e in config.executors.values() {
         if !config.routes.values().any(|r| r == &e.name) {
             println!("warning: executor {} has no route", e.name);
@@ -293,6 +310,92 @@ pub fn run(path: &Path) -> i32 {
         status = 1;
     }
     status
+}
+
+/// How each executor's resource limits will be enforced here, tried for
+/// real (a cgroup made and removed, see `executors::limits::probe`), from
+/// where the hook runs: beside nix-daemon's cgroup when a daemon runs,
+/// else this process's. Lines to print, and the problems (limits that
+/// could not be enforced: such builds would fail).
+fn limits_report(config: &Config) -> (Vec<String>, Vec<String>) {
+    use crate::executors::cgroup::Cgroups;
+    let (mut lines, mut problems) = (Vec::new(), Vec::new());
+    let mut placed: Option<(String, Cgroups)> = None;
+    for e in config.executors.values() {
+        let tmp = match &e.kind {
+            ExecutorKind::Jail(j) => j.tmp_size,
+            _ => None,
+        };
+        if let Some(size) = tmp {
+            lines.push(format!(
+                "limits: executor {}: tmp-size {}: the build dir and /tmp are each a tmpfs of that size (bubblewrap --size)",
+                e.name,
+                crate::usage::human_bytes(size)
+            ));
+        }
+        if !e.limits.wants_cgroup() {
+            continue;
+        }
+        let what = e.limits.describe();
+        if let ExecutorKind::Ssh(_) = e.kind {
+            lines.push(format!(
+                "limits: executor {}: {what}: applied on the far side by its agent (`nix-hatch check --connect` tries them there)",
+                e.name
+            ));
+            continue;
+        }
+        let (whose, cg) = placed.get_or_insert_with(hook_cgroups);
+        match crate::executors::limits::probe(cg, &e.limits) {
+            Ok(how) => lines.push(format!(
+                "limits: executor {}: {what}: enforced by {how}{whose}",
+                e.name
+            )),
+            Err(why) if e.limits.any() => problems.push(format!(
+                "executors.{}: cannot enforce {what}: no usable cgroup: {why} (its builds would fail, never run unlimited)",
+                e.name
+            )),
+            Err(why) => lines.push(format!(
+                "warning: executor {}: cgroup-parent is set but no cgroup can be made there ({why}); builds run without one",
+                e.name
+            )),
+        }
+    }
+    (lines, problems)
+}
+
+/// Where the hook runs, for the default `cgroup-parent` (beside the
+/// hook's cgroup): where nix-daemon's main process is, when one runs
+/// (its hooks are its children), else where this process is.
+fn hook_cgroups() -> (String, crate::executors::cgroup::Cgroups) {
+    use crate::executors::cgroup::Cgroups;
+    let comm = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let ppid = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned))
+            })
+            .unwrap_or_default()
+    };
+    let daemon = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        .find(|p| comm(p) == "nix-daemon" && comm(&ppid(p)) != "nix-daemon");
+    match daemon {
+        Some(pid) => (
+            format!(" (for hooks of nix-daemon, pid {pid})"),
+            Cgroups::detect_for(&pid),
+        ),
+        None => (String::new(), Cgroups::detect()),
+    }
 }
 
 /// What `check` warns about a privileged executor everyone may use: a
@@ -335,6 +438,16 @@ pub fn run_connect(path: &Path) -> i32 {
                 Err(why) => {
                     println!("error: connect: executor {}: {why}", e.name);
                     status = 1;
+                    continue;
+                }
+            }
+            if e.limits.wants_cgroup() {
+                match crate::executors::ssh::probe_limits(s, &e.user, &e.limits) {
+                    Ok(line) => println!("limits: executor {} (far side): {line}", e.name),
+                    Err(why) => {
+                        println!("error: limits: executor {} (far side): {why}", e.name);
+                        status = 1;
+                    }
                 }
             }
         }

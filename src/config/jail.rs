@@ -23,6 +23,9 @@ pub struct JailExecutor {
     /// Rules, credentials and trust store of the policy proxy; `Some`
     /// exactly when `network = "proxy"`.
     pub proxy: Option<ProxySettings>,
+    /// `tmp-size`: the build dir and /tmp are each a tmpfs of this many
+    /// bytes; `None`: directories on the state dir's file system.
+    pub tmp_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,7 @@ pub(super) fn parse(ctx: &str, k: &mut Keys, p: &mut Problems, user: &str) -> Op
         .map(PathBuf::from)
         .unwrap_or_else(find_bwrap);
     let proxy = proxy::parse(ctx, k, p, network == Network::Proxy);
+    let tmp_size = k.size(p, "tmp-size");
     Some(JailExecutor {
         network,
         ro_binds,
@@ -118,6 +122,7 @@ pub(super) fn parse(ctx: &str, k: &mut Keys, p: &mut Problems, user: &str) -> Op
         daemon_socket,
         bwrap,
         proxy,
+        tmp_size,
     })
 }
 

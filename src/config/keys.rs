@@ -24,6 +24,23 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(1u64 << shift).filter(|&v| v > 0)
 }
 
+/// The inverse of [`parse_size`], for people: `4 GiB`, `512 MiB`, `1.5 GiB`, `900 bytes`: exact where the value is a
+/// whole number of the unit, else one decimal.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (name, shift) in UNITS {
+        let unit = 1u64 << shift;
+        if n >= unit {
+            return if n % unit == 0 {
+                format!("{} {name}", n >> shift)
+            } else {
+                format!("{:.1} {name}", n as f64 / unit as f64)
+            };
+        }
+    }
+    format!("{n} bytes")
+}
+
 pub(super) fn one_line(e: &toml::de::Error) -> String {
     let msg = e.message().trim().to_owned();
     match e.span() {
@@ -163,6 +180,22 @@ impl<'a> Keys<'a> {
             ));
         }
         parsed
+    }
+
+    /// A number, integer or not (`0.5`, `2`).
+    pub(super) fn number(&mut self, p: &mut Problems, key: &'static str) -> Option<f64> {
+        match self.get(key)? {
+            Value::Integer(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            other => {
+                p.push(format!(
+                    "{}: expected a number, got {}",
+                    self.key(key),
+                    other.type_str()
+                ));
+                None
+            }
+        }
     }
 
     pub(super) fn bool(&mut self, p: &mut Problems, key: &'static str) -> Option<bool> {

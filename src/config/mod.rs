@@ -15,6 +15,7 @@
 pub mod host;
 pub mod jail;
 pub mod keys;
+pub mod limits;
 pub mod proxy;
 pub mod ssh;
 
@@ -27,6 +28,7 @@ use host::HostExecutor;
 use jail::JailExecutor;
 pub use keys::Problems;
 use keys::{one_line, string_list, Keys};
+pub use limits::ResourceLimits;
 use ssh::SshExecutor;
 
 pub const DEFAULT_PATH: &str = "/etc/nix-hatch/config.toml";
@@ -85,6 +87,8 @@ pub struct Executor {
     /// Who may use the executor, in nix.conf's syntax (names, `@group`,
     /// `*`); `None`: Nix's `trusted-users`.
     pub allowed_users: Option<Vec<String>>,
+    /// `memory-max`, `tasks-max`, `cpu-max`, `cgroup-parent`.
+    pub limits: ResourceLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -250,6 +254,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
     let systems = k.string_list(p, "systems");
     let max_output_size = k.size(p, "max-output-size");
     let allowed_users = k.string_list(p, "allowed-users");
+    let limits = limits::parse(&ctx, &mut k, p);
     for u in allowed_users.iter().flatten() {
         if u.is_empty() || u == "@" || u.contains(char::is_whitespace) {
             p.push(format!(
@@ -274,6 +279,12 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
             None
         }
     };
+    if t.contains_key("tmp-size") && !matches!(kind, Some(ExecutorKind::Jail(_))) {
+        k.seen("tmp-size");
+        p.push(format!(
+            "{ctx}.tmp-size: only a jail's build dir and /tmp can be made a tmpfs of a given size"
+        ));
+    }
     k.finish(p);
     Some(Executor {
         name: name.to_owned(),
@@ -286,6 +297,7 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
         systems,
         max_output_size,
         allowed_users,
+        limits,
     })
 }
 

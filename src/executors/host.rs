@@ -24,6 +24,7 @@ pub fn run(
     host: &HostExecutor,
     log: &mut dyn LogSink,
     cancel: &Cancel,
+    limits: &super::limits::Enforcement,
 ) -> Result<(), Failure> {
     let account =
         lookup_user(&req.executor.user).map_err(|e| Failure::Internal(format!("{e:#}")))?;
@@ -71,8 +72,10 @@ pub fn run(
             .map(|(k, v)| (k.into_bytes(), v.into_vec()))
             .collect(),
         fds: Vec::new(),
+        usage_file: Some(limits.usage_file()),
     };
-    let cmd = runner::prepare(&spec, staging)?;
+    let mut cmd = runner::prepare(&spec, staging)?;
+    limits.join_on_spawn(&mut cmd);
     let outcome = supervise::run_logged(cmd, log, req.limits, cancel)
         .map_err(|e| Failure::Internal(format!("running the command: {e}")))?;
     // Whatever the outcome: paths the command registered must exist.

@@ -47,6 +47,7 @@ pub fn run(
     log: &mut dyn LogSink,
     cancel: &Cancel,
     report: &mut super::Report,
+    limits: &super::limits::Enforcement,
 ) -> Result<(), Failure> {
     let account =
         lookup_user(&req.executor.user).map_err(|e| Failure::Internal(format!("{e:#}")))?;
@@ -104,11 +105,22 @@ pub fn run(
         None => None,
     };
 
+    // Descriptor 3 is the options file itself, the filters follow, then
+    // (with tmp-size) the files nix-hatch wrote into the build dir.
+    let filters = super::seccomp::write_filters(&staging.root).map_err(Failure::Internal)?;
+    let build_files: Vec<(String, std::path::PathBuf)> = match jail.tmp_size {
+        Some(_) => files
+            .iter()
+            .map(|(name, _)| (name.clone(), staging.build.join(name)))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut options = bwrap_args(
         req,
         jail,
         &etc,
         proxy.as_ref().map(|p| p.ca_bundle.as_path()),
+        (1 + filters.len(), &build_files),
     );
     // bubblewrap takes at most 9000 arguments, --args files included.
     if options.len() + 8 > BWRAP_MAX_ARGS {
@@ -119,8 +131,6 @@ pub fn run(
             req.drv.drv.environment().len()
         )));
     }
-    // Descriptor 3 is the options file itself, the filters follow.
-    let filters = super::seccomp::write_filters(&staging.root).map_err(Failure::Internal)?;
     for i in 0..filters.len() {
         options.extend([
             "--add-seccomp-fd".into(),
@@ -164,9 +174,14 @@ pub fn run(
         // bwrap is an ordinary dynamically linked program running on the
         // host: no variable of the derivation's may reach its loader.
         env: Vec::new(),
-        fds: std::iter::once(args_file).chain(filters).collect(),
+        fds: std::iter::once(args_file)
+            .chain(filters)
+            .chain(build_files.into_iter().map(|(_, p)| p))
+            .collect(),
+        usage_file: Some(limits.usage_file()),
     };
     let mut cmd = runner::prepare(&spec, staging)?;
+    limits.join_on_spawn(&mut cmd);
     if let Some(p) = &proxy {
         // The runner (root) enters the namespace; bwrap inherits it.
         p.enter_on_spawn(&mut cmd)
@@ -212,12 +227,16 @@ fn start_proxy(
     .map_err(|e| Failure::Internal(format!("proxy: {e}")))
 }
 
-/// bubblewrap's options (what comes before `--` and the builder).
+/// bubblewrap's options (what comes before `--` and the builder). With
+/// `tmp-size`, `build_files` (name, staged copy) are the files nix-hatch
+/// wrote for the builder, copied into the build dir's tmpfs from the
+/// descriptors numbered from `fd_index` on.
 fn bwrap_args(
     req: &BuildRequest,
     jail: &JailExecutor,
     etc: &Path,
     proxy_ca: Option<&Path>,
+    (fd_index, build_files): (usize, &[(String, std::path::PathBuf)]),
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |xs: &[&dyn AsRef<std::ffi::OsStr>]| {
@@ -263,8 +282,25 @@ fn bwrap_args(
             Err(_) => push(&[&"--ro-bind", &real, input]),
         }
     }
-    push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
-    push(&[&"--bind", &req.staging.tmp, &"/tmp"]);
+    match jail.tmp_size {
+        // Each a tmpfs of that size, the build's own (gone with the jail):
+        // the outputs are in the store dir above, on disk.
+        Some(size) => {
+            let size = size.to_string();
+            for dir in [BUILD_DIR, "/tmp"] {
+                push(&[&"--perms", &"0700", &"--size", &size, &"--tmpfs", &dir]);
+            }
+            for (i, (name, _)) in build_files.iter().enumerate() {
+                let fd = runner::fd_number(fd_index + i).to_string();
+                let dst = format!("{BUILD_DIR}/{name}");
+                push(&[&"--perms", &"0644", &"--file", &fd, &dst]);
+            }
+        }
+        None => {
+            push(&[&"--bind", &req.staging.build, &BUILD_DIR]);
+            push(&[&"--bind", &req.staging.tmp, &"/tmp"]);
+        }
+    }
     push(&[&"--proc", &"/proc", &"--dev", &"/dev"]);
     for f in ["passwd", "group", "hosts"] {
         let src = etc.join(f);

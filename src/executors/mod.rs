@@ -2,8 +2,10 @@
 //! They all build into a private [`staging::Staging`] dir while the builder
 //! sees the real output paths; `store` turns the result into valid paths.
 
+pub mod cgroup;
 pub mod host;
 pub mod jail;
+pub mod limits;
 pub mod runner;
 pub mod seccomp;
 pub mod ssh;
@@ -104,6 +106,11 @@ pub enum Failure {
     /// `timeout` or `max-silent-time` hit.
     #[error("{0}")]
     TimedOut(String),
+    /// A resource limit stopped the build (Nix: permanent failure). The
+    /// message names the executor itself: "memory limit 4 GiB of executor
+    /// "X" reached".
+    #[error("{0}")]
+    Limit(String),
     /// Nix (or an admin) told the hook to stop.
     #[error("build cancelled by signal")]
     Cancelled,
@@ -125,7 +132,7 @@ impl Failure {
     /// and 101 as a timeout, like its own builders.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Failure::Exited { .. } | Failure::Builder(_) => 100,
+            Failure::Exited { .. } | Failure::Builder(_) | Failure::Limit(_) => 100,
             Failure::TimedOut(_) => 101,
             Failure::Cancelled | Failure::Internal(_) => 1,
         }
@@ -138,19 +145,32 @@ impl Failure {
 pub struct Report {
     /// A proxy jail's allowed and denied requests.
     pub proxy: Option<crate::audit::ProxyCounts>,
+    /// What the build used, where it ran; `None` when nothing ran.
+    pub usage: Option<crate::usage::Usage>,
 }
 
+/// Runs the build on its executor, under the executor's resource limits
+/// (see [`limits`]); returns once no process of it is left.
 pub fn run(
     req: &BuildRequest,
     log: &mut dyn LogSink,
     cancel: &Cancel,
     report: &mut Report,
 ) -> Result<(), Failure> {
-    match &req.executor.kind {
-        ExecutorKind::Host(host) => host::run(req, host, log, cancel),
-        ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel, report),
-        ExecutorKind::Ssh(ssh) => ssh::run(req, ssh, log, cancel),
-    }
+    let local = match &req.executor.kind {
+        ExecutorKind::Ssh(ssh) => return ssh::run(req, ssh, log, cancel, report),
+        ExecutorKind::Host(_) | ExecutorKind::Jail(_) => {
+            limits::Enforcement::start(req.executor, req.staging)?
+        }
+    };
+    let result = match &req.executor.kind {
+        ExecutorKind::Host(host) => host::run(req, host, log, cancel, &local),
+        ExecutorKind::Jail(jail) => jail::run(req, jail, log, cancel, report, &local),
+        ExecutorKind::Ssh(_) => unreachable!("ssh returned above"),
+    };
+    let (result, usage) = local.finish(req.executor, result);
+    report.usage = Some(usage);
+    result
 }
 
 /// `NIX_BUILD_CORES` for Nix's `cores` setting as the hook received it.

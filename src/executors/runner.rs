@@ -45,6 +45,40 @@ pub struct RunSpec {
     /// opens each (as root, read-only, no symlink) and the command gets
     /// them as fds 3, 4, … in this order.
     pub fds: Vec<PathBuf>,
+    /// Where the runner writes what the command's processes used once
+    /// they are all gone ([`ProcessUsage`]), for builds without a cgroup.
+    pub usage_file: Option<PathBuf>,
+}
+
+/// What the command and every process it started used, as the kernel
+/// accounts them once reaped (`getrusage(RUSAGE_CHILDREN)` of the runner).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ProcessUsage {
+    /// User + system, microseconds.
+    pub cpu_us: u64,
+    /// The largest single process's peak resident set, bytes.
+    pub max_rss: u64,
+}
+
+impl ProcessUsage {
+    /// This process's reaped children so far.
+    pub fn of_children() -> ProcessUsage {
+        // SAFETY: getrusage writes the struct we pass.
+        let mut ru: nix::libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to a rusage.
+        unsafe { nix::libc::getrusage(nix::libc::RUSAGE_CHILDREN, &mut ru) };
+        let us =
+            |t: nix::libc::timeval| t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64;
+        ProcessUsage {
+            cpu_us: us(ru.ru_utime) + us(ru.ru_stime),
+            max_rss: ru.ru_maxrss.max(0) as u64 * 1024,
+        }
+    }
+
+    /// What a runner wrote to `path`, if it got that far.
+    pub fn read(path: &std::path::Path) -> Option<ProcessUsage> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
 }
 
 /// The descriptor number the command gets for `RunSpec::fds[i]`.
@@ -214,6 +248,13 @@ fn run(spec_path: PathBuf) -> Result<i32> {
         .spawn()
         .with_context(|| format!("starting {}", String::from_utf8_lossy(program)))?;
     let status = child.wait().context("waiting for the command")?;
+    if let Some(p) = &spec.usage_file {
+        // Every process of the namespace is gone (the kernel reaped them
+        // with its init, the command): all of them are counted.
+        if let Ok(json) = serde_json::to_vec(&ProcessUsage::of_children()) {
+            let _ = std::fs::write(p, json);
+        }
+    }
     Ok(match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(sig)) => 128 + sig,

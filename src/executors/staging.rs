@@ -236,19 +236,22 @@ impl Drop for Staging {
 }
 
 /// Removes staging dirs left by hooks that died (their lock is free).
-/// Returns how many were removed; errors are skipped (best effort).
-pub fn remove_stale(state_dir: &Path) -> usize {
+/// Returns the names of those removed (their builds' cgroups, named the
+/// same, go too: `executors::limits::sweep`); errors are skipped (best
+/// effort).
+pub fn remove_stale(state_dir: &Path) -> Vec<String> {
     let parent = state_dir.join("staging");
     let Ok(entries) = std::fs::read_dir(&parent) else {
-        return 0;
+        return Vec::new();
     };
-    let mut removed = 0;
+    let mut removed = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with(NEW_PREFIX) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(NEW_PREFIX) {
             // Being set up by a live hook, or left by one that died then.
             if is_older_than(&path, 60) && crate::store::remove_tree(&path).is_ok() {
-                removed += 1;
+                removed.push(name);
             }
             continue;
         }
@@ -256,18 +259,31 @@ pub fn remove_stale(state_dir: &Path) -> usize {
             // No lock file: a dir half-created by a dying hook, or junk.
             // Only remove it if it is old enough not to be mid-creation.
             if is_older_than(&path, 60) && crate::store::remove_tree(&path).is_ok() {
-                removed += 1;
+                removed.push(name);
             }
             continue;
         };
         if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             if crate::store::remove_tree(&path).is_ok() {
-                removed += 1;
+                removed.push(name);
             }
             drop(lock);
         }
     }
     removed
+}
+
+/// Whether staging dir `name` of `state_dir` belongs to a live hook
+/// (`Some(true)`), to one that died (`Some(false)`), or does not exist.
+pub fn owner_alive(state_dir: &Path, name: &str) -> Option<bool> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    let dir = state_dir.join("staging").join(name);
+    if !dir.is_dir() {
+        return None;
+    }
+    Some(is_locked(&dir))
 }
 
 /// Removes kept dirs beyond the newest `max_count` and those older than
@@ -415,7 +431,7 @@ mod tests {
         let dead = dir.path().join("staging/abc-dead.1");
         std::fs::create_dir_all(dead.join("store/x")).unwrap();
         std::fs::write(dead.join(LOCK), "").unwrap();
-        assert_eq!(remove_stale(dir.path()), 1);
+        assert_eq!(remove_stale(dir.path()).len(), 1);
         assert!(!dead.exists());
         assert!(live.build.join("f").exists());
         let root = live.root.clone();

@@ -52,10 +52,14 @@ impl Builder for RealBuilder {
         let (code, outcome, reason, status, outputs) = match ran {
             Ok(registered) => (0, Outcome::Built, None, Some(0), registered),
             Err(f) => {
-                span.in_scope(|| tracing::error!("{f}"));
+                match f {
+                    // It names the executor itself.
+                    Failure::Limit(_) => tracing::error!("{f}"),
+                    _ => span.in_scope(|| tracing::error!("{f}")),
+                }
                 let (outcome, status) = match f {
                     Failure::Exited { status, .. } => (Outcome::Failed, Some(status)),
-                    Failure::Builder(_) => (Outcome::Failed, None),
+                    Failure::Builder(_) | Failure::Limit(_) => (Outcome::Failed, None),
                     Failure::TimedOut(_) => (Outcome::TimedOut, None),
                     Failure::Cancelled | Failure::Internal(_) => (Outcome::Error, None),
                 };
@@ -72,6 +76,10 @@ impl Builder for RealBuilder {
         if let Some(t) = crate::timing::report() {
             log.raw(format!("nix-hatch: timing: {t}\n").as_bytes());
         }
+        // The log's last line of nix-hatch's: what the build used.
+        if let Some(u) = &report.usage {
+            span.in_scope(|| tracing::info!("used {}", u.describe()));
+        }
         let mut record = record_of(
             a.executor,
             &a.drv,
@@ -87,6 +95,9 @@ impl Builder for RealBuilder {
         record.exit_status = status;
         record.waited_s = waited.map(audit::seconds);
         record.proxy = report.proxy;
+        if let Some(u) = &report.usage {
+            record.set_usage(u);
+        }
         record.outputs = outputs
             .iter()
             .map(|r| audit::OutputRecord {
@@ -222,6 +233,9 @@ fn record_of(
         outputs: Vec::new(),
         proxy: None,
         waited_s: None,
+        peak_memory_bytes: None,
+        cpu_s: None,
+        wall_s: None,
     };
     record.set_args(drv.drv.arguments().iter().map(|a| a.as_bytes()));
     record
@@ -328,7 +342,9 @@ fn build(
     // Started now so its start-up cost overlaps the build.
     let registrar = Registrar::spawn(&location).map_err(|e| internal(e.to_string()))?;
 
-    staging::remove_stale(&a.config.state_dir);
+    // A dead hook's cgroups are known by its staging dir's name.
+    let dead = staging::remove_stale(&a.config.state_dir);
+    executors::limits::sweep(a.config.executors.values(), &a.config.state_dir, &dead);
     let drv_base = a.drv.path.base_name();
     let staging = Staging::create(&a.config.state_dir, drv_base)
         .map_err(|e| internal(format!("creating staging dir: {e}")))?;
@@ -353,7 +369,7 @@ fn build(
         slot.index
     );
     tracing::debug!(
-        "staging in {}; timeout {}, max-silent-time {}; {} input paths, outputs {}",
+        "staging in {}; timeout {}, max-silent-time {}{}; {} input paths, outputs {}",
         staging.root.display(),
         limits
             .timeout
@@ -361,6 +377,11 @@ fn build(
         limits
             .max_silent
             .map_or("none".to_owned(), |t| format!("{}s", t.as_secs())),
+        if a.executor.limits.any() {
+            format!(", {}", a.executor.limits.describe())
+        } else {
+            String::new()
+        },
         a.job.inputs.len(),
         outputs
             .iter()

@@ -165,8 +165,12 @@ pub fn run_for(
         }
     };
     if let Ok(cfg) = &config {
-        // Staging left by a hook that was killed (one readdir when clean).
-        crate::executors::staging::remove_stale(&cfg.state_dir);
+        // Staging left by a hook that was killed (one readdir when clean),
+        // and the cgroups of its build.
+        let dead = crate::executors::staging::remove_stale(&cfg.state_dir);
+        if !dead.is_empty() {
+            crate::executors::limits::sweep(cfg.executors.values(), &cfg.state_dir, &dead);
+        }
     }
     let mut decider = Decider::new(&config, &settings);
     decider.requester = requester;

@@ -8,15 +8,21 @@
 //!
 //! ```text
 //! executor → agent:  Request
-//! agent → executor:  Hello, Log*, [Data*], Trailer     (or, at any point, Error)
+//! agent → executor:  Hello, Log*, [Data*], [Usage], Trailer     (or, at any point, Error)
 //! ```
 //!
 //! - `Request` (`Q`): argv, environment, output names, limits (wire format
 //!   of [`super::wire`]: u64 LE, length-prefixed padded byte strings).
+//!   Version 1 has `timeout` and `max-silent-time`; version 2, sent only
+//!   when the executor has resource limits (so that an older agent still
+//!   serves executors without), adds them ([`RequestLimits`]) and may be a
+//!   probe (`nix-hatch check --connect`: can the agent enforce them?).
 //! - `Hello` (`H`): protocol version and the far side's temporary directory
 //!   (outputs built there are relocated; the executor warns when an output
 //!   still contains that path).
 //! - `Log` (`G`): a chunk of the command's stdout/stderr, as it comes.
+//! - `Usage` (`U`): what the command used there ([`Usage`]), right before
+//!   the trailer; only in answer to a version 2 request.
 //! - `Data` (`D`): a piece of the outputs' tar stream, only after the command
 //!   exited successfully; each output is a top-level entry named after it.
 //! - `Trailer` (`T`): how the command ended, the number of tar bytes, and the
@@ -29,8 +35,12 @@ use std::io::{self, Read, Write};
 
 use super::wire::{self, WireError};
 use crate::config::host::AGENT_VARS;
+use crate::config::ResourceLimits;
+use crate::usage::{Source, Usage};
 
 pub const VERSION: u64 = 1;
+/// The request version with resource limits.
+pub const VERSION_LIMITS: u64 = 2;
 
 pub const TAG_REQUEST: u8 = b'Q';
 pub const TAG_HELLO: u8 = b'H';
@@ -38,6 +48,7 @@ pub const TAG_LOG: u8 = b'G';
 pub const TAG_DATA: u8 = b'D';
 pub const TAG_TRAILER: u8 = b'T';
 pub const TAG_ERROR: u8 = b'E';
+pub const TAG_USAGE: u8 = b'U';
 
 /// Frame header: tag + u32 length.
 pub const HEADER_LEN: usize = 5;
@@ -46,6 +57,7 @@ pub const MAX_LOG: u32 = 64 << 10;
 pub const MAX_DATA: u32 = 1 << 20;
 pub const MAX_HELLO: u32 = 64 << 10;
 pub const MAX_ERROR: u32 = 64 << 10;
+pub const MAX_USAGE: u32 = 1 << 10;
 pub const TRAILER_LEN: u32 = 8 + 8 + 32 + 1 + 8;
 /// Longest single argv entry or environment value in a request.
 const MAX_ITEM: u64 = 8 << 20;
@@ -83,6 +95,7 @@ fn max_len(tag: u8) -> Option<u32> {
         TAG_DATA => MAX_DATA,
         TAG_TRAILER => TRAILER_LEN,
         TAG_ERROR => MAX_ERROR,
+        TAG_USAGE => MAX_USAGE,
         _ => return None,
     })
 }
@@ -144,7 +157,7 @@ pub fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> io::Result<()
 }
 
 /// What the executor asks the agent to run.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Request {
     /// Program and arguments (the admin's command, then the derivation's args).
     pub argv: Vec<Vec<u8>>,
@@ -156,6 +169,18 @@ pub struct Request {
     /// Seconds; 0 = none.
     pub timeout: u64,
     pub max_silent: u64,
+    /// Resource limits (version 2); `None`: none asked for.
+    pub limits: Option<RequestLimits>,
+}
+
+/// The resource limits of a version 2 request, applied by the agent on
+/// the far side.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RequestLimits {
+    pub limits: ResourceLimits,
+    /// Only say whether they can be enforced there; run nothing (`argv`
+    /// is empty).
+    pub probe: bool,
 }
 
 impl Request {
@@ -163,7 +188,14 @@ impl Request {
         let mut b = Vec::new();
         // Writing to a Vec cannot fail.
         let _ = (|| -> io::Result<()> {
-            wire::write_u64(&mut b, VERSION)?;
+            wire::write_u64(
+                &mut b,
+                if self.limits.is_some() {
+                    VERSION_LIMITS
+                } else {
+                    VERSION
+                },
+            )?;
             wire::write_string_list(&mut b, &self.argv)?;
             wire::write_u64(&mut b, self.env.len() as u64)?;
             for (k, v) in &self.env {
@@ -172,7 +204,19 @@ impl Request {
             }
             wire::write_string_list(&mut b, &self.outputs)?;
             wire::write_u64(&mut b, self.timeout)?;
-            wire::write_u64(&mut b, self.max_silent)
+            wire::write_u64(&mut b, self.max_silent)?;
+            if let Some(l) = &self.limits {
+                let opt = |x: Option<u64>| x.unwrap_or(0);
+                wire::write_u64(&mut b, opt(l.limits.memory_max))?;
+                wire::write_u64(&mut b, opt(l.limits.tasks_max))?;
+                wire::write_u64(&mut b, l.limits.cpu_max.map_or(0, f64::to_bits))?;
+                wire::write_bytes(
+                    &mut b,
+                    l.limits.cgroup_parent.as_deref().unwrap_or("").as_bytes(),
+                )?;
+                wire::write_u64(&mut b, l.probe as u64)?;
+            }
+            Ok(())
         })();
         b
     }
@@ -180,9 +224,9 @@ impl Request {
     pub fn decode(mut p: &[u8]) -> Result<Request, FrameError> {
         let r = &mut p;
         let version = wire::read_u64(r, "protocol version")?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_LIMITS {
             return Err(FrameError::Malformed(format!(
-                "protocol version {version}, this agent speaks {VERSION}"
+                "protocol version {version}, this agent speaks {VERSION} and {VERSION_LIMITS}"
             )));
         }
         let argv = read_list(r, "argv")?;
@@ -204,12 +248,17 @@ impl Request {
         }
         let timeout = wire::read_u64(r, "timeout")?;
         let max_silent = wire::read_u64(r, "max-silent-time")?;
+        let limits = if version == VERSION_LIMITS {
+            Some(read_limits(r)?)
+        } else {
+            None
+        };
         if !r.is_empty() {
             return Err(FrameError::Malformed(
                 "trailing bytes after the request".into(),
             ));
         }
-        if argv.is_empty() {
+        if argv.is_empty() && !limits.as_ref().is_some_and(|l| l.probe) {
             return Err(FrameError::Malformed("empty command".into()));
         }
         Ok(Request {
@@ -218,8 +267,54 @@ impl Request {
             outputs,
             timeout,
             max_silent,
+            limits,
         })
     }
+}
+
+/// The limits of a version 2 request, checked as the config checks them:
+/// the agent takes no value a config could not have.
+fn read_limits(r: &mut &[u8]) -> Result<RequestLimits, FrameError> {
+    use crate::config::limits::{MAX_CPU, MIN_CPU, MIN_MEMORY, MIN_TASKS};
+    let some = |x: u64| (x != 0).then_some(x);
+    let memory_max = some(wire::read_u64(r, "memory-max")?);
+    let tasks_max = some(wire::read_u64(r, "tasks-max")?);
+    let cpu_max = some(wire::read_u64(r, "cpu-max")?).map(f64::from_bits);
+    let parent = wire::read_bytes(r, 4096, "cgroup-parent")?;
+    let probe = wire::read_u64(r, "probe")? != 0;
+    fn bad<T>(what: &str) -> Result<T, FrameError> {
+        Err(FrameError::Malformed(format!("bad {what} in the request")))
+    }
+    if memory_max.is_some_and(|m| m < MIN_MEMORY) {
+        return bad("memory-max");
+    }
+    if tasks_max.is_some_and(|t| t < MIN_TASKS) {
+        return bad("tasks-max");
+    }
+    if cpu_max.is_some_and(|c| !(MIN_CPU..=MAX_CPU).contains(&c)) {
+        return bad("cpu-max");
+    }
+    let cgroup_parent = match parent.as_slice() {
+        [] => None,
+        p => {
+            let Ok(p) = String::from_utf8(p.to_vec()) else {
+                return bad("cgroup-parent");
+            };
+            if !p.starts_with('/') || p.split('/').any(|c| c == "." || c == "..") {
+                return bad("cgroup-parent");
+            }
+            Some(p)
+        }
+    };
+    Ok(RequestLimits {
+        limits: ResourceLimits {
+            memory_max,
+            tasks_max,
+            cpu_max,
+            cgroup_parent,
+        },
+        probe,
+    })
 }
 
 fn read_list(r: &mut &[u8], what: &'static str) -> Result<Vec<Vec<u8>>, FrameError> {
@@ -394,6 +489,53 @@ impl Trailer {
     }
 }
 
+/// `Usage` frames: what the command used on the far side.
+pub fn encode_usage(u: &Usage) -> Vec<u8> {
+    let unknown = u64::MAX;
+    let micros = |d: Option<std::time::Duration>| d.map_or(unknown, |d| d.as_micros() as u64);
+    let mut b = Vec::new();
+    for v in [
+        match u.memory_source {
+            Source::Cgroup => 0,
+            Source::Processes => 1,
+        },
+        u.peak_memory.unwrap_or(unknown),
+        micros(u.cpu),
+        u.wall.as_micros() as u64,
+        u.oom_kills.unwrap_or(unknown),
+        u.memory_limit_hit as u64,
+        u.forks_refused,
+        micros(u.throttled),
+    ] {
+        let _ = wire::write_u64(&mut b, v);
+    }
+    b
+}
+
+pub fn decode_usage(mut p: &[u8]) -> Result<Usage, FrameError> {
+    let r = &mut p;
+    let mut v = [0u64; 8];
+    for x in v.iter_mut() {
+        *x = wire::read_u64(r, "usage")?;
+    }
+    let known = |x: u64| (x != u64::MAX).then_some(x);
+    let micros = |x: u64| known(x).map(std::time::Duration::from_micros);
+    Ok(Usage {
+        memory_source: if v[0] == 0 {
+            Source::Cgroup
+        } else {
+            Source::Processes
+        },
+        peak_memory: known(v[1]),
+        cpu: micros(v[2]),
+        wall: std::time::Duration::from_micros(v[3]),
+        oom_kills: known(v[4]),
+        memory_limit_hit: v[5] != 0,
+        forks_refused: v[6],
+        throttled: micros(v[7]),
+    })
+}
+
 /// A writer that counts and hashes everything written through it (the
 /// agent's stdout before the trailer).
 pub struct HashingWriter<W: Write> {
@@ -447,8 +589,32 @@ mod tests {
             outputs: vec!["out".into(), "dev".into()],
             timeout: 10,
             max_silent: 3,
+            limits: None,
         };
         assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        // Without limits the request is what an older agent reads.
+        assert_eq!(wire::read_u64(&mut &r.encode()[..], "v").unwrap(), VERSION);
+        let mut l = r.clone();
+        l.limits = Some(RequestLimits {
+            limits: ResourceLimits {
+                memory_max: Some(64 << 20),
+                tasks_max: None,
+                cpu_max: Some(0.5),
+                cgroup_parent: Some("/nix-hatch-agent".into()),
+            },
+            probe: false,
+        });
+        assert_eq!(Request::decode(&l.encode()).unwrap(), l);
+        let mut probe = l.clone();
+        probe.argv.clear();
+        probe.limits.as_mut().unwrap().probe = true;
+        assert_eq!(Request::decode(&probe.encode()).unwrap(), probe);
+        let mut bad = l.clone();
+        bad.limits.as_mut().unwrap().limits.cgroup_parent = Some("/a/../b".into());
+        assert!(Request::decode(&bad.encode()).is_err());
+        let mut bad = l.clone();
+        bad.limits.as_mut().unwrap().limits.tasks_max = Some(1);
+        assert!(Request::decode(&bad.encode()).is_err());
         let mut bad = r.clone();
         bad.outputs = vec!["../x".into()];
         assert!(Request::decode(&bad.encode()).is_err());
@@ -475,6 +641,29 @@ mod tests {
             assert_eq!(enc.len(), TRAILER_LEN as usize);
             assert_eq!(Trailer::decode(&enc).unwrap(), t);
         }
+    }
+
+    #[test]
+    fn usage_round_trip() {
+        use std::time::Duration;
+        let u = Usage {
+            memory_source: Source::Cgroup,
+            peak_memory: Some(1 << 30),
+            cpu: Some(Duration::from_micros(1_500_001)),
+            wall: Duration::from_secs(3),
+            oom_kills: Some(1),
+            memory_limit_hit: true,
+            forks_refused: 12,
+            throttled: None,
+        };
+        assert_eq!(decode_usage(&encode_usage(&u)).unwrap(), u);
+        let bare = Usage {
+            memory_source: Source::Processes,
+            ..Usage::default()
+        };
+        assert_eq!(decode_usage(&encode_usage(&bare)).unwrap(), bare);
+        assert!(encode_usage(&u).len() <= MAX_USAGE as usize);
+        assert!(decode_usage(&[1, 2, 3]).is_err());
     }
 
     #[test]

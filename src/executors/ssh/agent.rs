@@ -20,6 +20,14 @@
 //! pid namespace, so that nothing it started survives it (`CommandTree`).
 //! The temporary directory is removed however the agent ends: on return,
 //! and by a janitor process even when the agent is SIGKILLed.
+//!
+//! A request with resource limits (version 2) runs the command in a cgroup
+//! of its own with them, as the local executors do (`executors::limits`),
+//! named after the temporary directory and removed with it (the janitor
+//! too removes it); with limits and no cgroup to be had here, nothing runs.
+//! What the command used goes back in a `Usage` frame before the trailer.
+//! A probe request (`nix-hatch check --connect`) only tries whether the
+//! limits can be enforced here.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -35,6 +43,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::config::ResourceLimits;
+use crate::executors::cgroup::{BuildCgroup, Cgroups, Liveness, Plan};
+use crate::executors::runner::ProcessUsage;
 use crate::executors::supervise::{self, Cancel, Outcome, Supervision};
 use crate::executors::Limits;
 use crate::protocol::buildlog::LogSink;
@@ -42,6 +53,7 @@ use crate::protocol::hatch::{
     self, FrameError, HashingWriter, Hello, Request, Status, Trailer, HEADER_LEN, MAX_DATA,
     MAX_ERROR, MAX_LOG,
 };
+use crate::usage::{Source, Usage};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -88,6 +100,9 @@ fn gone(e: io::Error) -> AgentError {
 
 fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentError> {
     let req = read_request(&mut stdin).map_err(|e| report(format!("reading the request: {e}")))?;
+    if let Some(l) = req.limits.as_ref().filter(|l| l.probe) {
+        return probe(&l.limits, out);
+    }
     if let Some((o, why)) = hatch::bad_output_name(&req.outputs) {
         return Err(report(format!(
             "output {o:?} cannot be an environment variable of the command: {why}"
@@ -98,8 +113,18 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
     // Orphans of the command are re-parented to us, so we can kill them.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let temp = TempDir::create().map_err(|e| report(format!("creating a temporary dir: {e}")))?;
+    // The command's cgroup, named after the temporary dir; the janitor
+    // removes it too if this process is killed.
+    let cgroup = match &req.limits {
+        Some(l) => build_cgroup(&l.limits, &temp.path)?,
+        None => None,
+    };
+    let cgroup_dirs: Vec<PathBuf> = cgroup
+        .iter()
+        .flat_map(|c| c.dirs().map(Path::to_path_buf))
+        .collect();
     let janitor = temp
-        .janitor()
+        .janitor(cgroup_dirs)
         .map_err(|e| report(format!("starting the temp dir janitor: {e}")))?;
     // As root: the command becomes pid 1 of a new pid namespace; when it
     // dies (or we kill it) the kernel kills everything it left behind.
@@ -120,6 +145,8 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
     )
     .map_err(gone)?;
 
+    let started = Instant::now();
+    let before = ProcessUsage::of_children();
     let status = run_command(
         &req,
         &build,
@@ -127,8 +154,17 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
         &mut stdin,
         out,
         &cancel,
-        CommandTree { pid_ns, janitor },
+        CommandTree {
+            pid_ns,
+            janitor,
+            cgroup: cgroup.as_ref(),
+        },
     )?;
+    // Only an executor that asked for limits understands a `Usage` frame.
+    let usage = req
+        .limits
+        .is_some()
+        .then(|| measure(cgroup, started, before));
     let mut tar_bytes = 0;
     if status.success() {
         let mut data = DataWriter {
@@ -144,6 +180,22 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
         data.finish().map_err(gone)?;
         tar_bytes = data.bytes;
     }
+    if let Some(u) = usage {
+        out.frame(hatch::TAG_USAGE, &hatch::encode_usage(&u))
+            .map_err(gone)?;
+    }
+    send_trailer(out, tar_bytes, status)?;
+    drop(temp);
+    Ok(())
+}
+
+/// The trailer: how the command ended, and the length and digest of all
+/// that was sent before it.
+fn send_trailer(
+    out: &mut HashingWriter<Stdout>,
+    tar_bytes: u64,
+    status: Status,
+) -> Result<(), AgentError> {
     let (digest, stream_bytes) = out.sum();
     let trailer = Trailer {
         stream_bytes,
@@ -159,9 +211,85 @@ fn agent(mut stdin: File, out: &mut HashingWriter<Stdout>) -> Result<(), AgentEr
         ))
         .and_then(|_| inner.write_all(&trailer.encode()))
         .and_then(|_| inner.flush())
-        .map_err(gone)?;
-    drop(temp);
-    Ok(())
+        .map_err(gone)
+}
+
+/// The command's cgroup under `limits`, named after the temporary dir
+/// `temp`. With limits and none to be had here, the build fails at once
+/// (it never runs unlimited); with only `cgroup-parent`, it runs without.
+fn build_cgroup(limits: &ResourceLimits, temp: &Path) -> Result<Option<BuildCgroup>, AgentError> {
+    let name = temp
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let made = Plan::new(&Cgroups::detect(), limits).and_then(|plan| {
+        // Leftovers of agents whose janitor died too.
+        plan.sweep(|_| Liveness::Unknown);
+        plan.create(&name, limits)
+    });
+    match made {
+        Ok(c) => Ok(Some(c)),
+        Err(why) if limits.any() => Err(report(format!(
+            "cannot enforce {} here: no usable cgroup: {why}; nothing was run",
+            limits.describe()
+        ))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// What the command used: its cgroup's figures (the cgroup is removed),
+/// else what the kernel accounted for the processes this agent reaped.
+fn measure(cgroup: Option<BuildCgroup>, started: Instant, before: ProcessUsage) -> Usage {
+    let mut u = Usage {
+        wall: started.elapsed(),
+        ..Usage::default()
+    };
+    if let Some(c) = cgroup {
+        let r = c.read();
+        u.memory_source = Source::Cgroup;
+        u.peak_memory = r.peak_memory;
+        u.cpu = r.cpu;
+        u.oom_kills = r.oom_kills;
+        u.memory_limit_hit = r.memory_limit_hit;
+        u.forks_refused = r.forks_refused;
+        u.throttled = r.throttled;
+        if let Err(e) = c.remove() {
+            eprintln!("nix-hatch agent: {e}");
+        }
+    }
+    let after = ProcessUsage::of_children();
+    if u.peak_memory.is_none() {
+        u.memory_source = Source::Processes;
+        u.peak_memory = Some(after.max_rss);
+    }
+    u.cpu.get_or_insert(Duration::from_micros(
+        after.cpu_us.saturating_sub(before.cpu_us),
+    ));
+    u
+}
+
+/// `nix-hatch check --connect`: whether the limits can be enforced here,
+/// tried for real (a cgroup made, a process moved into it, removed). The
+/// answer is one `Log` line and a successful trailer, or an `Error`.
+fn probe(limits: &ResourceLimits, out: &mut HashingWriter<Stdout>) -> Result<(), AgentError> {
+    let how = crate::executors::limits::probe(&Cgroups::detect(), limits).map_err(|why| {
+        report(format!(
+            "cannot enforce {} here: no usable cgroup: {why}",
+            limits.describe()
+        ))
+    })?;
+    out.frame(
+        hatch::TAG_HELLO,
+        &Hello {
+            version: hatch::VERSION,
+            temp_dir: "/".into(),
+        }
+        .encode(),
+    )
+    .map_err(gone)?;
+    let line = format!("{}: enforced by {how}\n", limits.describe());
+    out.frame(hatch::TAG_LOG, line.as_bytes()).map_err(gone)?;
+    send_trailer(out, 0, Status::Exited(0))
 }
 
 fn read_request(stdin: &mut File) -> Result<Request, FrameError> {
@@ -233,14 +361,16 @@ fn request_limits(req: &Request) -> Limits {
 /// How the command's process tree is contained: its own process group
 /// (or, as root, its own pid namespace), below this process as child
 /// subreaper.
-struct CommandTree {
+struct CommandTree<'a> {
     /// The command is pid 1 of its own pid namespace.
     pid_ns: bool,
     /// Our temp dir janitor: a child that must survive the cleanup.
     janitor: Pid,
+    /// The cgroup the command starts in (with limits).
+    cgroup: Option<&'a BuildCgroup>,
 }
 
-impl CommandTree {
+impl CommandTree<'_> {
     /// SIGKILL to the command's pid namespace (its pid 1) or process group.
     fn kill_group(&self, child: &Child) {
         let pid = Pid::from_raw(child.id() as i32);
@@ -252,7 +382,7 @@ impl CommandTree {
     }
 }
 
-impl supervise::Tree for CommandTree {
+impl supervise::Tree for CommandTree<'_> {
     fn kill(&mut self, child: &mut Child) {
         self.kill_group(child);
         let _ = child.wait();
@@ -299,13 +429,22 @@ fn run_command(
             Ok(())
         });
     }
+    if let Some(c) = tree.cgroup {
+        c.join_on_spawn(&mut cmd);
+    }
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
+            let in_cgroup = match tree.cgroup {
+                Some(_) => {
+                    " in its cgroup (an agent that is not root needs a delegated cgroup it runs in)"
+                }
+                None => "",
+            };
             return Err(report(format!(
-                "cannot start {}: {e}",
+                "cannot start {}{in_cgroup}: {e}",
                 String::from_utf8_lossy(program)
-            )))
+            )));
         }
     };
     drop(cmd);
@@ -593,7 +732,7 @@ impl TempDir {
     /// is gone, however it ended (even SIGKILL): it waits for the end of a
     /// pipe only this process holds. Must run while the agent has no other
     /// threads (it forks without exec) and before the pid namespace.
-    fn janitor(&self) -> io::Result<Pid> {
+    fn janitor(&self, cgroups: Vec<PathBuf>) -> io::Result<Pid> {
         use nix::unistd::{fork, ForkResult};
         let (read, write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
@@ -635,6 +774,9 @@ impl TempDir {
                     }
                 }
                 let _ = crate::store::remove_tree(&path);
+                for c in &cgroups {
+                    let _ = crate::executors::cgroup::remove_leftover(c, Duration::from_secs(5));
+                }
                 // SAFETY: ends the forked child without running the parent's
                 // destructors or atexit handlers.
                 unsafe { nix::libc::_exit(0) }
@@ -731,6 +873,7 @@ mod tests {
             outputs: vec!["out".into(), "dev".into(), "LD_PRELOAD".into()],
             timeout: 0,
             max_silent: 0,
+            limits: None,
         };
         let build = Path::new("/far/tmp/build");
         let outs = Path::new("/far/tmp/outputs");

@@ -39,6 +39,7 @@ pub fn run(
     ssh: &SshExecutor,
     log: &mut dyn LogSink,
     cancel: &Cancel,
+    report: &mut super::Report,
 ) -> Result<(), Failure> {
     // The agent refuses these too; saying so before connecting is clearer.
     if let Some((o, why)) = hatch::bad_output_name(req.drv.outputs.keys()) {
@@ -105,7 +106,54 @@ pub fn run(
             Failure::Internal(format!("ssh {target}: {m}{extra}"))
         }
     })?;
-    interpret(&received, started.elapsed())
+    // What the far side measured (an agent asked for limits says), else
+    // the session's wall time here.
+    let usage = received.usage.unwrap_or(crate::usage::Usage {
+        wall: started.elapsed(),
+        ..crate::usage::Usage::default()
+    });
+    report.usage = Some(usage);
+    let result = interpret(&received, started.elapsed());
+    super::limits::judge(&req.executor.name, &req.executor.limits, &usage, result)
+}
+
+/// `nix-hatch check --connect` for an executor with `limits`: asks the
+/// agent whether it can enforce them there (it tries: a cgroup made, a
+/// process moved in, removed). Its one-line answer, or why not.
+pub fn probe_limits(
+    ssh: &SshExecutor,
+    user: &str,
+    limits: &crate::config::ResourceLimits,
+) -> Result<String, String> {
+    let conn = connect::connect(ssh, user)?;
+    let request = Request {
+        limits: Some(hatch::RequestLimits {
+            limits: limits.clone(),
+            probe: true,
+        }),
+        ..Request::default()
+    };
+    let mut channel = channel::start(&conn, &ssh.agent, &request).map_err(|f| f.to_string())?;
+    let never = || false;
+    let limits = super::Limits {
+        timeout: Some(Duration::from_secs(ssh.connect_timeout)),
+        max_silent: None,
+    };
+    let reader = ChannelReader::new(&conn, &mut channel, &never, limits);
+    let mut frames = Frames::new(reader);
+    let mut answer = crate::protocol::buildlog::BuildLog::memory();
+    let result = receive::receive(&mut frames, &mut answer, BTreeMap::new(), &mut |_| {});
+    drop(frames);
+    let _ = conn.session.disconnect(None, "done", None);
+    match result {
+        Ok(_) => Ok(String::from_utf8_lossy(answer.contents()).trim().to_owned()),
+        // An agent from before limits does not know the request.
+        Err(RecvError::Far(m)) if m.contains("protocol version 2") => Err(format!(
+            "the agent on {} is older than resource limits: update it there ({m})",
+            conn.target
+        )),
+        Err(RecvError::Far(m)) | Err(RecvError::Stream(m)) => Err(m),
+    }
 }
 
 /// What the command's status on the far side means here; the transfer and
@@ -187,6 +235,15 @@ fn build_request(req: &BuildRequest, ssh: &SshExecutor) -> Request {
         outputs: req.drv.outputs.keys().cloned().collect(),
         timeout: req.limits.timeout.map_or(0, |d| d.as_secs().max(1)),
         max_silent: req.limits.max_silent.map_or(0, |d| d.as_secs().max(1)),
+        // Only with limits: an agent older than them still serves the rest.
+        limits: req
+            .executor
+            .limits
+            .wants_cgroup()
+            .then(|| hatch::RequestLimits {
+                limits: req.executor.limits.clone(),
+                probe: false,
+            }),
     }
 }
 

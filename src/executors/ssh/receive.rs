@@ -26,6 +26,8 @@ pub struct Received {
     pub temp_path_hits: Vec<String>,
     /// From the first `Data` frame to the trailer.
     pub transfer: Option<Duration>,
+    /// What the command used there (agents asked for limits say).
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// Why no answer was received.
@@ -101,6 +103,7 @@ pub fn receive(
     let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
     let mut transfer_start = None;
     let (mut data_bytes, mut reported) = (0u64, 0u64);
+    let mut usage = None;
     let (ended, worker) = std::thread::scope(|s| {
         let worker = s.spawn(move || unpack_worker(rx, pool_tx, digest, unpacker));
         let ended = loop {
@@ -117,7 +120,13 @@ pub fn receive(
             let mut payload = std::mem::replace(&mut frames.payload, payload);
             match tag {
                 hatch::TAG_TRAILER => break Trailer::decode(&payload).map_err(stream_err),
-                hatch::TAG_LOG | hatch::TAG_DATA => {
+                hatch::TAG_LOG | hatch::TAG_DATA | hatch::TAG_USAGE => {
+                    if tag == hatch::TAG_USAGE {
+                        match hatch::decode_usage(&payload) {
+                            Ok(u) => usage = Some(u),
+                            Err(e) => break Err(stream_err(e)),
+                        }
+                    }
                     let data = tag == hatch::TAG_DATA;
                     if data && transfer_start.is_none() {
                         transfer_start = Some(Instant::now());
@@ -129,7 +138,7 @@ pub fn receive(
                             on_data(data_bytes);
                         }
                     }
-                    if !data {
+                    if tag == hatch::TAG_LOG {
                         log.raw(&payload);
                     }
                     let hdr = frames.hdr;
@@ -193,6 +202,7 @@ pub fn receive(
         temp_dir: hello.temp_dir,
         temp_path_hits: worker.temp_path_hits,
         transfer,
+        usage,
     })
 }
 
