@@ -266,7 +266,15 @@ fn staging_entries(env: &TestEnv) -> Vec<String> {
 /// place.
 #[test]
 fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot() {
-    for signal in ["TERM", "KILL", "nix-gone"] {
+    // Nix stopping the hook (SIGKILL to its group up to Nix 2.34, SIGTERM
+    // then SIGKILL 500 ms later from 2.35), and Nix itself killed.
+    let stops = NIX_STOPS.map(Some).into_iter().chain([None]);
+    for stop in stops {
+        let signal = match stop {
+            Some(NixStop::Kill) => "nix-kill",
+            Some(NixStop::TermThenKill) => "nix-term-then-kill",
+            None => "nix-gone",
+        };
         let env = TestEnv::new(&format!("queue-{signal}"));
         let mut cfg = env.standard_config();
         cfg.max_jobs = 1;
@@ -305,29 +313,30 @@ fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot(
         assert_eq!(new.len(), 1, "the waiting hook: {new:?}");
         assert_eq!(tickets(&env).len(), 1, "one build waits");
         let hook = new[0];
-        let (sig, pid) = match signal {
-            // nix-build itself, SIGKILLed: its hook is left waiting alone.
-            "nix-gone" => ("KILL", stopped.child.id()),
-            sig => (sig, hook),
+        let sigkilled = match stop {
+            Some(how) => how.stop(hook),
+            None => {
+                // nix-build itself, SIGKILLed: its hook is left waiting alone.
+                let killed = std::process::Command::new("kill")
+                    .args(["-KILL", &stopped.child.id().to_string()])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+                true
+            }
         };
-        let killed = std::process::Command::new("kill")
-            .args([format!("-{sig}"), pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
         let (status, raw) = stopped.finish();
         assert!(!status.success(), "{signal}: {raw}");
         assert!(
             wait_until(Duration::from_secs(60), || !pid_alive(hook)),
             "{signal}: the hook still runs"
         );
-        let sigkilled = signal != "TERM";
         if !sigkilled {
             // It left the queue itself (a SIGKILLed hook's ticket is dead
             // and removed by the next hook that looks).
             assert!(tickets(&env).is_empty(), "{signal}: {:?}", tickets(&env));
         }
-        if signal == "TERM" {
+        if stop == Some(NixStop::TermThenKill) && !sigkilled {
             assert!(
                 raw.contains(
                     "cancelled by a signal while waiting for a free slot; nothing was run"

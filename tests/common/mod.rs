@@ -1394,7 +1394,7 @@ pub fn hooks_of(env: &TestEnv) -> Vec<u32> {
 /// How Nix stops a hook it no longer needs (the user interrupted, another
 /// build failed, Nix exits): `HookInstance`'s destructor kills the hook's
 /// process group (Nix makes the hook a group leader).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NixStop {
     /// Nix <= 2.34: SIGKILL to the group at once.
     Kill,
