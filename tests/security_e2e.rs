@@ -346,6 +346,8 @@ fn the_demo_signer_signs_only_the_derivations_inputs() {
             out.describe()
         );
         out.assert_stderr_contains("the command was not run");
+        // Nothing ran, so no line about what it used.
+        assert!(!out.stderr.contains("\": used "), "{attr}: {}", out.stderr);
         assert!(
             !exists_on_disk(&env.out_path(&e, attr)),
             "{attr} has an output"

@@ -19,6 +19,9 @@ pub struct Enforcement {
     cgroup: Option<BuildCgroup>,
     usage_file: PathBuf,
     start: Instant,
+    /// Whether a process of the build was started at all (a command
+    /// refused before it ran used nothing worth a line).
+    spawned: std::cell::Cell<bool>,
 }
 
 impl Enforcement {
@@ -56,6 +59,7 @@ impl Enforcement {
             cgroup,
             usage_file: staging.root.join("usage.json"),
             start: Instant::now(),
+            spawned: std::cell::Cell::new(false),
         })
     }
 
@@ -67,18 +71,23 @@ impl Enforcement {
     /// Makes the process `cmd` starts (the runner) and everything below it
     /// part of the build's cgroup, from before it execs.
     pub fn join_on_spawn(&self, cmd: &mut Command) {
+        self.spawned.set(true);
         if let Some(c) = &self.cgroup {
             c.join_on_spawn(cmd);
         }
     }
 
-    /// Once every process of the build is gone: what it used, its cgroup
-    /// removed, and `result` as the limits it hit make it.
+    /// Once every process of the build is gone: what it used (`None` when
+    /// nothing was started), its cgroup removed, and `result` as the
+    /// limits it hit make it.
     pub fn finish(
         mut self,
         executor: &Executor,
         result: Result<(), Failure>,
-    ) -> (Result<(), Failure>, Usage) {
+    ) -> (Result<(), Failure>, Option<Usage>) {
+        if !self.spawned.get() {
+            return (result, None);
+        }
         let mut usage = Usage {
             wall: self.start.elapsed(),
             ..Usage::default()
@@ -106,7 +115,7 @@ impl Enforcement {
                 .get_or_insert(std::time::Duration::from_micros(p.cpu_us));
         }
         let result = judge(&executor.name, &executor.limits, &usage, result);
-        (result, usage)
+        (result, Some(usage))
     }
 }
 

@@ -169,7 +169,7 @@ pub fn run(
         ExecutorKind::Ssh(_) => unreachable!("ssh returned above"),
     };
     let (result, usage) = local.finish(req.executor, result);
-    report.usage = Some(usage);
+    report.usage = usage;
     result
 }
 
