@@ -221,7 +221,9 @@ pub fn open_lock_file(path: &std::path::Path) -> std::io::Result<std::fs::File> 
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .custom_flags(nix::libc::O_CLOEXEC)
+        // A symlink planted in its place must not make root create or
+        // lock a file elsewhere.
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))
 }

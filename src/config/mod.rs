@@ -239,11 +239,12 @@ fn parse_executor(name: &str, t: &Table, p: &mut Problems) -> Option<Executor> {
         p.push(format!("{ctx}.max-jobs: must be at least 1"));
     }
     let max_jobs = max_jobs.clamp(1, u32::MAX as u64) as u32;
+    // Every waiting build is a hook process that rescans the queue when
+    // it changes: the bound keeps that cheap. The default stays within
+    // it (a config without `queue` never fails on it).
     let queue = k
         .uint(p, "queue")
-        .unwrap_or_else(|| 2 * u64::from(max_jobs));
-    // Every waiting build is a hook process that rescans the queue when
-    // it changes: the bound keeps that cheap.
+        .unwrap_or_else(|| (2 * u64::from(max_jobs)).min(MAX_QUEUE));
     if queue > MAX_QUEUE {
         p.push(format!(
             "{ctx}.queue: at most {MAX_QUEUE} builds can wait for a slot, got {queue}"
@@ -435,6 +436,9 @@ user = "root"
         );
         let errs = parse(&exec("queue = -1")).unwrap_err();
         assert!(errs[0].starts_with("executors.a.queue: expected a non-negative integer"));
+        // A large max-jobs without `queue` stays a valid config.
+        let big = "[executors.a]\nkind = \"host\"\ncommand = [\"/x\"]\nmax-jobs = 600\n";
+        assert_eq!(parse(big).unwrap().executors["a"].queue, 1000);
     }
 
     #[test]

@@ -92,6 +92,8 @@ const LOOK_ANYWAY_MS: u16 = 1000;
 /// How often a waiting build looks when it cannot watch the directory
 /// (inotify instances are limited per account: 128 by default).
 const POLL_MS: u16 = 50;
+/// The queue lock's file: `NAME.queue`.
+const QUEUE_SUFFIX: &str = "queue";
 
 impl Slots {
     pub fn new(state_dir: &Path, executor: &str, max_jobs: u32, queue: u32) -> Slots {
@@ -107,12 +109,7 @@ impl Slots {
     /// the queue when fewer than `queue` builds wait, else `None` (Nix
     /// should postpone).
     pub fn admit(&self) -> io::Result<Option<Claim>> {
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("creating {}: {e}", self.dir.display()),
-            ));
-        }
+        self.ensure_dir()?;
         let _turn = self.lock_queue(crate::util::open_lock_file(&self.queue_path())?)?;
         let waiting = self.tickets(None, true)?;
         if waiting.is_empty() {
@@ -218,6 +215,48 @@ impl Slots {
     }
 
     /// Waits for the queue lock (held by others for microseconds).
+    /// `state-dir/slots`, made private (0700) if missing, and refused
+    /// unless only this account can write it: whoever can make files
+    /// there can hold a slot or the queue lock forever, forge a place in
+    /// the queue, or plant a symlink for root to create a file through.
+    fn ensure_dir(&self) -> io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let with = |e: io::Error, what: &str| {
+            io::Error::new(e.kind(), format!("{what} {}: {e}", self.dir.display()))
+        };
+        if let Some(parent) = self.dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| with(e, "creating the parent of"))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(with(e, "creating")),
+        }
+        let m = std::fs::symlink_metadata(&self.dir).map_err(|e| with(e, "reading"))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} must be a directory of uid {me} that no other account can write \
+                     (it is {}, uid {}, mode {:o}): another account could block or forge \
+                     the executors' slots; fix it with chown/chmod or remove it",
+                    self.dir.display(),
+                    if m.is_symlink() {
+                        "a symlink"
+                    } else if m.is_dir() {
+                        "a directory"
+                    } else {
+                        "not a directory"
+                    },
+                    m.uid(),
+                    m.mode() & 0o7777
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn lock_queue(&self, file: File) -> io::Result<Flock<File>> {
         let mut file = file;
         loop {
@@ -238,7 +277,7 @@ impl Slots {
     }
 
     fn queue_path(&self) -> PathBuf {
-        self.dir.join(format!("{}.queue", self.name))
+        self.dir.join(format!("{}.{QUEUE_SUFFIX}", self.name))
     }
 }
 
@@ -345,8 +384,18 @@ impl Ticket {
     }
 }
 
+/// Whether a change to file `name` can let a waiting build of executor
+/// `prefix` (`NAME.`) move up: a slot or a ticket given up. Not the queue
+/// lock: every `try` for the executor opens and closes it, and a waiting
+/// build blocks on it rather than sleeping; waking every waiter for it
+/// would make each `try` cost a scan of the queue per waiting build.
+fn relevant(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest != QUEUE_SUFFIX)
+}
+
 /// An inotify instance watching `dir` for files closed after writing
-/// (a slot, a ticket or the queue lock given up) and removed (a ticket).
+/// (a slot, a ticket) and removed (a ticket).
 fn watch(dir: &Path) -> nix::Result<Inotify> {
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
     inotify.add_watch(
@@ -403,7 +452,7 @@ fn sleep_until_change(
                             || e.name
                                 .as_deref()
                                 .and_then(OsStr::to_str)
-                                .is_some_and(|n| n.starts_with(prefix))
+                                .is_some_and(|n| relevant(n, prefix))
                     })
                 }
                 Err(Errno::EAGAIN) => break,
@@ -537,6 +586,60 @@ mod tests {
         let c = slot(x.admit().unwrap());
         assert_eq!(c.index, 0);
         drop(b);
+    }
+
+    /// `state-dir/slots` is made private, and one another account could
+    /// write (or a symlink in its place, or in place of a lock file) is
+    /// refused: nothing is created through it.
+    #[test]
+    fn a_slots_dir_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let x = Slots::new(dir.path(), "x", 1, 0);
+        drop(x.admit().unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("slots")), 0o700);
+
+        std::fs::set_permissions(
+            dir.path().join("slots"),
+            std::fs::Permissions::from_mode(0o1777),
+        )
+        .unwrap();
+        let err = x
+            .admit()
+            .err()
+            .expect("a world-writable slots dir was used");
+        assert!(
+            err.to_string().contains("no other account can write"),
+            "{err}"
+        );
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::remove_dir_all(dir.path().join("slots")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("slots")).unwrap();
+        let err = x.admit().err().expect("a symlinked slots dir was used");
+        assert!(err.to_string().contains("a symlink"), "{err}");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+        std::fs::remove_file(dir.path().join("slots")).unwrap();
+        std::fs::create_dir(dir.path().join("slots")).unwrap();
+        let target = elsewhere.path().join("made-by-root");
+        std::os::unix::fs::symlink(&target, dir.path().join("slots/x.queue")).unwrap();
+        assert!(
+            x.admit().is_err(),
+            "the queue lock was opened through a symlink"
+        );
+        assert!(!target.exists(), "a file was created through the symlink");
+    }
+
+    /// Only a slot or a ticket given up wakes a waiting build: the queue
+    /// lock, opened and closed by every `try`, does not.
+    #[test]
+    fn only_slots_and_tickets_wake_waiting_builds() {
+        assert!(relevant("signer.0", "signer."));
+        assert!(relevant("signer.wait-12", "signer."));
+        assert!(!relevant("signer.queue", "signer."));
+        assert!(!relevant("other.0", "signer."));
     }
 
     #[test]
