@@ -206,7 +206,9 @@ pub fn judge(
     if let Some(m) = limits.memory_max {
         let killed = matches!(result, Err(Failure::Exited { status: 137, .. }));
         let hit = match usage.oom_kills {
-            Some(n) => n > 0,
+            // The counter also counts kills by the machine-wide OOM killer:
+            // only the limit's own (the cgroup was at its limit) are ours.
+            Some(n) => n > 0 && usage.memory_limit_hit,
             // No OOM-kill counts: the limit was reached and the build died
             // of SIGKILL.
             None => usage.memory_limit_hit && killed,
@@ -244,8 +246,19 @@ mod tests {
     fn an_oom_kill_is_the_memory_limit_not_a_signal() {
         let u = Usage {
             oom_kills: Some(1),
+            memory_limit_hit: true,
             ..Usage::default()
         };
+        // Killed by the machine-wide OOM killer, the limit never reached:
+        // a signal, not the limit.
+        let global = Usage {
+            memory_limit_hit: false,
+            ..u
+        };
+        assert!(matches!(
+            judge("big", &limits(), &global, killed()),
+            Err(Failure::Exited { status: 137, .. })
+        ));
         let r = judge("big", &limits(), &u, killed()).unwrap_err();
         assert!(matches!(r, Failure::Limit(_)));
         assert_eq!(

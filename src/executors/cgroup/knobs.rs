@@ -113,6 +113,9 @@ pub(super) fn read(version: Version, controllers: &[Controller], dir: &Path, r: 
                     r.memory_limit_hit |= keyed(&ev, "max").is_some_and(|n| n > 0)
                         || keyed(&ev, "oom").is_some_and(|n| n > 0);
                 }
+                let limit = number("memory.max");
+                r.memory_limit_hit |=
+                    matches!((r.peak_memory, limit), (Some(peak), Some(limit)) if peak >= limit);
             }
             (Controller::Memory, Version::V1) => {
                 r.peak_memory = number("memory.max_usage_in_bytes").or(r.peak_memory);
@@ -120,7 +123,17 @@ pub(super) fn read(version: Version, controllers: &[Controller], dir: &Path, r: 
                     r.oom_kills = keyed(&oc, "oom_kill").or(r.oom_kills);
                     r.memory_limit_hit |= keyed(&oc, "under_oom").is_some_and(|n| n > 0);
                 }
-                r.memory_limit_hit |= number("memory.failcnt").is_some_and(|n| n > 0);
+                // failcnt stays 0 on recent kernels even when the limit
+                // was hit (Linux 6.18 here); the peak reaching the limit
+                // is what tells, for memory and for memory+swap.
+                r.memory_limit_hit |= ["memory.failcnt", "memory.memsw.failcnt"]
+                    .iter()
+                    .any(|f| number(f).is_some_and(|n| n > 0))
+                    || ["memory.", "memory.memsw."].iter().any(|p| {
+                        let peak = number(&format!("{p}max_usage_in_bytes"));
+                        let limit = number(&format!("{p}limit_in_bytes"));
+                        matches!((peak, limit), (Some(peak), Some(limit)) if peak >= limit)
+                    });
             }
             (Controller::Pids, _) => {
                 if let Some(ev) = text("pids.events") {
@@ -268,6 +281,17 @@ mod tests {
                 throttled: Some(Duration::from_millis(1900)),
             }
         );
+
+        // Linux 6.18: failcnt stays 0 at the limit; the peak at the limit
+        // tells. A kill by the machine's OOM killer below it is no hit.
+        std::fs::write(mem.path().join("memory.failcnt"), "0\n").unwrap();
+        let mut r = Reading::default();
+        read(Version::V1, &[Controller::Memory], mem.path(), &mut r);
+        assert!(r.memory_limit_hit);
+        std::fs::write(mem.path().join("memory.max_usage_in_bytes"), "1048576\n").unwrap();
+        let mut r = Reading::default();
+        read(Version::V1, &[Controller::Memory], mem.path(), &mut r);
+        assert_eq!((r.oom_kills, r.memory_limit_hit), (Some(2), false));
     }
 
     #[test]
