@@ -589,3 +589,56 @@ fn the_agent_enforces_the_limits_on_the_far_side() {
         parent.builds()
     );
 }
+
+/// `check` looks for where nix-daemon's hooks run by the daemon's
+/// process; a process another account names `nix-daemon` is not it (root's
+/// probe would work in that account's cgroup).
+#[test]
+fn check_ignores_a_nix_daemon_of_another_account() {
+    let env = TestEnv::new("limits-fake-daemon");
+    test_account("nhtest-fake", &[]);
+    let dir = tempfile::Builder::new()
+        .prefix("nhtest-fake-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fake = dir.path().join("nix-daemon");
+    fs::copy("/bin/sleep", &fake).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=nhtest-fake",
+            "--regid=nhtest-fake",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&fake)
+        .arg("600")
+        .spawn()
+        .unwrap();
+    // setpriv execs the fake: the same pid, once its name is nix-daemon.
+    let pid = child.id();
+    assert!(
+        wait_until(Duration::from_secs(30), || fs::read_to_string(format!(
+            "/proc/{pid}/comm"
+        ))
+        .is_ok_and(|c| c.trim() == "nix-daemon")),
+        "the fake daemon did not start"
+    );
+    let parent = CgroupParent::new(&env);
+    host_config(&env, &parent.config("tasks-max = 512\n"));
+    let out = run(
+        Command::new(CLI)
+            .args(["check", "--config"])
+            .arg(env.config_path()),
+        Duration::from_secs(60),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        !out.stdout.contains(&format!("nix-daemon, pid {pid})")),
+        "check took another account's process for nix-daemon:\n{}",
+        out.describe()
+    );
+}

@@ -365,9 +365,19 @@ fn limits_report(config: &Config) -> (Vec<String>, Vec<String>) {
 
 /// Where the hook runs, for the default `cgroup-parent` (beside the
 /// hook's cgroup): where nix-daemon's main process is, when one runs
-/// (its hooks are its children), else where this process is.
+/// (its hooks are its children), else where this process is. Only a
+/// root-owned `nix-daemon` counts (any account can name a process so,
+/// and root's probe then works in that process's cgroup), and not a
+/// `nix-daemon --stdio` of an ssh-ng session.
 fn hook_cgroups() -> (String, crate::executors::cgroup::Cgroups) {
     use crate::executors::cgroup::Cgroups;
+    use std::os::unix::fs::MetadataExt;
+    let root_owned =
+        |pid: &str| std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == 0);
+    let stdio = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"--stdio"))
+    };
     let comm = |pid: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .map(|c| c.trim().to_owned())
@@ -388,7 +398,9 @@ fn hook_cgroups() -> (String, crate::executors::cgroup::Cgroups) {
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        .find(|p| comm(p) == "nix-daemon" && comm(&ppid(p)) != "nix-daemon");
+        .find(|p| {
+            comm(p) == "nix-daemon" && comm(&ppid(p)) != "nix-daemon" && root_owned(p) && !stdio(p)
+        });
     match daemon {
         Some(pid) => (
             format!(" (for hooks of nix-daemon, pid {pid})"),

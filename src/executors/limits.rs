@@ -169,11 +169,43 @@ pub fn probe(cg: &Cgroups, limits: &ResourceLimits) -> Result<String, String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     cgroup.join_on_spawn(&mut cmd);
-    let moved = cmd.status();
+    let moved = cmd
+        .spawn()
+        .and_then(|child| wait_briefly(child, PROBE_WAIT));
     let removed = cgroup.remove();
     moved.map_err(|e| format!("moving a process into {}: {e}", plan.describe()))?;
     removed?;
     Ok(plan.describe())
+}
+
+/// How long the probe's process may take: a cgroup frozen by whoever
+/// delegated it must not hang `check`.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for `child` at most `limit`; kills it after that.
+fn wait_briefly(mut child: std::process::Child, limit: std::time::Duration) -> std::io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let exited = match crate::util::pidfd_open(child.id()) {
+        Some(fd) => {
+            let mut fds = [PollFd::new(
+                std::os::fd::AsFd::as_fd(&fd),
+                PollFlags::POLLIN,
+            )];
+            let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+            poll(&mut fds, PollTimeout::from(ms)).is_ok_and(|n| n > 0)
+        }
+        // No pidfd (Linux < 5.3): wait as before.
+        None => true,
+    };
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other(format!(
+            "the process moved in did not finish within {} s (is the cgroup frozen?)",
+            limit.as_secs()
+        )));
+    }
+    child.wait().map(drop)
 }
 
 /// The cgroup of build `name` under `limits`, on this machine.
