@@ -139,15 +139,13 @@ pub fn sweep<'a>(executors: impl Iterator<Item = &'a Executor>, state_dir: &Path
         if first.as_ref().is_some_and(|c| swept.contains(c)) {
             continue;
         }
-        let n = plan.sweep(|name| {
-            if dead.iter().any(|d| d == name) {
-                return Liveness::Dead;
-            }
-            match super::staging::owner_alive(state_dir, name) {
-                Some(true) => Liveness::Live,
-                Some(false) => Liveness::Dead,
-                None => Liveness::Unknown,
-            }
+        // A locked staging dir is a live build, even one on the `dead`
+        // list: a new hook with the same pid may have made it since.
+        let n = plan.sweep(|name| match super::staging::owner_alive(state_dir, name) {
+            Some(true) => Liveness::Live,
+            Some(false) => Liveness::Dead,
+            None if dead.iter().any(|d| d == name) => Liveness::Dead,
+            None => Liveness::Unknown,
         });
         if n > 0 {
             tracing::debug!("removed {n} cgroup(s) of builds whose hook died");

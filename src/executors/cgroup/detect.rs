@@ -67,6 +67,11 @@ impl Hierarchy {
         };
         let mut dir = self.mount.clone();
         for c in rest.split('/').filter(|c| !c.is_empty()) {
+            // A cgroup outside this cgroup namespace's root shows as
+            // `/../…`: not a directory of this mount.
+            if c == "." || c == ".." {
+                return None;
+            }
             dir.push(c);
         }
         Some(dir)
@@ -341,6 +346,8 @@ mod tests {
         );
         assert_eq!(v2.dir_of("/other"), None);
         assert_eq!(v2.dir_of("/lxc/c1"), Some(dir.path().to_path_buf()));
+        // Outside the cgroup namespace's root: not below this mount.
+        assert_eq!(v2.dir_of("/lxc/c1/../../x"), None);
     }
 
     #[test]

@@ -423,9 +423,13 @@ fn enable(dir: &Path, c: Controller) -> Result<(), String> {
 fn make_dir(dir: &Path) -> Result<(), String> {
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => std::fs::remove_dir(dir)
-            .and_then(|()| std::fs::create_dir(dir))
-            .map_err(|e| format!("replacing the leftover cgroup {}: {e}", dir.display())),
+        // Its owner is gone (we hold the staging lock of that name):
+        // whatever it left running there ends with it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_leftover(dir, Duration::from_secs(2))
+                .and_then(|()| std::fs::create_dir(dir))
+                .map_err(|e| format!("replacing the leftover cgroup {}: {e}", dir.display()))
+        }
         Err(e) => Err(format!("creating {}: {e}", dir.display())),
     }
 }

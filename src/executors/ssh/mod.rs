@@ -95,6 +95,12 @@ pub fn run(
         return Err(f);
     }
     let received = result.map_err(|e| match e {
+        // An agent from before limits does not know a request with them.
+        RecvError::Far(m) if m.contains("protocol version 2") => Failure::Builder(format!(
+            "the agent on {target} is older than resource limits: update it there, \
+             or remove the limits from executor {:?} (far side: {m})",
+            req.executor.name
+        )),
         RecvError::Far(m) => Failure::Builder(format!("far side: {m}")),
         RecvError::Stream(m) => {
             let tail = crate::util::first_line(&stderr_tail);
