@@ -345,6 +345,15 @@ impl Ticket {
                 return Err(Ended::Failed(io::Error::other("queue lock lost")));
             };
             let locked = s.lock_queue(file)?;
+            // Removed or replaced while it waited (an admin's clean-up):
+            // its locks no longer count for the hooks that come after, so
+            // it must not take a slot by them, and its place is gone.
+            if !is_at(&locked, &s.queue_path()) || !is_at(&self._lock, &self.path) {
+                return Err(Ended::Failed(io::Error::other(format!(
+                    "{} was removed or replaced while the build waited",
+                    s.dir.display()
+                ))));
+            }
             let tickets = s.tickets(Some(self.number), true)?;
             if tickets.first() == Some(&self.number) {
                 if let Some(slot) = take_free(&s, &mut slot_files)? {
@@ -381,6 +390,15 @@ impl Ticket {
                 Wake::Changed
             );
         }
+    }
+}
+
+/// Whether the open file `f` is still the one at `path`.
+fn is_at(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -630,6 +648,36 @@ mod tests {
             "the queue lock was opened through a symlink"
         );
         assert!(!target.exists(), "a file was created through the symlink");
+    }
+
+    /// A waiting build whose slots dir was removed (an admin's clean-up)
+    /// stops waiting instead of taking a slot by locks that no longer
+    /// count: the hooks that come after already use the new dir.
+    #[test]
+    fn a_waiting_build_whose_slots_dir_went_away_takes_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Slots::new(dir.path(), "x", 1, 1);
+        let running = slot(x.admit().unwrap());
+        let t = ticket(x.admit().unwrap());
+        let (_release, never) = nix::unistd::pipe().unwrap();
+        let (looked, first_look) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            t.wait(&[never.as_fd()], |_| looked.send(()).unwrap())
+                .map(|s| s.index)
+                .map_err(|e| format!("{e:?}"))
+        });
+        // Once it waits, holding its files.
+        first_look.recv().unwrap();
+        std::fs::remove_dir_all(dir.path().join("slots")).unwrap();
+        let fresh = slot(x.admit().unwrap());
+        drop(running);
+        let got = waiter.join().unwrap();
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.contains("removed or replaced")),
+            "a second build ran beside {}: {got:?}",
+            fresh.index
+        );
     }
 
     /// Only a slot or a ticket given up wakes a waiting build: the queue
