@@ -9,45 +9,31 @@ use anyhow::{anyhow, Context, Result};
 /// builders never inherit Nix's pipes (Nix leaks several into the hook,
 /// among them fd 5, the read side of the build log).
 pub fn cloexec_from(first: RawFd) {
-    // SAFETY: close_range only flips flags on descriptors of this process.
-    let rc = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_close_range,
-            first as nix::libc::c_uint,
-            nix::libc::c_uint::MAX,
-            nix::libc::CLOSE_RANGE_CLOEXEC as nix::libc::c_uint,
-        )
-    };
-    if rc == 0 {
-        return;
-    }
-    // Older kernels: walk /proc/self/fd.
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        let fds: Vec<RawFd> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|&fd| fd >= first)
-            .collect();
-        for fd in fds {
-            // SAFETY: setting FD_CLOEXEC on a descriptor number is harmless
-            // even if it was closed meanwhile (EBADF).
-            unsafe {
-                nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
-            }
-        }
-    }
+    for_fds_from(first, true)
 }
 
 /// Closes every descriptor from `first` up (a process about to start
 /// something that must inherit nothing of its own).
 pub fn close_from(first: RawFd) {
-    // SAFETY: close_range only closes descriptors of this process, which
-    // nothing here uses any more.
+    for_fds_from(first, false)
+}
+
+/// close_range(2) from `first` up, marking close-on-exec (`cloexec`) or
+/// closing; on older kernels the same through /proc/self/fd.
+fn for_fds_from(first: RawFd, cloexec: bool) {
+    let flags = if cloexec {
+        nix::libc::CLOSE_RANGE_CLOEXEC as nix::libc::c_uint
+    } else {
+        0
+    };
+    // SAFETY: close_range only flips flags on or closes descriptors of
+    // this process, which nothing here uses any more.
     let rc = unsafe {
         nix::libc::syscall(
             nix::libc::SYS_close_range,
             first as nix::libc::c_uint,
             nix::libc::c_uint::MAX,
-            0 as nix::libc::c_uint,
+            flags,
         )
     };
     if rc == 0 {
@@ -59,13 +45,25 @@ pub fn close_from(first: RawFd) {
             .filter(|&fd| fd >= first)
             .collect();
         for fd in fds {
-            // SAFETY: closing a descriptor of ours (or EBADF for the one
-            // read_dir used, already gone).
+            // SAFETY: on a descriptor of ours, or EBADF for one already
+            // gone (the one read_dir used).
             unsafe {
-                nix::libc::close(fd);
+                if cloexec {
+                    nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+                } else {
+                    nix::libc::close(fd);
+                }
             }
         }
     }
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (its name, in
+/// parentheses, may hold anything: the fields after the last `)`).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether `fd` is an open descriptor.

@@ -383,13 +383,11 @@ fn hook_cgroups() -> (String, crate::executors::cgroup::Cgroups) {
             .map(|c| c.trim().to_owned())
             .unwrap_or_default()
     };
-    let ppid = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let parent_comm = |pid: &str| {
+        pid.parse()
             .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, r)| r.split_whitespace().nth(1).map(str::to_owned))
-            })
+            .and_then(crate::util::parent_pid)
+            .map(|p| comm(&p.to_string()))
             .unwrap_or_default()
     };
     let daemon = std::fs::read_dir("/proc")
@@ -399,7 +397,7 @@ fn hook_cgroups() -> (String, crate::executors::cgroup::Cgroups) {
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
         .find(|p| {
-            comm(p) == "nix-daemon" && comm(&ppid(p)) != "nix-daemon" && root_owned(p) && !stdio(p)
+            comm(p) == "nix-daemon" && parent_comm(p) != "nix-daemon" && root_owned(p) && !stdio(p)
         });
     match daemon {
         Some(pid) => (

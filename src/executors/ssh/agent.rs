@@ -526,25 +526,19 @@ impl LogSink for LogFrames<'_> {
 /// Kills and reaps every remaining child of this process (the command's
 /// orphans, re-parented to us as subreaper), except the temp dir janitor.
 fn kill_orphans(janitor: Pid) {
-    let me = std::process::id().to_string();
+    let me = std::process::id();
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let mut any = false;
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for e in entries.flatten() {
                 let name = e.file_name();
-                let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-                    continue;
-                };
-                let ppid = stat
-                    .rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-                if ppid == Some(me.as_str()) && pid != janitor.as_raw() {
+                if crate::util::parent_pid(pid) == Some(me) && pid as i32 != janitor.as_raw() {
                     any = true;
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 }
             }
         }
