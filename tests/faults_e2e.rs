@@ -17,16 +17,6 @@ fn read(p: impl AsRef<Path>) -> String {
     fs::read_to_string(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
 }
 
-fn staging_entries(env: &TestEnv) -> Vec<String> {
-    fs::read_dir(env.state_dir().join("staging"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// An escape build whose output references an input (busybox) and itself.
 const REFS: &str = r#"{
   e = escape { name = "fault"; script = ''
@@ -88,9 +78,9 @@ fn hook_killed_at_every_stage_leaves_a_consistent_store() {
             "{stage}: {refs:?}"
         );
         assert!(
-            staging_entries(&env).is_empty(),
+            env.staging_entries().is_empty(),
             "{stage}: staging left: {:?}",
-            staging_entries(&env)
+            env.staging_entries()
         );
     }
 }
@@ -151,9 +141,9 @@ fn sigterm_mid_build_stops_the_command_and_cleans_staging_at_once() {
     );
     // The hook removed its staging dir itself before exiting.
     assert!(
-        staging_entries(&env).is_empty(),
+        env.staging_entries().is_empty(),
         "staging left: {:?}",
-        staging_entries(&env)
+        env.staging_entries()
     );
     assert!(!is_valid(&want));
     assert!(!exists_on_disk(&want), "{want} left on disk");
@@ -199,9 +189,9 @@ fn nix_killed_mid_build_stops_the_hook_and_the_command() {
     );
     env.nix_build(&expr, &["next"], &[]).assert_ok();
     assert!(
-        staging_entries(&env).is_empty(),
+        env.staging_entries().is_empty(),
         "staging left: {:?}",
-        staging_entries(&env)
+        env.staging_entries()
     );
 }
 
@@ -308,9 +298,9 @@ fn nix_stopping_the_hook_mid_build_leaves_nothing_running() {
             // The next hook start removes what a killed hook left.
             env.nix_build(&expr, &["next"], &[]).assert_ok();
             assert!(
-                staging_entries(&env).is_empty(),
+                env.staging_entries().is_empty(),
                 "{kind} {stop:?}: staging left: {:?}",
-                staging_entries(&env)
+                env.staging_entries()
             );
         }
     }
@@ -392,9 +382,9 @@ fn nix_stopping_the_hook_mid_import_leaves_no_output() {
         assert!(!exists_on_disk(&want), "{stop:?}: {want} on disk\n{raw}");
         env.nix_build(&expr, &["next"], &[]).assert_ok();
         assert!(
-            staging_entries(&env).is_empty(),
+            env.staging_entries().is_empty(),
             "{stop:?}: staging left: {:?}",
-            staging_entries(&env)
+            env.staging_entries()
         );
     }
 }
@@ -422,9 +412,9 @@ fn sigterm_mid_import_ends_the_build_cleanly() {
     // The hook exited by itself: it cleaned up before it did.
     assert!(hooks_of(&env).is_empty(), "{:?}", hooks_of(&env));
     assert!(
-        staging_entries(&env).is_empty(),
+        env.staging_entries().is_empty(),
         "staging left: {:?}",
-        staging_entries(&env)
+        env.staging_entries()
     );
     assert!(!is_valid(&want));
     assert!(!exists_on_disk(&want), "{want} on disk");
@@ -478,9 +468,9 @@ fn full_state_dir_fails_the_build_cleanly() {
     assert!(!is_valid(&want));
     assert!(!exists_on_disk(&want), "{want} left on disk");
     assert!(
-        staging_entries(&env).is_empty(),
+        env.staging_entries().is_empty(),
         "staging left: {:?}",
-        staging_entries(&env)
+        env.staging_entries()
     );
 }
 
@@ -547,6 +537,6 @@ fn load_through_one_daemon_respects_slots_and_keeps_the_store_valid() {
         (1..=2).contains(&max),
         "max-jobs = 2 but {max} escape builds ran at once"
     );
-    assert!(staging_entries(&env).is_empty());
+    assert!(env.staging_entries().is_empty());
     verify_store().assert_ok();
 }

@@ -44,15 +44,12 @@ fn assert_verify_path(path: &str) {
 /// Nothing left in the executor's staging area after a build finished.
 #[track_caller]
 fn assert_no_staging_leftovers(env: &TestEnv) {
-    let staging = env.state_dir().join("staging");
-    let left: Vec<String> = fs::read_dir(&staging)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left in {}: {left:?}", staging.display());
+    let left = env.staging_entries();
+    assert!(
+        left.is_empty(),
+        "left in {}: {left:?}",
+        env.state_dir().join("staging").display()
+    );
 }
 
 /// The script of the basic escape derivation: records what the admin command

@@ -94,16 +94,6 @@ impl Drop for CgroupParent {
     }
 }
 
-fn staging_entries(env: &TestEnv) -> Vec<String> {
-    fs::read_dir(env.state_dir().join("staging"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The audit record of the last escape attempt.
 fn last_record(env: &TestEnv) -> serde_json::Value {
     let text = fs::read_to_string(env.state_dir().join("audit.jsonl")).unwrap();
@@ -148,9 +138,9 @@ fn a_build_past_memory_max_fails_with_the_limit_and_leaves_nothing() {
     assert!(!all.contains("killed by signal"), "{}", out.describe());
     assert!(!is_valid(&want) && !exists_on_disk(&want));
     assert!(
-        staging_entries(&env).is_empty(),
+        env.staging_entries().is_empty(),
         "{:?}",
-        staging_entries(&env)
+        env.staging_entries()
     );
     assert!(parent.builds().is_empty(), "left: {:?}", parent.builds());
     let r = last_record(&env);
@@ -188,7 +178,7 @@ fn the_whole_jail_is_in_the_cgroup() {
         "{}",
         out.describe()
     );
-    assert!(staging_entries(&env).is_empty());
+    assert!(env.staging_entries().is_empty());
     assert!(parent.builds().is_empty(), "left: {:?}", parent.builds());
 }
 
@@ -401,7 +391,7 @@ fn a_killed_hooks_cgroup_is_removed_by_the_next_build() {
     );
     env.nix_build(&e, &["next"], &[]).assert_ok();
     assert!(parent.builds().is_empty(), "left: {:?}", parent.builds());
-    assert!(staging_entries(&env).is_empty());
+    assert!(env.staging_entries().is_empty());
 }
 
 /// Limits and no cgroup to enforce them with: the build fails with one

@@ -238,24 +238,10 @@ fn builds_beyond_the_queue_are_postponed_and_still_finish() {
 
 /// The ticket files of waiting builds in the state dir.
 fn tickets(env: &TestEnv) -> Vec<String> {
-    fs::read_dir(env.state_dir().join("slots"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(".wait-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn staging_entries(env: &TestEnv) -> Vec<String> {
-    fs::read_dir(env.state_dir().join("staging"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    dir_names(&env.state_dir().join("slots"))
+        .into_iter()
+        .filter(|n| n.contains(".wait-"))
+        .collect()
 }
 
 /// A hook stopped while its build waits for a slot — SIGTERM (Nix ≥ 2.35
@@ -346,7 +332,8 @@ fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot(
         }
         let stopped_out = env.out_path(&expr, "stopped");
         assert!(!is_valid(&stopped_out), "{signal}: {stopped_out} is valid");
-        let staged: Vec<String> = staging_entries(&env)
+        let staged: Vec<String> = env
+            .staging_entries()
             .into_iter()
             .filter(|e| e.contains("stop-stopped"))
             .collect();
@@ -395,9 +382,9 @@ fn a_hook_stopped_while_waiting_leaves_nothing_and_the_next_build_gets_the_slot(
             tickets(&env)
         );
         assert!(
-            staging_entries(&env).is_empty(),
+            env.staging_entries().is_empty(),
             "{signal}: staging left: {:?}",
-            staging_entries(&env)
+            env.staging_entries()
         );
     }
 }

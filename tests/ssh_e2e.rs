@@ -769,20 +769,27 @@ fn check_validates_files_and_connect_reports_each_executor() {
     );
 }
 
+/// The benchmarks' size in MiB (`NIX_HATCH_BENCH_MIB`, default 512) and
+/// rounds (`NIX_HATCH_BENCH_ROUNDS`, default 3).
+fn bench_size_and_rounds() -> (u64, usize) {
+    let var = |name: &str| std::env::var(name).ok();
+    (
+        var("NIX_HATCH_BENCH_MIB")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512),
+        var("NIX_HATCH_BENCH_ROUNDS")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    )
+}
+
 /// Benchmark (scripts/bench-ssh): a 512 MiB output returned through the
 /// executor vs `ssh host cat` of the same bytes over the same sshd. Prints
 /// the numbers and the ratio; asserts nothing about speed.
 #[test]
 #[ignore = "benchmark: run with scripts/bench-ssh"]
 fn bench_transfer_512mib() {
-    let mib: u64 = std::env::var("NIX_HATCH_BENCH_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512);
-    let rounds: usize = std::env::var("NIX_HATCH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let (mib, rounds) = bench_size_and_rounds();
     let env = TestEnv::new("ssh-bench");
     let remote = Remote::start(&env);
     let agent = remote.agent(&env, "agent.sh", "");
@@ -899,14 +906,7 @@ fn bench_transfer_512mib() {
 #[test]
 #[ignore = "benchmark: run with scripts/bench ssh-vs-nix-remote"]
 fn bench_vs_nix_remote_512mib() {
-    let mib: u64 = std::env::var("NIX_HATCH_BENCH_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(512);
-    let rounds: usize = std::env::var("NIX_HATCH_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let (mib, rounds) = bench_size_and_rounds();
     let env = TestEnv::new("ssh-vs-nix");
     let remote = Remote::start(&env);
     let agent = remote.agent(&env, "agent.sh", "");

@@ -235,6 +235,30 @@ impl TestStore {
         )
     }
 
+    /// [`import`] of trees the account `owner` built.
+    fn import_as(
+        &self,
+        owner: u32,
+        outputs: &[StagedOutput],
+    ) -> Result<Vec<Registered>, ImportError> {
+        let registrar = Registrar::spawn(&self.location).unwrap();
+        import(
+            &ImportRequest {
+                location: &self.location,
+                deriver: None,
+                inputs: &[],
+                outputs,
+                checks: &Default::default(),
+                owner: Some(owner),
+                deadline: None,
+                cancel: None,
+                max_size: None,
+                progress: None,
+            },
+            registrar,
+        )
+    }
+
     fn import_limited(
         &self,
         outputs: &[StagedOutput],
@@ -1358,23 +1382,9 @@ fn a_file_open_for_writing_is_refused() {
     for e in ["", "file"] {
         std::os::unix::fs::chown(d.join(e), Some(nobody), None).unwrap();
     }
-    let registrar = Registrar::spawn(&st.location).unwrap();
-    let err = import(
-        &ImportRequest {
-            location: &st.location,
-            deriver: None,
-            inputs: &[],
-            outputs: &[output("out", &p, &d, None)],
-            checks: &Default::default(),
-            owner: Some(nobody),
-            deadline: None,
-            cancel: None,
-            max_size: None,
-            progress: None,
-        },
-        registrar,
-    )
-    .unwrap_err();
+    let err = st
+        .import_as(nobody, &[output("out", &p, &d, None)])
+        .unwrap_err();
     assert!(err.to_string().contains("still open for writing"), "{err}");
     assert!(!st.is_valid(&p));
     drop(held);
@@ -1394,23 +1404,9 @@ fn a_hard_link_to_a_file_of_roots_is_refused() {
     fs::hard_link(&secret, d.join("stolen")).unwrap();
     let nobody = crate::util::lookup_user("nobody").unwrap().uid;
     std::os::unix::fs::chown(&d, Some(nobody), None).unwrap();
-    let registrar = Registrar::spawn(&st.location).unwrap();
-    let err = import(
-        &ImportRequest {
-            location: &st.location,
-            deriver: None,
-            inputs: &[],
-            outputs: &[output("out", &p, &d, None)],
-            checks: &Default::default(),
-            owner: Some(nobody),
-            deadline: None,
-            cancel: None,
-            max_size: None,
-            progress: None,
-        },
-        registrar,
-    )
-    .unwrap_err();
+    let err = st
+        .import_as(nobody, &[output("out", &p, &d, None)])
+        .unwrap_err();
     assert!(err.to_string().contains("invalid ownership"), "{err}");
     assert!(!st.is_valid(&p));
     // Its own file, linked twice: imported.
@@ -1422,22 +1418,7 @@ fn a_hard_link_to_a_file_of_roots_is_refused() {
     for e in ["", "a"] {
         std::os::unix::fs::chown(d.join(e), Some(nobody), None).unwrap();
     }
-    let registrar = Registrar::spawn(&st.location).unwrap();
-    import(
-        &ImportRequest {
-            location: &st.location,
-            deriver: None,
-            inputs: &[],
-            outputs: &[output("out", &p, &d, None)],
-            checks: &Default::default(),
-            owner: Some(nobody),
-            deadline: None,
-            cancel: None,
-            max_size: None,
-            progress: None,
-        },
-        registrar,
-    )
-    .unwrap();
+    st.import_as(nobody, &[output("out", &p, &d, None)])
+        .unwrap();
     assert!(st.is_valid(&p));
 }

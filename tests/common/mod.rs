@@ -908,6 +908,11 @@ impl TestEnv {
         self.path("state")
     }
 
+    /// What is in `state-dir/staging` (staging dirs of builds).
+    pub fn staging_entries(&self) -> Vec<String> {
+        dir_names(&self.state_dir().join("staging"))
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.path("config.toml")
     }
@@ -1481,4 +1486,15 @@ pub fn build_processes(env: &TestEnv, marker: &str) -> Vec<(u32, String)> {
     all.sort();
     all.dedup();
     all
+}
+
+/// The names in directory `dir` (none if it is missing).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
