@@ -188,67 +188,35 @@ fn main() {
         .build()
         .unwrap();
     let chunk = Bytes::from(vec![b'x'; CHUNK]);
-    let server_port = {
-        let _g = server_rt.enter();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        server_rt.spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                let (tls, chunk) = (tls.clone(), chunk.clone());
-                tokio::spawn(async move {
-                    let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(s).await else {
-                        return;
-                    };
-                    let svc = service_fn(move |_req| {
-                        let chunk = chunk.clone();
-                        async move {
-                            Ok::<_, Infallible>(Response::new(Big { left: size, chunk }.boxed()))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        port
-    };
+    let server_port = serve(&server_rt, move |s| {
+        let (tls, chunk) = (tls.clone(), chunk.clone());
+        async move {
+            let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(s).await else {
+                return;
+            };
+            let svc = service_fn(move |_req| {
+                let chunk = chunk.clone();
+                async move { Ok::<_, Infallible>(Response::new(Big { left: size, chunk }.boxed())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    });
     // Small answers over plain HTTP, kept alive.
     let small_body = Bytes::from(vec![b's'; small]);
-    let small_port = {
-        let _g = server_rt.enter();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.set_nonblocking(true).unwrap();
-        let port = l.local_addr().unwrap().port();
-        let l = tokio::net::TcpListener::from_std(l).unwrap();
-        server_rt.spawn(async move {
-            loop {
-                let Ok((s, _)) = l.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                let body = small_body.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let body = body.clone();
-                        async move {
-                            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(body)))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        port
-    };
+    let small_port = serve(&server_rt, move |s| {
+        let body = small_body.clone();
+        async move {
+            let svc = service_fn(move |_req| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(Response::new(http_body_util::Full::new(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    });
 
     // The two proxies, on the runtime a build's proxy uses, each listening
     // where a jailed build finds it: 127.0.0.1:3128 in a network namespace
@@ -308,4 +276,28 @@ fn main() {
         let _ = t.kill();
         let _ = t.wait();
     }
+}
+
+/// Serves each connection to a new loopback port on `rt` with `conn`;
+/// returns the port.
+fn serve<F, Fut>(rt: &tokio::runtime::Runtime, conn: F) -> u16
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _g = rt.enter();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(conn(s));
+        }
+    });
+    port
 }
