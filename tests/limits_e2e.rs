@@ -632,3 +632,62 @@ fn check_ignores_a_nix_daemon_of_another_account() {
         out.describe()
     );
 }
+
+/// A build of another account cannot lift its own limits: an unprivileged
+/// account, through the daemon, asks a host executor that runs its script
+/// as an account of its own; the script tries to raise its memory limit
+/// and to move itself out of its cgroup (to the parent and the root), then
+/// allocates past the limit. The kernel refuses the writes (the build's
+/// cgroup is root's) and the limit holds.
+#[test]
+fn a_build_cannot_lift_its_own_limits() {
+    let env = TestEnv::new("limits-lift");
+    test_account("nhtest-mallory", &[]);
+    test_account("nhtest-limited", &[]);
+    let parent = CgroupParent::new(&env);
+    let mut c = env.standard_config();
+    c.user = "nhtest-limited".into();
+    c.extra = format!(
+        "allowed-users = [\"nhtest-mallory\"]\n{}",
+        parent.config("memory-max = \"64M\"\n")
+    );
+    env.write_host_config(&c);
+    let e = env.write_expr(
+        "lift.nix",
+        r#"{ big = escape { name = "lift"; script = ''
+    for line in $(cat /proc/self/cgroup); do
+      ctrl=$(echo "$line" | cut -d: -f2); path=$(echo "$line" | cut -d: -f3)
+      case "$ctrl" in
+        memory) d=/sys/fs/cgroup/memory$path; top=/sys/fs/cgroup/memory ;;
+        "") d=/sys/fs/cgroup$path; top=/sys/fs/cgroup ;;
+        *) continue ;;
+      esac
+      for f in memory.limit_in_bytes memory.memsw.limit_in_bytes; do
+        [ -e "$d/$f" ] && echo -1 > "$d/$f" && echo "raised $f"
+      done
+      [ -e "$d/memory.max" ] && echo max > "$d/memory.max" && echo "raised memory.max"
+      echo $$ > "$d/../cgroup.procs" && echo "moved to the parent"
+      echo $$ > "$top/cgroup.procs" && echo "moved to the root"
+    done
+    dd if=/dev/zero of=/dev/null bs=256M count=1
+    echo escaped > "$out"
+  ''; }; }"#,
+    );
+    let daemon = Daemon::start(&env, Some(&hook_bin()));
+    let out = env.nix_build_via_as_user(&daemon, "nhtest-mallory", &e, &["big"], &[]);
+    out.assert_failed();
+    let all = both(&out);
+    // The writes were tried, and refused.
+    assert!(all.contains("Permission denied"), "{}", out.describe());
+    for lifted in ["raised ", "moved to the"] {
+        assert!(!all.contains(lifted), "{lifted}: {}", out.describe());
+    }
+    assert!(
+        all.contains("memory limit 64 MiB of executor \"hostx\" reached"),
+        "cgroup v{}: {}",
+        cgroup_version(),
+        out.describe()
+    );
+    assert!(!is_valid(&env.out_path(&e, "big")));
+    assert!(parent.builds().is_empty(), "left: {:?}", parent.builds());
+}
